@@ -1,0 +1,1 @@
+"""Export fusion models to ONNX (dynamic batch, H, W), verify them, write artifacts."""

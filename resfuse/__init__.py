@@ -1,0 +1,39 @@
+"""resfuse: ResNet fusion models from PyTorch to ONNX, TensorRT and ONNX Runtime."""
+
+from resfuse.errors import (
+    ConfigError,
+    ExportError,
+    InputContractError,
+    ManifestError,
+    ParityError,
+    ResfuseError,
+    WeightsError,
+)
+from resfuse.models import BACKBONES, METHODS, FusionModel, ModelConfig, build_model
+
+__version__ = "0.1.0"
+
+
+def load_original(manifest_path: str) -> FusionModel:
+    """Rebuild an artifact's PyTorch original (eval mode) from its manifest and weights."""
+    from resfuse.artifacts import load_original as _load
+
+    return _load(manifest_path)
+
+
+__all__ = [
+    "BACKBONES",
+    "METHODS",
+    "ConfigError",
+    "ExportError",
+    "FusionModel",
+    "InputContractError",
+    "ManifestError",
+    "ModelConfig",
+    "ParityError",
+    "ResfuseError",
+    "WeightsError",
+    "build_model",
+    "load_original",
+    "__version__",
+]

@@ -1,0 +1,29 @@
+"""One exception family: every message names the bad value, what is allowed, and the fix."""
+
+
+class ResfuseError(Exception):
+    """Base class of every error resfuse raises on purpose."""
+
+
+class ConfigError(ResfuseError, ValueError):
+    """A model or export option is unknown or out of range."""
+
+
+class InputContractError(ResfuseError, ValueError):
+    """An input tensor does not meet the model's input contract (rank, channels, dtype, size)."""
+
+
+class WeightsError(ResfuseError):
+    """A weights file cannot be read safely or does not fit the model."""
+
+
+class ExportError(ResfuseError):
+    """The exporter failed or produced a graph that breaks the declared contract."""
+
+
+class ParityError(ResfuseError):
+    """A deployed model disagrees with its PyTorch original beyond the tolerance."""
+
+
+class ManifestError(ResfuseError):
+    """A manifest is missing, malformed, or does not match the artifact beside it."""

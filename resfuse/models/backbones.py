@@ -1,0 +1,114 @@
+"""ResNet encoders cut after a stage, so that the fusion methods see stride-8/16/32 features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from resfuse.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    widths: tuple[int, int, int, int]  # output channels of layer1..layer4
+
+
+_BASIC = (64, 128, 256, 512)
+_BOTTLENECK = (256, 512, 1024, 2048)
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("resnet18", _BASIC),
+        BackboneSpec("resnet34", _BASIC),
+        BackboneSpec("resnet50", _BOTTLENECK),
+        BackboneSpec("resnet101", _BOTTLENECK),
+        BackboneSpec("resnet152", _BOTTLENECK),
+    )
+}
+STAGES = (2, 3, 4)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ConfigError(
+            f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}"
+        )
+    return BACKBONES[name]
+
+
+def check_stage(stage: int) -> None:
+    if stage not in STAGES:
+        raise ConfigError(
+            f"stage {stage} is not supported; choose 2, 3 or 4 (output stride 8, 16 or 32)"
+        )
+
+
+class ResNetEncoder(nn.Module):
+    """torchvision ResNet up to `layer{stage}`: feature map of size ceil(H / stride)."""
+
+    def __init__(
+        self, name: str, stage: int = 4, in_channels: int = 3, pretrained: bool = False
+    ) -> None:
+        super().__init__()
+        spec = backbone_spec(name)
+        check_stage(stage)
+        if in_channels < 1:
+            raise ConfigError(f"in_channels must be at least 1, got {in_channels}")
+        net = _torchvision_resnet(name, pretrained)
+        if in_channels != 3:
+            net.conv1 = _adapt_stem(net.conv1, in_channels)
+        self.stage = stage
+        self.stride = 2 ** (stage + 1)
+        self.out_channels = spec.widths[stage - 1]
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.Sequential(*(getattr(net, f"layer{i}") for i in range(1, stage + 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.stem(x))
+
+    def load_torchvision_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a torchvision ResNet state dict (keys conv1.*, layer1.*, fc.*) into this cut."""
+        mapped: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if head in ("conv1", "bn1"):
+                mapped[f"stem.{0 if head == 'conv1' else 1}.{rest}"] = value
+            elif head.startswith("layer") and int(head[5:]) <= self.stage:
+                mapped[f"layers.{int(head[5:]) - 1}.{rest}"] = value
+        if "stem.0.weight" in mapped and mapped["stem.0.weight"].shape[1] != self.stem[0].in_channels:
+            mapped["stem.0.weight"] = _adapt_kernel(mapped["stem.0.weight"], self.stem[0].in_channels)
+        self.load_state_dict(mapped, strict=True)
+
+
+def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
+    import torchvision.models as tvm
+
+    if not pretrained:
+        return getattr(tvm, name)(weights=None)
+    try:
+        return getattr(tvm, name)(weights="DEFAULT")
+    except Exception as exc:  # network, hub cache or checksum failures all land here
+        raise ConfigError(
+            f"could not fetch torchvision's pretrained {name} weights ({type(exc).__name__}: "
+            f"{exc}); on an offline machine pass a local file with weights=PATH instead"
+        ) from exc
+
+
+def _adapt_kernel(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Turn an RGB stem kernel into one for `in_channels` inputs, keeping its response to a
+    uniform input (as timm does): 1 channel sums the RGB kernels, others repeat and rescale."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_channels // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
+
+
+def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=False)
+    with torch.no_grad():
+        new.weight.copy_(_adapt_kernel(conv.weight, in_channels))
+    return new

@@ -1,0 +1,137 @@
+"""The three ways to bring stride-s ResNet features back to the image's H x W and join them.
+
+Each method maps (image (B, Ci, H, W), features (B, Cf, ceil(H/s), ceil(W/s))) to a fused tensor
+(B, Ci + `features`, H, W) for every H, W: sizes are read from the tensors at run time, so the
+exported graphs stay dynamic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resfuse.errors import ConfigError
+from resfuse.models.pooling import adaptive_avg_pool2d
+
+METHODS: dict[str, type[FusionMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[FusionMethod]], type[FusionMethod]]:
+    def add(cls: type[FusionMethod]) -> type[FusionMethod]:
+        METHODS[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bilinear resize to `like`'s H x W; exports as a Resize whose sizes come from Shape."""
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FusionMethod(nn.Module):
+    name = ""
+
+    def __init__(self, feature_channels: int, stride: int, features: int) -> None:
+        super().__init__()
+        if features < 1:
+            raise ConfigError(f"features must be at least 1, got {features}")
+        self.features = features
+
+    def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_method("upsample")
+class UpsampleFusion(FusionMethod):
+    """Learned upsampling: one stride-2 ConvTranspose2d block per halving of the backbone.
+
+    The blocks produce s * ceil(H/s) >= H rows. ResNet's ceil rounding puts feature cell i over
+    input rows s*i .. s*i + s - 1, the partial cell last, so cropping the bottom/right surplus
+    keeps the features aligned with the image: exact H x W for every H, W (Slice in ONNX).
+    """
+
+    def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
+        super().__init__(feature_channels, stride, features)
+        blocks: list[nn.Module] = []
+        cin = feature_channels
+        steps = stride.bit_length() - 1
+        for i in range(1, steps + 1):
+            cout = features if i == steps else max(features, feature_channels >> i)
+            blocks += [
+                nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+            cin = cout
+        self.up = nn.Sequential(*blocks)
+
+    def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        up = self.up(feats)[:, :, : image.shape[2], : image.shape[3]]
+        return torch.cat([image, up], dim=1)
+
+
+@register_method("spp")
+class PyramidPoolingFusion(FusionMethod):
+    """Spatial pyramid pooling (PSPNet style): context pooled over k x k bins per level, projected,
+    joined with the features, projected again and resized to H x W."""
+
+    def __init__(
+        self,
+        feature_channels: int,
+        stride: int,
+        features: int = 64,
+        levels: Sequence[int] = (1, 2, 4),
+    ) -> None:
+        super().__init__(feature_channels, stride, features)
+        levels = tuple(int(k) for k in levels)
+        if not levels or min(levels) < 1 or len(set(levels)) != len(levels):
+            raise ConfigError(
+                f"SPP levels must be distinct positive bin counts such as (1, 2, 4), got {levels}"
+            )
+        self.levels = levels
+        branch = max(1, feature_channels // 4)
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(feature_channels, branch, 1), nn.ReLU(inplace=True))
+            for _ in levels
+        )
+        self.project = conv_bn_relu(feature_channels + branch * len(levels), features, kernel=3)
+
+    def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        pyramid = [feats]
+        for k, branch in zip(self.levels, self.branches, strict=True):
+            pyramid.append(resize_to(branch(adaptive_avg_pool2d(feats, k)), feats))
+        context = self.project(torch.cat(pyramid, dim=1))
+        return torch.cat([image, resize_to(context, image)], dim=1)
+
+
+@register_method("masked")
+class MaskedFusion(FusionMethod):
+    """Conditional concatenation: a per-pixel gate m = sigmoid(1x1 conv(features)) at H x W
+    gives cat([image * (1 - m), projected_features * m])."""
+
+    def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
+        super().__init__(feature_channels, stride, features)
+        self.gate = nn.Conv2d(feature_channels, 1, kernel_size=1)
+        self.project = conv_bn_relu(feature_channels, features)
+
+    def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        mask = self.mask(image, feats)
+        projected = resize_to(self.project(feats), image)
+        return torch.cat([image * (1 - mask), projected * mask], dim=1)
+
+    def mask(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """The gate at H x W, for checks that the image channels equal image * (1 - mask)."""
+        return resize_to(torch.sigmoid(self.gate(feats)), image)
