@@ -1,0 +1,83 @@
+"""Parity sweep: ONNX Runtime (CPU) against the PyTorch original over a grid of input shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from resfuse.compare import ErrorStats, compare
+from resfuse.contract import InputContract
+from resfuse.models import FusionModel
+
+Shape = tuple[int, int, int, int]
+
+# (batch, H, W) before clamping to the contract: the minimum, sizes that are no multiple of 32,
+# a tall and a wide aspect ratio, batch 1 and > 1.
+_GRID = ((1, 0, 0), (2, 97, 131), (1, 257, 311), (1, 449, 121), (1, 121, 449), (3, 65, 77))
+
+
+def parity_shapes(contract: InputContract) -> list[Shape]:
+    shapes: list[Shape] = []
+    for b, h, w in _GRID:
+        shape = (
+            _fit(b, contract.batch.min, contract.batch.max),
+            contract.channels,
+            _fit(h, contract.height.min, contract.height.max),
+            _fit(w, contract.width.min, contract.width.max),
+        )
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def _fit(value: int, low: int, high: int | None) -> int:
+    return max(low, value if high is None else min(value, high))
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    shape: Shape
+    stats: ErrorStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), **self.stats.to_dict()}
+
+
+def onnxruntime_cpu(proto: onnx.ModelProto) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_mem_pattern = False  # every call of the sweep has a new shape
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def run_parity(
+    model: FusionModel,
+    candidate: Callable[[np.ndarray], np.ndarray],
+    shapes: list[Shape],
+    atol: float,
+    rtol: float,
+    seed: int = 0,
+) -> list[ParityResult]:
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=generator)
+        with torch.inference_mode():
+            reference = model(x).numpy()
+        results.append(ParityResult(shape, compare(reference, candidate(x.numpy()), atol, rtol)))
+    return results
+
+
+def worst(results: list[ParityResult]) -> ParityResult:
+    return max(results, key=lambda r: (not r.stats.passed, r.stats.required_atol))

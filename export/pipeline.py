@@ -1,0 +1,209 @@
+"""One export end to end: build, export, check, simplify, parity sweep, write the artifact."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from resfuse.artifacts import FORMAT, FORMAT_VERSION, file_record, staging, write_json
+from resfuse.contract import InputContract, Range
+from resfuse.errors import ConfigError, ParityError
+from resfuse.export import onnx as onnx_export
+from resfuse.export.parity import ParityResult, onnxruntime_cpu, parity_shapes, run_parity, worst
+from resfuse.models import ModelConfig, build_model
+from resfuse.weights import save_weights
+
+# Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
+_IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+MIN_OPSET, MAX_OPSET = 17, 23
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 18
+    min_size: int = 32
+    max_size: int = 2048
+    max_batch: int = 32
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    seed: int = 0
+    simplify: bool = True
+
+    def contract(self, config: ModelConfig) -> InputContract:
+        """The exported graph's input contract; raises ConfigError naming the bad option."""
+        if self.min_size < config.stride:
+            raise ConfigError(
+                f"--min-size {self.min_size} is below the smallest input {config.backbone} "
+                f"stage {config.stage} accepts ({config.stride}, its output stride); use "
+                f"--min-size {config.stride} or more"
+            )
+        if self.min_size > self.max_size:
+            raise ConfigError(
+                f"--min-size {self.min_size} is larger than --max-size {self.max_size}; "
+                f"swap them or widen the range"
+            )
+        if self.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(
+                f"--opset {self.opset} is outside {MIN_OPSET}..{MAX_OPSET}; 18 is the tested "
+                f"default (TensorRT 10 and ONNX Runtime read 17-20)"
+            )
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError("--atol and --rtol must not be negative")
+        size = Range(self.min_size, self.max_size)
+        return InputContract(config.in_channels, size, size, Range(1, self.max_batch))
+
+
+@dataclass
+class ExportResult:
+    name: str
+    manifest_path: Path
+    onnx_path: Path
+    weights_path: Path
+    onnx_bytes: int
+    seconds: float
+    simplified: bool
+    parity: list[ParityResult] = field(default_factory=list)
+
+    @property
+    def worst(self) -> ParityResult:
+        return worst(self.parity)
+
+
+def artifact_name(config: ModelConfig) -> str:
+    return f"{config.method}-{config.backbone}"
+
+
+def export_artifact(
+    config: ModelConfig,
+    output_dir: str | Path,
+    options: ExportOptions = ExportOptions(),
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    name: str | None = None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> ExportResult:
+    """Export `config` into `output_dir` as <name>.onnx, .safetensors and .json (the manifest).
+
+    Nothing is written unless every check passes; then the three files replace any earlier ones
+    together. Raises a ResfuseError subclass on any failure.
+    """
+    contract = options.contract(config)
+    name = name or artifact_name(config)
+    start = time.perf_counter()
+    progress("building the PyTorch model")
+    torch.manual_seed(options.seed)
+    model = build_model(**config.to_dict(), pretrained=pretrained, weights=weights)
+
+    progress("exporting to ONNX (dynamo)")
+    raw = onnx_export.export_onnx(model, contract, options.opset)
+    onnx_export.check_model(raw)
+    shapes = parity_shapes(contract)
+    proto, results, simplified = raw, [], False
+    if options.simplify:
+        progress("simplifying (onnxslim)")
+        slim = onnx_export.simplify(raw)
+        onnx_export.check_model(slim)
+        progress("parity sweep on the simplified graph")
+        results = _parity(model, slim, shapes, options)
+        if all(r.stats.passed for r in results):
+            proto, simplified = slim, True
+    if not simplified:
+        progress("parity sweep")
+        results = _parity(model, raw, shapes, options)
+    failed = [r for r in results if not r.stats.passed]
+    if failed:
+        bad = failed[0]
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch at {len(failed)} of {len(results)} shapes; at "
+            f"{bad.shape} max |error| {bad.stats.max_abs:.3g}, NaN/Inf {bad.stats.nonfinite} "
+            f"(atol {options.atol}, rtol {options.rtol}); nothing was written"
+        )
+
+    progress("writing the artifact")
+    with staging(output_dir) as stage:
+        onnx_tmp = stage.path(f"{name}.onnx")
+        onnx_export.save(proto, onnx_tmp)
+        weights_tmp = stage.path(f"{name}.safetensors")
+        save_weights(model, weights_tmp)
+        manifest_tmp = stage.path(f"{name}.json")
+        seconds = time.perf_counter() - start
+        write_json(
+            manifest_tmp,
+            _manifest(config, contract, options, name, onnx_tmp, weights_tmp, results,
+                      simplified, seconds, pretrained, weights),
+        )
+        onnx_bytes = onnx_tmp.stat().st_size
+    out = Path(output_dir)
+    return ExportResult(
+        name, out / f"{name}.json", out / f"{name}.onnx", out / f"{name}.safetensors",
+        onnx_bytes, seconds, simplified, results,
+    )
+
+
+def _parity(model, proto, shapes, options: ExportOptions) -> list[ParityResult]:  # type: ignore[no-untyped-def]
+    return run_parity(model, onnxruntime_cpu(proto), shapes, options.atol, options.rtol, options.seed)
+
+
+def _manifest(
+    config: ModelConfig,
+    contract: InputContract,
+    options: ExportOptions,
+    name: str,
+    onnx_path: Path,
+    weights_path: Path,
+    results: list[ParityResult],
+    simplified: bool,
+    seconds: float,
+    pretrained: bool,
+    weights: str | Path | None,
+) -> dict[str, Any]:
+    channels = config.in_channels
+    norm = _IMAGENET if channels == 3 else {"mean": [0.5] * channels, "std": [0.5] * channels}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": config.to_dict(),
+        "input": {"name": onnx_export.INPUT_NAME, "layout": "NCHW", "contract": contract.to_dict()},
+        "output": {"name": config.output_name, "channels": config.out_channels,
+                   "layout": "NCHW", "size": "same as input"},
+        "files": {
+            "onnx": {**file_record(onnx_path, f"{name}.onnx"), "opset": options.opset,
+                     "simplified": simplified},
+            "weights": file_record(weights_path, f"{name}.safetensors"),
+        },
+        "weights_source": str(weights) if weights else ("torchvision" if pretrained else
+                                                        f"random (seed {options.seed})"),
+        "preprocess": {"scale": 1 / 255, **norm, "resize": "none"},
+        "parity": {
+            "reference": "torch (cpu, float32)",
+            "candidate": "onnxruntime CPUExecutionProvider",
+            "atol": options.atol,
+            "rtol": options.rtol,
+            "results": [r.to_dict() for r in results],
+        },
+        "export_seconds": round(seconds, 2),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    names = ("resfuse", "torch", "onnx", "onnxscript", "onnxslim", "onnxruntime")
+    found = {"python": platform.python_version()}
+    for pkg in names:
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            found[pkg] = "absent"
+    return found
