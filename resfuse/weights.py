@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -22,27 +23,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if blocked is None:
+            raise WeightsError(
+                f"cannot read {path} as a PyTorch state dict (not a torch.save file?); pass a "
+                f".safetensors file or one written by torch.save(model.state_dict(), path)"
+            ) from exc
         raise WeightsError(
-            f"{path} holds pickled Python objects that safe loading refuses "
-            f"({str(exc).splitlines()[0][:160]}). resfuse never unpickles arbitrary code: "
-            f"re-save only the tensors, torch.save(model.state_dict(), path), or as .safetensors"
+            f"{path} holds pickled Python objects ({blocked.group(1)}) that safe loading "
+            f"refuses; resfuse never unpickles arbitrary code: re-save only the tensors with "
+            f"torch.save(model.state_dict(), path), or as .safetensors"
         ) from exc
     except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
         raise WeightsError(
-            f"cannot read {path} as a PyTorch state dict ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); "
-            f"pass a .safetensors file or a file written by torch.save(model.state_dict(), path)"
+            f"cannot read {path} as a PyTorch state dict ({type(exc).__name__}: {detail}); "
+            f"pass a .safetensors file or one written by torch.save(model.state_dict(), path)"
         ) from exc
     return _as_state_dict(obj, path)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(path)
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"cannot read {path} as safetensors ({exc}); is the file complete?") from exc
 
 

@@ -1,0 +1,135 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import resfuse
+from resfuse.errors import ConfigError, InputContractError
+from resfuse.models import METHODS
+
+SIZES = [(32, 32), (33, 45), (97, 131), (257, 311), (64, 500), (500, 40)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backbone,stage", [("resnet18", 4), ("resnet34", 3), ("resnet50", 2),
+                                            ("resnet50", 4)])
+def test_fused_output_is_exactly_input_size(method: str, backbone: str, stage: int) -> None:
+    model = resfuse.build_model(method, backbone=backbone, stage=stage, features=16)
+    with torch.inference_mode():
+        for h, w in SIZES:
+            if min(h, w) < model.min_size:
+                continue
+            out = model(torch.randn(2, 3, h, w))
+            assert out.shape == (2, 3 + 16, h, w)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet101", "resnet152"])
+def test_deep_backbones(backbone: str) -> None:
+    for method in METHODS:
+        model = resfuse.build_model(method, backbone=backbone)
+        with torch.inference_mode():
+            assert model(torch.randn(1, 3, 75, 53)).shape == (1, 67, 75, 53)
+
+
+@given(method=st.sampled_from(list(METHODS)), stage=st.sampled_from([2, 3, 4]),
+       h=st.integers(32, 260), w=st.integers(32, 260), batch=st.integers(1, 3))
+def test_any_size_at_or_above_minimum(method: str, stage: int, h: int, w: int, batch: int) -> None:
+    model = _cached(method, stage)
+    with torch.inference_mode():
+        assert model(torch.randn(batch, 3, h, w)).shape == (batch, 67, h, w)
+
+
+_MODELS: dict = {}
+
+
+def _cached(method: str, stage: int) -> resfuse.FusionModel:
+    key = (method, stage)
+    if key not in _MODELS:
+        _MODELS[key] = resfuse.build_model(method, stage=stage)
+    return _MODELS[key]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_head_gives_per_pixel_logits_and_grayscale_input(method: str) -> None:
+    model = resfuse.build_model(method, in_channels=1, num_classes=4)
+    with torch.inference_mode():
+        assert model(torch.randn(2, 1, 71, 99)).shape == (2, 4, 71, 99)
+
+
+@pytest.mark.parametrize("method", ["upsample", "spp"])
+def test_image_channels_pass_through_unchanged(method: str) -> None:
+    model = resfuse.build_model(method)
+    x = torch.randn(1, 3, 80, 90)
+    with torch.inference_mode():
+        assert torch.equal(model(x)[:, :3], x)
+
+
+def test_masked_gates_image_and_features() -> None:
+    model = resfuse.build_model("masked")
+    x = torch.randn(1, 3, 80, 90)
+    with torch.inference_mode():
+        feats = model.encoder(x)
+        mask = model.fusion.mask(x, feats)
+        out = model(x)
+    assert mask.shape == (1, 1, 80, 90) and 0 <= mask.min() and mask.max() <= 1
+    torch.testing.assert_close(out[:, :3], x * (1 - mask))
+
+
+def test_upsample_maps_each_feature_cell_to_its_own_stride_block_then_crops() -> None:
+    # Feature cell i covers input rows [32 i, 32 i + 32) (ResNet's ceil rounding puts the partial
+    # cell last), so the upsampler must write cell i to exactly those rows and crop the surplus.
+    model = resfuse.build_model("upsample")
+    x = torch.randn(1, 3, 70, 64)
+    with torch.inference_mode():
+        feats = model.encoder(x)
+        assert feats.shape[-2:] == (3, 2)
+        bumped = feats.clone()
+        bumped[:, :, 1] += 1.0
+        a, b = model.fusion.up(feats), model.fusion.up(bumped)
+        changed = (a != b).flatten(0, 1).any(dim=0).any(dim=1).nonzero().flatten()
+        assert a.shape[-2:] == (96, 64)  # 32 * ceil(70 / 32)
+        assert changed.min() >= 32 and changed.max() < 64
+        torch.testing.assert_close(model(x)[:, 3:], a[:, :, :70, :64], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,message",
+    [
+        ((3, 64, 64), torch.float32, "4-D NCHW"),
+        ((1, 4, 64, 64), torch.float32, "expected 3 input channels, got 4"),
+        ((1, 64, 64, 3), torch.float32, "channels-last"),
+        ((1, 3, 64, 64), torch.float64, "expected dtype float32"),
+        ((1, 3, 31, 64), torch.float32, "height 31 is outside the allowed range >= 32"),
+        ((1, 3, 64, 8), torch.float32, "width 8"),
+        ((0, 3, 64, 64), torch.float32, "batch size 0"),
+    ],
+)
+def test_input_contract_errors(shape: tuple, dtype: torch.dtype, message: str) -> None:
+    model = resfuse.build_model("masked")
+    with pytest.raises(InputContractError, match=message):
+        model(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"method": "nope"}, "unknown fusion method 'nope'; choose one of upsample, spp, masked"),
+        ({"method": "spp", "backbone": "vgg16"}, "unknown backbone 'vgg16'"),
+        ({"method": "spp", "stage": 5}, "stage 5 is not supported"),
+        ({"method": "spp", "in_channels": 0}, "in_channels must be at least 1"),
+        ({"method": "spp", "num_classes": 0}, "num_classes must be at least 1"),
+        ({"method": "spp", "levels": (1, 1)}, "SPP levels must be distinct"),
+    ],
+)
+def test_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        resfuse.build_model(**kwargs)
+
+
+def test_pretrained_without_network_names_the_offline_fix(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # refuse at once, touch no network
+    with pytest.raises(ConfigError, match="weights=PATH"):
+        resfuse.build_model("masked", pretrained=True)
