@@ -19,33 +19,81 @@ _err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--method", required=True, type=click.Choice([*METHODS, "all"]),
-              help="Fusion method to export, or all three.")
-@click.option("--backbone", default="resnet18", show_default=True, type=click.Choice(list(BACKBONES)))
-@click.option("--stage", default=4, show_default=True, type=click.Choice([str(s) for s in STAGES]),
-              help="Cut the ResNet after this stage (output stride 8, 16, 32).")
-@click.option("--num-classes", type=click.IntRange(min=1), default=None,
-              help="Add a segmentation head with this many classes (output `logits`).")
+@click.option(
+    "--method",
+    required=True,
+    type=click.Choice([*METHODS, "all"]),
+    help="Fusion method to export, or all three.",
+)
+@click.option(
+    "--backbone", default="resnet18", show_default=True, type=click.Choice(list(BACKBONES))
+)
+@click.option(
+    "--stage",
+    default=4,
+    show_default=True,
+    type=click.Choice([str(s) for s in STAGES]),
+    help="Cut the ResNet after this stage (output stride 8, 16, 32).",
+)
+@click.option(
+    "--num-classes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Add a segmentation head with this many classes (output `logits`).",
+)
 @click.option("--in-channels", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--features", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Channels the fusion adds to the image.")
-@click.option("--weights", type=click.Path(path_type=Path), default=None,
-              help="A .safetensors file or PyTorch state dict (loaded with weights_only=True).")
-@click.option("--pretrained", is_flag=True, help="Start from torchvision's ImageNet backbone (needs network).")
+@click.option(
+    "--features",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Channels the fusion adds to the image.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A .safetensors file or PyTorch state dict (loaded with weights_only=True).",
+)
+@click.option(
+    "--pretrained", is_flag=True, help="Start from torchvision's ImageNet backbone (needs network)."
+)
 @click.option("--opset", default=18, show_default=True, type=int)
-@click.option("--output", "-o", default="artifacts", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--output", "-o", default="artifacts", show_default=True, type=click.Path(path_type=Path)
+)
 @click.option("--name", default=None, help="Base name of the files [default: METHOD-BACKBONE].")
 @click.option("--min-size", default=32, show_default=True, type=int, help="Smallest H and W.")
 @click.option("--max-size", default=2048, show_default=True, type=int, help="Largest H and W.")
 @click.option("--max-batch", default=32, show_default=True, type=int)
-@click.option("--atol", default=1e-4, show_default=True, type=float, help="Parity tolerance, absolute.")
-@click.option("--rtol", default=1e-4, show_default=True, type=float, help="Parity tolerance, relative.")
+@click.option(
+    "--atol", default=1e-4, show_default=True, type=float, help="Parity tolerance, absolute."
+)
+@click.option(
+    "--rtol", default=1e-4, show_default=True, type=float, help="Parity tolerance, relative."
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def main(method: str, backbone: str, stage: str, num_classes: int | None, in_channels: int,
-         features: int, weights: Path | None, pretrained: bool, opset: int, output: Path,
-         name: str | None, min_size: int, max_size: int, max_batch: int, atol: float,
-         rtol: float, no_simplify: bool, seed: int) -> None:
+def main(
+    method: str,
+    backbone: str,
+    stage: str,
+    num_classes: int | None,
+    in_channels: int,
+    features: int,
+    weights: Path | None,
+    pretrained: bool,
+    opset: int,
+    output: Path,
+    name: str | None,
+    min_size: int,
+    max_size: int,
+    max_batch: int,
+    atol: float,
+    rtol: float,
+    no_simplify: bool,
+    seed: int,
+) -> None:
     """Export fusion models to ONNX with dynamic batch, H and W, verified against PyTorch.
 
     Writes METHOD-BACKBONE.onnx, .safetensors (the PyTorch weights) and .json (the manifest) into
@@ -61,7 +109,12 @@ def main(method: str, backbone: str, stage: str, num_classes: int | None, in_cha
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
             with _err.status(f"[bold]{m}[/]: starting") as status:
                 result = export_artifact(
-                    config, output, options, weights, pretrained, name,
+                    config,
+                    output,
+                    options,
+                    weights,
+                    pretrained,
+                    name,
                     progress=lambda step, m=m: status.update(f"[bold]{m}[/]: {step}"),
                 )
             _out.print(_parity_table(result, options))
@@ -77,15 +130,23 @@ def _fail(message: str) -> None:
 
 
 def _parity_table(result: ExportResult, options: ExportOptions) -> Table:
-    table = Table(title=f"{result.name}: ONNX Runtime (CPU) vs PyTorch, "
-                        f"atol {options.atol:g}, rtol {options.rtol:g}")
+    table = Table(
+        title=f"{result.name}: ONNX Runtime (CPU) vs PyTorch, "
+        f"atol {options.atol:g}, rtol {options.rtol:g}"
+    )
     for col in ("shape", "max |err|", "p99 |err|", "max rel", "rel L2", "1 - cosine", "result"):
         table.add_column(col, justify="right")
     for r in result.parity:
         s = r.stats
-        table.add_row("x".join(map(str, r.shape)), f"{s.max_abs:.2e}", f"{s.p99_abs:.2e}",
-                      f"{s.max_rel:.2e}", f"{s.rel_l2:.2e}", f"{1 - s.cosine:.1e}",
-                      "[green]pass[/]" if s.passed else "[red]FAIL[/]")
+        table.add_row(
+            "x".join(map(str, r.shape)),
+            f"{s.max_abs:.2e}",
+            f"{s.p99_abs:.2e}",
+            f"{s.max_rel:.2e}",
+            f"{s.rel_l2:.2e}",
+            f"{1 - s.cosine:.1e}",
+            "[green]pass[/]" if s.passed else "[red]FAIL[/]",
+        )
     return table
 
 
@@ -94,8 +155,13 @@ def _summary_table(results: list[ExportResult]) -> Table:
     for col in ("file", "size", "export time", "worst max |err|", "simplified"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(str(r.onnx_path), f"{r.onnx_bytes / 2**20:.1f} MiB", f"{r.seconds:.1f} s",
-                      f"{r.worst.stats.max_abs:.2e}", "yes" if r.simplified else "no")
+        table.add_row(
+            str(r.onnx_path),
+            f"{r.onnx_bytes / 2**20:.1f} MiB",
+            f"{r.seconds:.1f} s",
+            f"{r.worst.stats.max_abs:.2e}",
+            "yes" if r.simplified else "no",
+        )
     return table
 
 

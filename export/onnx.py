@@ -83,7 +83,9 @@ def check_dynamic_axes(proto: onnx.ModelProto, contract: InputContract) -> None:
                 f"its input tensors (x.shape) instead of Python constants"
             )
     if dims[1].dim_value != contract.channels:
-        raise ExportError(f"exported graph has {dims[1].dim_value} channels, expected {contract.channels}")
+        raise ExportError(
+            f"exported graph has {dims[1].dim_value} channels, expected {contract.channels}"
+        )
 
 
 def check_model(proto: onnx.ModelProto) -> None:

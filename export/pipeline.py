@@ -11,14 +11,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
 from resfuse.artifacts import FORMAT, FORMAT_VERSION, file_record, staging, write_json
 from resfuse.contract import InputContract, Range
 from resfuse.errors import ConfigError, ParityError
 from resfuse.export import onnx as onnx_export
-from resfuse.export.parity import ParityResult, onnxruntime_cpu, parity_shapes, run_parity, worst
-from resfuse.models import ModelConfig, build_model
+from resfuse.export.parity import (
+    ParityResult,
+    Shape,
+    onnxruntime_cpu,
+    parity_shapes,
+    run_parity,
+    worst,
+)
+from resfuse.models import FusionModel, ModelConfig, build_model
 from resfuse.weights import save_weights
 
 # Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
@@ -139,19 +147,39 @@ def export_artifact(
         seconds = time.perf_counter() - start
         write_json(
             manifest_tmp,
-            _manifest(config, contract, options, name, onnx_tmp, weights_tmp, results,
-                      simplified, seconds, pretrained, weights),
+            _manifest(
+                config,
+                contract,
+                options,
+                name,
+                onnx_tmp,
+                weights_tmp,
+                results,
+                simplified,
+                seconds,
+                pretrained,
+                weights,
+            ),
         )
         onnx_bytes = onnx_tmp.stat().st_size
     out = Path(output_dir)
     return ExportResult(
-        name, out / f"{name}.json", out / f"{name}.onnx", out / f"{name}.safetensors",
-        onnx_bytes, seconds, simplified, results,
+        name,
+        out / f"{name}.json",
+        out / f"{name}.onnx",
+        out / f"{name}.safetensors",
+        onnx_bytes,
+        seconds,
+        simplified,
+        results,
     )
 
 
-def _parity(model, proto, shapes, options: ExportOptions) -> list[ParityResult]:  # type: ignore[no-untyped-def]
-    return run_parity(model, onnxruntime_cpu(proto), shapes, options.atol, options.rtol, options.seed)
+def _parity(
+    model: FusionModel, proto: onnx.ModelProto, shapes: list[Shape], options: ExportOptions
+) -> list[ParityResult]:
+    candidate = onnxruntime_cpu(proto)
+    return run_parity(model, candidate, shapes, options.atol, options.rtol, options.seed)
 
 
 def _manifest(
@@ -176,15 +204,23 @@ def _manifest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": config.to_dict(),
         "input": {"name": onnx_export.INPUT_NAME, "layout": "NCHW", "contract": contract.to_dict()},
-        "output": {"name": config.output_name, "channels": config.out_channels,
-                   "layout": "NCHW", "size": "same as input"},
+        "output": {
+            "name": config.output_name,
+            "channels": config.out_channels,
+            "layout": "NCHW",
+            "size": "same as input",
+        },
         "files": {
-            "onnx": {**file_record(onnx_path, f"{name}.onnx"), "opset": options.opset,
-                     "simplified": simplified},
+            "onnx": {
+                **file_record(onnx_path, f"{name}.onnx"),
+                "opset": options.opset,
+                "simplified": simplified,
+            },
             "weights": file_record(weights_path, f"{name}.safetensors"),
         },
-        "weights_source": str(weights) if weights else ("torchvision" if pretrained else
-                                                        f"random (seed {options.seed})"),
+        "weights_source": str(weights)
+        if weights
+        else ("torchvision" if pretrained else f"random (seed {options.seed})"),
         "preprocess": {"scale": 1 / 255, **norm, "resize": "none"},
         "parity": {
             "reference": "torch (cpu, float32)",

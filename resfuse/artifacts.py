@@ -117,7 +117,7 @@ def read_manifest(path: str | Path) -> Manifest:
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f"{path} is not a resfuse manifest (no \"format\": \"{FORMAT}\")")
+        raise ManifestError(f'{path} is not a resfuse manifest (no "format": "{FORMAT}")')
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise ManifestError(f"{path} lacks the fields {missing}; re-export the artifact")

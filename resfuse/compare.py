@@ -51,7 +51,9 @@ def compare(reference: np.ndarray, output: np.ndarray, atol: float, rtol: float)
         rel_l2=float(np.linalg.norm(np.where(np.isfinite(diff), diff, 0.0)) / ref_norm)
         if ref_norm
         else float(out_norm > 0),
-        cosine=dot / (ref_norm * out_norm) if ref_norm and out_norm else float(ref_norm == out_norm),
+        cosine=dot / (ref_norm * out_norm)
+        if ref_norm and out_norm
+        else float(ref_norm == out_norm),
         nonfinite=nonfinite,
         required_atol=max(required, 0.0),
         passed=nonfinite == 0 and required <= atol,

@@ -56,8 +56,11 @@ class InputContract:
                     f"resize or pad the image into that range"
                 )
         if b not in self.batch:
-            fix = "pass at least one image" if b < self.batch.min else (
-                f"split the batch into chunks of at most {self.batch.max}")
+            fix = (
+                "pass at least one image"
+                if b < self.batch.min
+                else (f"split the batch into chunks of at most {self.batch.max}")
+            )
             raise InputContractError(
                 f"batch size {b} is outside the allowed range {self.batch.describe()}; {fix}"
             )

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from resfuse.errors import WeightsError
+
+if TYPE_CHECKING:
+    from resfuse.models import FusionModel
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # common checkpoint layouts
 
@@ -50,7 +54,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read {path} as safetensors ({exc}); is the file complete?") from exc
+        raise WeightsError(
+            f"cannot read {path} as safetensors ({exc}); is the file complete?"
+        ) from exc
 
 
 def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -67,14 +73,16 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel prefixes
 
 
-def load_weights_into(model: nn.Module, path: str | Path) -> None:
+def load_weights_into(model: FusionModel, path: str | Path) -> None:
     """Load a whole fusion model's weights, or a torchvision ResNet's into the encoder."""
     state = read_state_dict(path)
     if not any(k.startswith(("encoder.", "fusion.", "head.")) for k in state):
         _load_backbone(model, state, path)
         return
-    fix = ("build the model with the method, backbone, stage, in_channels and num_classes "
-           "the weights were trained with")
+    fix = (
+        "build the model with the method, backbone, stage, in_channels and num_classes "
+        "the weights were trained with"
+    )
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -88,9 +96,9 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
         )
 
 
-def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+def _load_backbone(model: FusionModel, state: dict[str, torch.Tensor], path: str | Path) -> None:
     try:
-        model.encoder.load_torchvision_state(state)  # type: ignore[operator]
+        model.encoder.load_torchvision_state(state)
     except RuntimeError as exc:
         raise WeightsError(
             f"{path} is neither a resfuse fusion model nor a matching torchvision ResNet "

@@ -43,10 +43,15 @@ def test_parity_at_shapes_the_export_never_saw(exported, method: str, shape) -> 
     _check_parity(exported[method], shape)
 
 
-@given(method=st.sampled_from(list(METHODS)), h=st.integers(32, 300), w=st.integers(32, 300),
-       batch=st.integers(1, 3))
-def test_parity_at_sizes_drawn_by_hypothesis(exported, method: str, h: int, w: int,
-                                             batch: int) -> None:
+@given(
+    method=st.sampled_from(list(METHODS)),
+    h=st.integers(32, 300),
+    w=st.integers(32, 300),
+    batch=st.integers(1, 3),
+)
+def test_parity_at_sizes_drawn_by_hypothesis(
+    exported, method: str, h: int, w: int, batch: int
+) -> None:
     _check_parity(exported[method], (batch, 3, h, w))
 
 
@@ -65,14 +70,28 @@ def test_manifest_describes_and_pins_the_artifact(exported, method: str) -> None
     result = exported[method]
     data = json.loads(result.manifest_path.read_text())
     assert data["format"] == "resfuse-artifact" and data["format_version"] == 1
-    assert data["model"] == {"method": method, "backbone": "resnet18", "stage": 4,
-                             "in_channels": 3, "num_classes": None, "features": 64,
-                             "levels": [1, 2, 4]}
+    assert data["model"] == {
+        "method": method,
+        "backbone": "resnet18",
+        "stage": 4,
+        "in_channels": 3,
+        "num_classes": None,
+        "features": 64,
+        "levels": [1, 2, 4],
+    }
     assert data["input"]["contract"] == {
-        "channels": 3, "height": {"min": 32, "max": 1024}, "width": {"min": 32, "max": 1024},
-        "batch": {"min": 1, "max": 32}, "dtype": "float32"}
-    assert data["output"] == {"name": "fused", "channels": 67, "layout": "NCHW",
-                              "size": "same as input"}
+        "channels": 3,
+        "height": {"min": 32, "max": 1024},
+        "width": {"min": 32, "max": 1024},
+        "batch": {"min": 1, "max": 32},
+        "dtype": "float32",
+    }
+    assert data["output"] == {
+        "name": "fused",
+        "channels": 67,
+        "layout": "NCHW",
+        "size": "same as input",
+    }
     for key, path in (("onnx", result.onnx_path), ("weights", result.weights_path)):
         assert data["files"][key]["sha256"] == sha256_of(path)
         assert data["files"][key]["bytes"] == path.stat().st_size
@@ -107,11 +126,14 @@ def test_tampered_weights_are_refused(exported, tmp_path: Path) -> None:
         resfuse.load_original(str(tmp_path / src.manifest_path.name))
 
 
-@pytest.mark.parametrize("content,message", [
-    ("{", "cannot read manifest"),
-    ('{"format": "other"}', "is not a resfuse manifest"),
-    ('{"format": "resfuse-artifact", "format_version": 1}', "lacks the fields"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{", "cannot read manifest"),
+        ('{"format": "other"}', "is not a resfuse manifest"),
+        ('{"format": "resfuse-artifact", "format_version": 1}', "lacks the fields"),
+    ],
+)
 def test_bad_manifests(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "m.json").write_text(content)
     with pytest.raises(ManifestError, match=message):
@@ -121,8 +143,9 @@ def test_bad_manifests(tmp_path: Path, content: str, message: str) -> None:
 
 
 def test_variant_stage_head_grayscale_static_batch(out_dir: Path) -> None:
-    config = ModelConfig("spp", "resnet34", stage=3, in_channels=1, num_classes=2,
-                         features=16, levels=(1, 3, 6))
+    config = ModelConfig(
+        "spp", "resnet34", stage=3, in_channels=1, num_classes=2, features=16, levels=(1, 3, 6)
+    )
     result = export_artifact(config, out_dir, ExportOptions(min_size=16, max_size=512, max_batch=1))
     graph = onnx.load(result.onnx_path).graph
     dims = graph.input[0].type.tensor_type.shape.dim
@@ -152,12 +175,15 @@ def test_a_specialised_graph_is_refused() -> None:
         onnx_export.check_dynamic_axes(onnx.helper.make_model(graph), contract)
 
 
-@pytest.mark.parametrize("options,message", [
-    (ExportOptions(min_size=16), "--min-size 16 is below the smallest input"),
-    (ExportOptions(min_size=256, max_size=128), "larger than --max-size 128"),
-    (ExportOptions(max_batch=0), "--max-batch must be at least 1"),
-    (ExportOptions(opset=9), "--opset 9 is outside"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (ExportOptions(min_size=16), "--min-size 16 is below the smallest input"),
+        (ExportOptions(min_size=256, max_size=128), "larger than --max-size 128"),
+        (ExportOptions(max_batch=0), "--max-batch must be at least 1"),
+        (ExportOptions(opset=9), "--opset 9 is outside"),
+    ],
+)
 def test_option_errors(options: ExportOptions, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         options.contract(ModelConfig("masked"))

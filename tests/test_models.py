@@ -11,8 +11,9 @@ SIZES = [(32, 32), (33, 45), (97, 131), (257, 311), (64, 500), (500, 40)]
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backbone,stage", [("resnet18", 4), ("resnet34", 3), ("resnet50", 2),
-                                            ("resnet50", 4)])
+@pytest.mark.parametrize(
+    "backbone,stage", [("resnet18", 4), ("resnet34", 3), ("resnet50", 2), ("resnet50", 4)]
+)
 def test_fused_output_is_exactly_input_size(method: str, backbone: str, stage: int) -> None:
     model = resfuse.build_model(method, backbone=backbone, stage=stage, features=16)
     with torch.inference_mode():
@@ -32,8 +33,13 @@ def test_deep_backbones(backbone: str) -> None:
             assert model(torch.randn(1, 3, 75, 53)).shape == (1, 67, 75, 53)
 
 
-@given(method=st.sampled_from(list(METHODS)), stage=st.sampled_from([2, 3, 4]),
-       h=st.integers(32, 260), w=st.integers(32, 260), batch=st.integers(1, 3))
+@given(
+    method=st.sampled_from(list(METHODS)),
+    stage=st.sampled_from([2, 3, 4]),
+    h=st.integers(32, 260),
+    w=st.integers(32, 260),
+    batch=st.integers(1, 3),
+)
 def test_any_size_at_or_above_minimum(method: str, stage: int, h: int, w: int, batch: int) -> None:
     model = _cached(method, stage)
     with torch.inference_mode():
@@ -127,8 +133,9 @@ def test_config_errors(kwargs: dict, message: str) -> None:
         resfuse.build_model(**kwargs)
 
 
-def test_pretrained_without_network_names_the_offline_fix(monkeypatch: pytest.MonkeyPatch,
-                                                          tmp_path) -> None:
+def test_pretrained_without_network_names_the_offline_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # refuse at once, touch no network
     with pytest.raises(ConfigError, match="weights=PATH"):

@@ -15,8 +15,9 @@ from resfuse.models.pooling import adaptive_avg_pool2d
 )
 def test_equals_torch_adaptive_avg_pool(h: int, w: int, k: int, seed: int) -> None:
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(adaptive_avg_pool2d(x, k), F.adaptive_avg_pool2d(x, k),
-                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        adaptive_avg_pool2d(x, k), F.adaptive_avg_pool2d(x, k), atol=2e-6, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("k", [2, 3, 6])

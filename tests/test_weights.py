@@ -37,11 +37,14 @@ def test_dataparallel_prefix_is_stripped(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("in_channels", [3, 1])
-def test_torchvision_backbone_state_dict_loads_into_encoder(tmp_path: Path, in_channels: int) -> None:
+def test_torchvision_backbone_state_dict_loads_into_encoder(
+    tmp_path: Path, in_channels: int
+) -> None:
     resnet = torchvision.models.resnet18(weights=None)
     torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
-    model = resfuse.build_model("upsample", stage=3, in_channels=in_channels,
-                                weights=tmp_path / "resnet18.pth")
+    model = resfuse.build_model(
+        "upsample", stage=3, in_channels=in_channels, weights=tmp_path / "resnet18.pth"
+    )
     got = model.encoder.layers[2][0].conv1.weight
     torch.testing.assert_close(got, resnet.layer3[0].conv1.weight)
     stem = model.encoder.stem[0].weight
@@ -56,7 +59,9 @@ class _Payload:
 
 def test_pickled_object_is_refused_without_running_it(tmp_path: Path, capsys) -> None:
     torch.save({"weights": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(WeightsError, match=r"pickled Python objects \(print\) that safe loading refuses"):
+    with pytest.raises(
+        WeightsError, match=r"pickled Python objects \(print\) that safe loading refuses"
+    ):
         resfuse.build_model("masked", weights=tmp_path / "evil.pt")
     assert "unpickled!" not in capsys.readouterr().out
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 from resfuse.errors import ConfigError
 
@@ -33,9 +37,7 @@ STAGES = (2, 3, 4)
 
 def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ConfigError(
-            f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}"
-        )
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name]
 
 
@@ -60,6 +62,7 @@ class ResNetEncoder(nn.Module):
         net = _torchvision_resnet(name, pretrained)
         if in_channels != 3:
             net.conv1 = _adapt_stem(net.conv1, in_channels)
+        self.in_channels = in_channels
         self.stage = stage
         self.stride = 2 ** (stage + 1)
         self.out_channels = spec.widths[stage - 1]
@@ -78,18 +81,20 @@ class ResNetEncoder(nn.Module):
                 mapped[f"stem.{0 if head == 'conv1' else 1}.{rest}"] = value
             elif head.startswith("layer") and int(head[5:]) <= self.stage:
                 mapped[f"layers.{int(head[5:]) - 1}.{rest}"] = value
-        if "stem.0.weight" in mapped and mapped["stem.0.weight"].shape[1] != self.stem[0].in_channels:
-            mapped["stem.0.weight"] = _adapt_kernel(mapped["stem.0.weight"], self.stem[0].in_channels)
+        stem = mapped.get("stem.0.weight")
+        if stem is not None and stem.shape[1] != self.in_channels:
+            mapped["stem.0.weight"] = _adapt_kernel(stem, self.in_channels)
         self.load_state_dict(mapped, strict=True)
 
 
-def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
+def _torchvision_resnet(name: str, pretrained: bool) -> ResNet:
     import torchvision.models as tvm
 
+    build = getattr(tvm, name)
     if not pretrained:
-        return getattr(tvm, name)(weights=None)
+        return cast(ResNet, build(weights=None))
     try:
-        return getattr(tvm, name)(weights="DEFAULT")
+        return cast(ResNet, build(weights="DEFAULT"))
     except Exception as exc:  # network, hub cache or checksum failures all land here
         raise ConfigError(
             f"could not fetch torchvision's pretrained {name} weights ({type(exc).__name__}: "
@@ -107,8 +112,8 @@ def _adapt_kernel(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
 
 
 def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    bias=False)
+    # ResNet's stem: 7x7, stride 2, padding 3, no bias.
+    new = nn.Conv2d(in_channels, conv.out_channels, 7, stride=2, padding=3, bias=False)
     with torch.no_grad():
         new.weight.copy_(_adapt_kernel(conv.weight, in_channels))
     return new

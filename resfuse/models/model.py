@@ -69,7 +69,9 @@ class SegmentationHead(nn.Sequential):
     """A small per-pixel classifier on the fused tensor: 3x3 conv-BN-ReLU, then 1x1 to logits."""
 
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 32) -> None:
-        super().__init__(conv_bn_relu(in_channels, hidden, kernel=3), nn.Conv2d(hidden, num_classes, 1))
+        super().__init__(
+            conv_bn_relu(in_channels, hidden, kernel=3), nn.Conv2d(hidden, num_classes, 1)
+        )
 
 
 class FusionModel(nn.Module):

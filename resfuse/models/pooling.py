@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def _bin_edges(n: torch.SymInt | int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _bin_edges(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # n may be a SymInt while exporting: the edges then stay expressions of the input's shape.
     i = torch.arange(k, device=device)
     starts = torch.div(i * n, k, rounding_mode="floor")
     ends = torch.div((i + 1) * n + (k - 1), k, rounding_mode="floor")
