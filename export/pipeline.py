@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 
 from resfuse.artifacts import FORMAT, FORMAT_VERSION, file_record, staging, write_json
 from resfuse.contract import InputContract, Range
+from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ParityError
 from resfuse.export import onnx as onnx_export
 from resfuse.export.parity import (
@@ -230,16 +229,5 @@ def _manifest(
             "results": [r.to_dict() for r in results],
         },
         "export_seconds": round(seconds, 2),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
-
-
-def _versions() -> dict[str, str]:
-    names = ("resfuse", "torch", "onnx", "onnxscript", "onnxslim", "onnxruntime")
-    found = {"python": platform.python_version()}
-    for pkg in names:
-        try:
-            found[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            found[pkg] = "absent"
-    return found

@@ -1,6 +1,7 @@
 """resfuse: ResNet fusion models from PyTorch to ONNX, TensorRT and ONNX Runtime."""
 
 from resfuse.errors import (
+    BackendUnavailableError,
     ConfigError,
     ExportError,
     InputContractError,
@@ -22,6 +23,7 @@ def load_original(manifest_path: str) -> FusionModel:
 
 
 __all__ = [
+    "BackendUnavailableError",
     "BACKBONES",
     "METHODS",
     "ConfigError",

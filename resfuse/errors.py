@@ -27,3 +27,7 @@ class ParityError(ResfuseError):
 
 class ManifestError(ResfuseError):
     """A manifest is missing, malformed, or does not match the artifact beside it."""
+
+
+class BackendUnavailableError(ResfuseError):
+    """A backend, device or execution provider is not installed or not present here."""

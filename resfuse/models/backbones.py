@@ -92,9 +92,9 @@ def _torchvision_resnet(name: str, pretrained: bool) -> ResNet:
 
     build = getattr(tvm, name)
     if not pretrained:
-        return cast(ResNet, build(weights=None))
+        return cast("ResNet", build(weights=None))
     try:
-        return cast(ResNet, build(weights="DEFAULT"))
+        return cast("ResNet", build(weights="DEFAULT"))
     except Exception as exc:  # network, hub cache or checksum failures all land here
         raise ConfigError(
             f"could not fetch torchvision's pretrained {name} weights ({type(exc).__name__}: "

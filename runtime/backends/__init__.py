@@ -1,0 +1,46 @@
+"""Backends by name. Each module imports its heavy library only when a runner is activated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from resfuse.artifacts import Manifest
+from resfuse.errors import BackendUnavailableError, ConfigError
+from resfuse.runtime.backends.base import Phases, Runner
+
+
+def _torch(manifest: Manifest, device: str, **options: Any) -> Runner:
+    from resfuse.runtime.backends.pyt import TorchRunner
+
+    return TorchRunner(manifest, device, **options)
+
+
+def _onnxruntime(manifest: Manifest, device: str, **options: Any) -> Runner:
+    from resfuse.runtime.backends.onnxrt import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(manifest, device, **options)
+
+
+def _tensorrt(manifest: Manifest, device: str, **options: Any) -> Runner:
+    raise BackendUnavailableError(
+        "the native TensorRT backend (engines built and cached by resfuse) is not in this "
+        "release; meanwhile use backend='onnxruntime' with device='tensorrt' (ONNX Runtime's "
+        "TensorRT execution provider, onnxruntime-gpu)"
+    )
+
+
+BACKENDS: dict[str, Callable[..., Runner]] = {
+    "torch": _torch,
+    "onnxruntime": _onnxruntime,
+    "tensorrt": _tensorrt,
+}
+
+
+def create_runner(backend: str, manifest: Manifest, device: str, **options: Any) -> Runner:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[backend](manifest, device, **options)
+
+
+__all__ = ["BACKENDS", "Phases", "Runner", "create_runner"]

@@ -1,0 +1,57 @@
+"""The runner life cycle every backend follows (as in Polygraphy): activate, infer, deactivate."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from resfuse.artifacts import Manifest
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Milliseconds of one call; copies are 0 where input and output already live on the host."""
+
+    h2d_ms: float
+    compute_ms: float
+    d2h_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.h2d_ms + self.compute_ms + self.d2h_ms
+
+
+class Runner(ABC):
+    """Runs one artifact on one backend. `infer` takes and returns host float32 NCHW arrays that
+    the Session has already checked against the manifest's contract."""
+
+    name = ""
+
+    def __init__(self, manifest: Manifest, device: str, **options: Any) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.options = options
+        self.active = False
+
+    @abstractmethod
+    def activate(self) -> None: ...
+
+    @abstractmethod
+    def infer(self, x: np.ndarray) -> np.ndarray: ...
+
+    def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, Phases]:
+        """One call with its time split into copies and compute where the backend can tell."""
+        start = time.perf_counter()
+        out = self.infer(x)
+        return out, Phases(0.0, (time.perf_counter() - start) * 1e3, 0.0)
+
+    def deactivate(self) -> None:
+        self.active = False
+
+    def describe(self) -> dict[str, Any]:
+        """Settings that matter for reading its numbers (threads, providers...)."""
+        return {"backend": self.name, "device": self.device}

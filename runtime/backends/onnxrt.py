@@ -1,0 +1,159 @@
+"""ONNX Runtime: CPU, and CUDA or TensorRT execution providers with onnxruntime-gpu."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resfuse.artifacts import Manifest
+from resfuse.contract import InputContract
+from resfuse.errors import BackendUnavailableError, ConfigError
+from resfuse.runtime.backends.base import Runner
+from resfuse.runtime.machine import physical_cores
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    # CUDA next to TensorRT takes the nodes TensorRT cannot; CPU takes shape arithmetic.
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_LEVELS = ("disable", "basic", "extended", "all")
+OPTIONS = {
+    "threads": "intra-op threads (default: physical cores)",
+    "inter_op_threads": "inter-op threads (default 1: the graph is one chain)",
+    "optimization": f"graph optimisation level, one of {_LEVELS} (default all)",
+    "mem_pattern": "reuse a memory plan across calls (default True; False for ever-changing shapes)",
+    "fp16": "TensorRT EP: build float16 engines (default False)",
+    "opt_shape": "TensorRT EP: (B, C, H, W) the kernels are tuned for (default 1 x C x 512 x 512)",
+    "cache_dir": "TensorRT EP: engine and timing caches (default ~/.cache/resfuse/ort-trt)",
+}
+
+
+def tensorrt_provider_options(
+    contract: InputContract,
+    input_name: str,
+    onnx_sha256: str,
+    cache_dir: str | Path | None = None,
+    fp16: bool = False,
+    opt_shape: tuple[int, int, int, int] | None = None,
+) -> dict[str, str]:
+    """TensorRT EP options: one profile spanning the contract and caches keyed by the model's
+    sha256, so a changed ONNX file never meets an engine built from another."""
+    low = (contract.batch.min, contract.channels, contract.height.min, contract.width.min)
+    high = (contract.batch.max, contract.channels, contract.height.max, contract.width.max)
+    if None in high:
+        raise ConfigError("the TensorRT EP needs an upper bound on batch, height and width")
+    opt = opt_shape or (1, contract.channels, *(_clamp(512, r.min, r.max) for r in
+                                                (contract.height, contract.width)))
+    if not all(lo <= o <= hi for lo, o, hi in zip(low, opt, high, strict=True)):  # type: ignore[operator]
+        raise ConfigError(f"opt_shape {tuple(opt)} is outside the profile {low}..{high}")
+    root = Path(cache_dir or Path.home() / ".cache" / "resfuse" / "ort-trt") / onnx_sha256[:16]
+
+    def dims(shape: tuple[Any, ...]) -> str:
+        return f"{input_name}:{'x'.join(str(d) for d in shape)}"
+
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(root / "engines"),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(root / "timing"),
+        "trt_fp16_enable": "True" if fp16 else "False",
+        "trt_profile_min_shapes": dims(low),
+        "trt_profile_opt_shapes": dims(opt),
+        "trt_profile_max_shapes": dims(high),
+    }
+
+
+def _clamp(value: int, low: int, high: int | None) -> int:
+    return max(low, value if high is None else min(value, high))
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown onnxruntime options {sorted(unknown)}; known: {', '.join(OPTIONS)}"
+            )
+        if device not in _PROVIDERS:
+            raise ConfigError(
+                f"onnxruntime device must be one of {', '.join(_PROVIDERS)}, not {device!r}"
+            )
+        if options.get("optimization", "all") not in _LEVELS:
+            raise ConfigError(f"optimization must be one of {_LEVELS}, not {options['optimization']!r}")
+        super().__init__(manifest, device, **options)
+        self.session: Any = None
+
+    def session_options(self) -> Any:
+        import onnxruntime as ort
+
+        level = ort.GraphOptimizationLevel
+        levels = dict(zip(_LEVELS, (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC,
+                                    level.ORT_ENABLE_EXTENDED, level.ORT_ENABLE_ALL), strict=True))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = levels[self.options.get("optimization", "all")]
+        so.intra_op_num_threads = int(self.options.get("threads") or physical_cores())
+        so.inter_op_num_threads = int(self.options.get("inter_op_threads", 1))
+        so.enable_mem_pattern = bool(self.options.get("mem_pattern", True))
+        so.log_severity_level = 3  # errors only: no per-shape warnings on the terminal
+        return so
+
+    def providers(self) -> list[Any]:
+        if self.device != "tensorrt":
+            return list(_PROVIDERS[self.device])
+        trt = tensorrt_provider_options(
+            self.manifest.contract,
+            self.manifest.data["input"]["name"],
+            self.manifest.data["files"]["onnx"]["sha256"],
+            self.options.get("cache_dir"),
+            bool(self.options.get("fp16", False)),
+            self.options.get("opt_shape"),
+        )
+        for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+            os.makedirs(trt[key], exist_ok=True)
+        return [("TensorrtExecutionProvider", trt), *_PROVIDERS["cuda"]]
+
+    def activate(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "the onnxruntime backend needs ONNX Runtime: pip install onnxruntime "
+                "(or onnxruntime-gpu for CUDA/TensorRT, never both)"
+            ) from exc
+        wanted = _PROVIDERS[self.device][0]
+        if wanted not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"onnxruntime {ort.__version__} here has no {wanted} (it has "
+                f"{', '.join(ort.get_available_providers())}); for device {self.device!r} "
+                f"install onnxruntime-gpu in place of onnxruntime: pip uninstall -y onnxruntime "
+                f"&& pip install onnxruntime-gpu"
+            )
+        path = self.manifest.file("onnx")  # sha256 verified before ONNX Runtime reads it
+        self.session = ort.InferenceSession(str(path), self.session_options(), self.providers())
+        self._input = self.session.get_inputs()[0].name
+        self.active = True
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeError("runner used before activate()")
+        return self.session.run(None, {self._input: x})[0]
+
+    def deactivate(self) -> None:
+        self.session = None
+        super().deactivate()
+
+    def describe(self) -> dict[str, Any]:
+        so = self.session_options()
+        return {
+            **super().describe(),
+            "threads": so.intra_op_num_threads,
+            "optimization": self.options.get("optimization", "all"),
+            "mem_pattern": so.enable_mem_pattern,
+            "providers": self.session.get_providers() if self.session else _PROVIDERS[self.device],
+        }

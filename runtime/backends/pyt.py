@@ -1,0 +1,76 @@
+"""The PyTorch original, rebuilt from the manifest and its verified weights: the reference."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from resfuse.artifacts import Manifest, load_original
+from resfuse.errors import BackendUnavailableError, ConfigError
+from resfuse.runtime.backends.base import Phases, Runner
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
+        unknown = set(options) - {"threads"}
+        if unknown:
+            raise ConfigError(f"unknown torch backend options {sorted(unknown)}; known: threads")
+        super().__init__(manifest, device, **options)
+        self.model: torch.nn.Module | None = None
+        self._device = torch.device("cuda" if device == "cuda" else device)
+
+    def activate(self) -> None:
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "device 'cuda' asked for, but this torch has no CUDA device "
+                f"(torch {torch.__version__}); use device='cpu' or a CUDA build of torch"
+            )
+        if self._device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"the torch backend runs on 'cpu' or 'cuda', not {self.device!r}")
+        if self.options.get("threads"):
+            torch.set_num_threads(int(self.options["threads"]))
+        self.model = load_original(self.manifest.path).to(self._device)
+        self.active = True
+
+    def _model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise RuntimeError("runner used before activate()")
+        return self.model
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self._model()(torch.from_numpy(x).to(self._device)).cpu().numpy()
+
+    def infer_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Torch in, torch out on the input's device: no host round trip for CUDA tensors."""
+        with torch.inference_mode():
+            return self._model()(x.to(self._device)).to(x.device)
+
+    def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, Phases]:
+        if self._device.type != "cuda":
+            return super().infer_timed(x)
+        with torch.inference_mode():
+            sync = torch.cuda.synchronize
+            sync()
+            t0 = time.perf_counter()
+            xd = torch.from_numpy(x).to(self._device)
+            sync()
+            t1 = time.perf_counter()
+            yd = self._model()(xd)
+            sync()
+            t2 = time.perf_counter()
+            y = yd.cpu().numpy()
+            t3 = time.perf_counter()
+        return y, Phases((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def deactivate(self) -> None:
+        self.model = None
+        super().deactivate()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "threads": torch.get_num_threads()}

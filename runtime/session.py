@@ -1,0 +1,91 @@
+"""A Session: one artifact on one backend, with every input checked before the backend sees it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from resfuse.artifacts import Manifest, read_manifest
+from resfuse.runtime.backends import Runner, create_runner
+from resfuse.runtime.inputs import check_finite, is_image, load_image
+
+
+class Session:
+    """Call `run(x)` from any number of threads: the runners keep no per-call state."""
+
+    def __init__(self, runner: Runner, *, finite_check: bool = True, resize: str | None = None):
+        self.runner = runner
+        self.manifest: Manifest = runner.manifest
+        self.contract = self.manifest.contract
+        self.finite_check = finite_check
+        self.resize = resize
+
+    @property
+    def backend(self) -> str:
+        return self.runner.name
+
+    def preprocess(self, source: str | Path | Any) -> np.ndarray:
+        """An image file or PIL image as the model's (1, C, H, W) input."""
+        return load_image(source, self.manifest.data.get("preprocess", {}), self.contract,
+                          self.resize)
+
+    def check(self, x: np.ndarray | torch.Tensor) -> None:
+        dtype = str(x.dtype).removeprefix("torch.")
+        self.contract.check(x.shape, dtype)
+        if self.finite_check:
+            if isinstance(x, torch.Tensor):
+                if not bool(torch.isfinite(x).all()):
+                    check_finite(x.detach().cpu().numpy())  # counts and raises
+            else:
+                check_finite(x)
+
+    def run(self, x: np.ndarray | torch.Tensor | str | Path | Any) -> np.ndarray | torch.Tensor:
+        """Numpy (or an image) in, numpy out; a torch tensor in, a tensor out on its device."""
+        if is_image(x):
+            x = self.preprocess(x)
+        if isinstance(x, torch.Tensor):
+            self.check(x)
+            infer_tensor = getattr(self.runner, "infer_tensor", None)
+            if infer_tensor is not None:
+                return infer_tensor(x)
+            out = self.runner.infer(np.ascontiguousarray(x.detach().cpu().numpy()))
+            return torch.from_numpy(out).to(x.device)
+        if not isinstance(x, np.ndarray):
+            raise TypeError(
+                f"run() takes a numpy array, a torch tensor, an image path or a PIL image, "
+                f"not {type(x).__name__}"
+            )
+        self.check(x)
+        return self.runner.infer(np.ascontiguousarray(x))
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(
+    path: str | Path,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    *,
+    finite_check: bool = True,
+    resize: str | None = None,
+    **options: Any,
+) -> Session:
+    """Open an artifact by its manifest (or its .onnx with the manifest beside it).
+
+    The manifest is validated and the artifact's sha256 checked before any backend reads it.
+    `options` go to the backend (onnxruntime: threads, optimization, mem_pattern, fp16, ...).
+    """
+    manifest = read_manifest(path)
+    runner = create_runner(backend, manifest, device, **options)
+    runner.activate()
+    return Session(runner, finite_check=finite_check, resize=resize)
