@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
+from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
-
-# Piped output (CI logs, files) gets wide tables rather than rich's 80-column default.
-_out = Console(width=None if sys.stdout.isatty() else 140)
-_err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -101,13 +96,13 @@ def main(
     """
     methods = list(METHODS) if method == "all" else [method]
     if name and len(methods) > 1:
-        _fail("--name names one artifact; drop it with --method all")
+        fail("--name names one artifact; drop it with --method all")
     options = ExportOptions(opset, min_size, max_size, max_batch, atol, rtol, seed, not no_simplify)
     results = []
     try:
         for m in methods:
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
-            with _err.status(f"[bold]{m}[/]: starting") as status:
+            with err.status(f"[bold]{m}[/]: starting") as status:
                 result = export_artifact(
                     config,
                     output,
@@ -117,16 +112,11 @@ def main(
                     name,
                     progress=lambda step, m=m: status.update(f"[bold]{m}[/]: {step}"),
                 )
-            _out.print(_parity_table(result, options))
+            out.print(_parity_table(result, options))
             results.append(result)
     except ResfuseError as exc:
-        _fail(str(exc))
-    _out.print(_summary_table(results))
-
-
-def _fail(message: str) -> None:
-    _err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(1)
+        fail(str(exc))
+    out.print(_summary_table(results))
 
 
 def _parity_table(result: ExportResult, options: ExportOptions) -> Table:

@@ -5,8 +5,17 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-_PACKAGES = ("resfuse", "torch", "onnx", "onnxscript", "onnxslim", "onnxruntime",
-             "onnxruntime-gpu", "tensorrt", "numpy")
+_PACKAGES = (
+    "resfuse",
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnxslim",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "numpy",
+)
 
 
 def library_versions() -> dict[str, str]:

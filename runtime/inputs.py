@@ -26,9 +26,7 @@ def _pil() -> Any:
     try:
         from PIL import Image
     except ImportError as exc:
-        raise ConfigError(
-            "image inputs need Pillow: pip install 'resfuse[images]'"
-        ) from exc
+        raise ConfigError("image inputs need Pillow: pip install 'resfuse[images]'") from exc
     return Image
 
 
@@ -39,7 +37,9 @@ def is_image(x: object) -> bool:
 
 
 def load_image(
-    source: str | Path | Any, preprocess: dict[str, Any], contract: InputContract,
+    source: str | Path | Any,
+    preprocess: dict[str, Any],
+    contract: InputContract,
     resize: str | None = None,
 ) -> np.ndarray:
     """Read an image as (1, C, H, W) float32: mode for C, resize policy, scale, mean and std."""

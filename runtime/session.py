@@ -29,8 +29,9 @@ class Session:
 
     def preprocess(self, source: str | Path | Any) -> np.ndarray:
         """An image file or PIL image as the model's (1, C, H, W) input."""
-        return load_image(source, self.manifest.data.get("preprocess", {}), self.contract,
-                          self.resize)
+        return load_image(
+            source, self.manifest.data.get("preprocess", {}), self.contract, self.resize
+        )
 
     def check(self, x: np.ndarray | torch.Tensor) -> None:
         dtype = str(x.dtype).removeprefix("torch.")

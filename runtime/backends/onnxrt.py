@@ -25,7 +25,7 @@ OPTIONS = {
     "threads": "intra-op threads (default: physical cores)",
     "inter_op_threads": "inter-op threads (default 1: the graph is one chain)",
     "optimization": f"graph optimisation level, one of {_LEVELS} (default all)",
-    "mem_pattern": "reuse a memory plan across calls (default True; False for ever-changing shapes)",
+    "mem_pattern": "reuse a memory plan across calls (default True)",
     "fp16": "TensorRT EP: build float16 engines (default False)",
     "opt_shape": "TensorRT EP: (B, C, H, W) the kernels are tuned for (default 1 x C x 512 x 512)",
     "cache_dir": "TensorRT EP: engine and timing caches (default ~/.cache/resfuse/ort-trt)",
@@ -46,8 +46,11 @@ def tensorrt_provider_options(
     high = (contract.batch.max, contract.channels, contract.height.max, contract.width.max)
     if None in high:
         raise ConfigError("the TensorRT EP needs an upper bound on batch, height and width")
-    opt = opt_shape or (1, contract.channels, *(_clamp(512, r.min, r.max) for r in
-                                                (contract.height, contract.width)))
+    opt = opt_shape or (
+        1,
+        contract.channels,
+        *(_clamp(512, r.min, r.max) for r in (contract.height, contract.width)),
+    )
     if not all(lo <= o <= hi for lo, o, hi in zip(low, opt, high, strict=True)):  # type: ignore[operator]
         raise ConfigError(f"opt_shape {tuple(opt)} is outside the profile {low}..{high}")
     root = Path(cache_dir or Path.home() / ".cache" / "resfuse" / "ort-trt") / onnx_sha256[:16]
@@ -85,7 +88,9 @@ class OnnxRuntimeRunner(Runner):
                 f"onnxruntime device must be one of {', '.join(_PROVIDERS)}, not {device!r}"
             )
         if options.get("optimization", "all") not in _LEVELS:
-            raise ConfigError(f"optimization must be one of {_LEVELS}, not {options['optimization']!r}")
+            raise ConfigError(
+                f"optimization must be one of {_LEVELS}, not {options['optimization']!r}"
+            )
         super().__init__(manifest, device, **options)
         self.session: Any = None
 
@@ -93,8 +98,18 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         level = ort.GraphOptimizationLevel
-        levels = dict(zip(_LEVELS, (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC,
-                                    level.ORT_ENABLE_EXTENDED, level.ORT_ENABLE_ALL), strict=True))
+        levels = dict(
+            zip(
+                _LEVELS,
+                (
+                    level.ORT_DISABLE_ALL,
+                    level.ORT_ENABLE_BASIC,
+                    level.ORT_ENABLE_EXTENDED,
+                    level.ORT_ENABLE_ALL,
+                ),
+                strict=True,
+            )
+        )
         so = ort.SessionOptions()
         so.graph_optimization_level = levels[self.options.get("optimization", "all")]
         so.intra_op_num_threads = int(self.options.get("threads") or physical_cores())

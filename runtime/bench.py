@@ -1,0 +1,250 @@
+"""Latency: every backend on every shape in one run, warm-up excluded, compared with torch."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resfuse.errors import ConfigError, ResfuseError
+from resfuse.runtime.machine import machine_info
+from resfuse.runtime.report import Shape, markdown_table, shape_str
+from resfuse.runtime.session import Session, load
+
+BENCH_FORMAT = "resfuse-bench"
+
+
+@dataclass
+class BenchRecord:
+    backend: str
+    device: str
+    shape: list[int]
+    iters: int
+    warmup: int
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    throughput_ips: float  # images (batch items) per second at the mean latency
+    h2d_ms: float  # mean host-to-device copy, 0 where the backend has none to report apart
+    compute_ms: float
+    d2h_ms: float
+    speedup_vs_torch: float | None = None  # torch p50 / this p50, same shape and run
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.backend, self.device, shape_str(self.shape)
+
+
+def _record(
+    session: Session, shape: Shape, times: np.ndarray, phases: np.ndarray, warmup: int
+) -> BenchRecord:
+    p50, p90, p95, p99 = np.percentile(times, [50, 90, 95, 99])
+    mean = float(times.mean())
+    h2d, compute, d2h = phases.mean(axis=0)
+    return BenchRecord(
+        session.backend,
+        session.runner.device,
+        list(shape),
+        len(times),
+        warmup,
+        float(p50),
+        float(p90),
+        float(p95),
+        float(p99),
+        mean,
+        float(times.std()),
+        float(times.min()),
+        shape[0] * 1e3 / mean,
+        float(h2d),
+        float(compute),
+        float(d2h),
+        settings=session.runner.describe(),
+    )
+
+
+def time_session(
+    session: Session,
+    shape: Shape,
+    warmup: int,
+    iters: int,
+    seed: int = 0,
+    progress: Callable[[], None] = lambda: None,
+) -> BenchRecord:
+    """Time `iters` calls of the checked path (input check + backend), after `warmup` calls."""
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    for _ in range(warmup):
+        session.run(x)
+    times, phases = np.empty(iters), np.empty((iters, 3))
+    for i in range(iters):
+        start = time.perf_counter()
+        session.check(x)
+        _, split = session.runner.infer_timed(x)
+        times[i] = (time.perf_counter() - start) * 1e3
+        phases[i] = split.h2d_ms, split.compute_ms, split.d2h_ms
+        progress()
+    return _record(session, shape, times, phases, warmup)
+
+
+def benchmark(
+    path: str | Path,
+    backends: Iterable[str] = ("torch", "onnxruntime"),
+    shapes: Iterable[Shape] = ((1, 3, 224, 224), (1, 3, 512, 512)),
+    warmup: int = 3,
+    iters: int = 20,
+    threads: int | None = None,
+    device: str = "cpu",
+    progress: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """{"machine", "artifact", "records"}: one record per backend x shape."""
+    if warmup < 0 or iters < 1:
+        raise ConfigError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+    shapes, records = list(shapes), []
+    for backend in backends:
+        options = {"threads": threads} if threads else {}
+        # The reference runs on the GPU whenever the deployed backend does.
+        on = "cuda" if backend == "torch" and device != "cpu" else device
+        with load(path, backend, on, **options) as session:
+            for shape in shapes:
+                records.append(time_session(session, shape, warmup, iters, progress=progress))
+    _add_speedups(records)
+    return {
+        "format": BENCH_FORMAT,
+        "artifact": str(path),
+        "machine": machine_info(),
+        "records": [asdict(r) for r in records],
+    }
+
+
+def _add_speedups(records: list[BenchRecord]) -> None:
+    torch_p50 = {shape_str(r.shape): r.p50_ms for r in records if r.backend == "torch"}
+    for r in records:
+        base = torch_p50.get(shape_str(r.shape))
+        r.speedup_vs_torch = base / r.p50_ms if base else None
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = [
+        [
+            r["backend"],
+            r["device"],
+            shape_str(r["shape"]),
+            f"{r['p50_ms']:.2f}",
+            f"{r['p90_ms']:.2f}",
+            f"{r['p95_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['mean_ms']:.2f}",
+            f"{r['std_ms']:.2f}",
+            f"{r['min_ms']:.2f}",
+            f"{r['throughput_ips']:.1f}",
+            f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-",
+        ]
+        for r in result["records"]
+    ]
+    headers = [
+        "backend",
+        "device",
+        "shape",
+        "p50 ms",
+        "p90 ms",
+        "p95 ms",
+        "p99 ms",
+        "mean ms",
+        "std ms",
+        "min ms",
+        "images/s",
+        "vs torch",
+    ]
+    return markdown_table(headers, rows)
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResfuseError(f"cannot read benchmark results {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != BENCH_FORMAT:
+        raise ResfuseError(f"{path} is not a resfuse-bench JSON file (written with --json)")
+    return data
+
+
+def compare_baseline(
+    result: dict[str, Any], baseline: dict[str, Any], max_regression: float
+) -> tuple[list[list[str]], bool]:
+    """Rows (backend, device, shape, old p50, new p50, change, verdict) and whether all pass.
+    Only backend/device/shape pairs present in both runs are compared."""
+    if max_regression < 0:
+        raise ConfigError(f"--max-regression must be >= 0 (0.10 = 10%), got {max_regression}")
+    old = {(r["backend"], r["device"], shape_str(r["shape"])): r for r in baseline["records"]}
+    rows, ok = [], True
+    for r in result["records"]:
+        key = (r["backend"], r["device"], shape_str(r["shape"]))
+        if key not in old:
+            continue
+        before, now = old[key]["p50_ms"], r["p50_ms"]
+        change = now / before - 1
+        passed = change <= max_regression
+        ok &= passed
+        rows.append(
+            [
+                *key,
+                f"{before:.2f}",
+                f"{now:.2f}",
+                f"{change:+.1%}",
+                "ok" if passed else f"REGRESSION > {max_regression:.0%}",
+            ]
+        )
+    if not rows:
+        raise ResfuseError(
+            "the baseline shares no backend/device/shape with this run; run the same --backends "
+            "and --shapes as the baseline"
+        )
+    return rows, ok
+
+
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as exc:
+        raise ResfuseError("--plot needs matplotlib: pip install 'resfuse[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for r in result["records"]:
+        b, _, h, w = r["shape"]
+        label = f"{r['backend']} ({r['device']}), batch {b}"
+        series.setdefault(label, []).append((h * w / 1e6, r["p50_ms"], f"{h}x{w}"))
+    for label, points in series.items():
+        xs, ys, names = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+        for x, y, name in zip(xs, ys, names, strict=True):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("input size (megapixels, H x W)")
+    ax.set_ylabel("p50 latency (ms)")
+    machine = result["machine"]
+    ax.set_title(
+        f"{Path(result['artifact']).stem} on {machine['cpu']}"
+        f"{' / ' + machine['gpu'] if machine.get('gpu') else ''}",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

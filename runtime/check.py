@@ -1,0 +1,197 @@
+"""Accuracy: a deployed backend against the PyTorch original on the same inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from resfuse.compare import ErrorStats, compare
+from resfuse.errors import ResfuseError
+from resfuse.export.parity import parity_shapes
+from resfuse.runtime.inputs import IMAGE_SUFFIXES
+from resfuse.runtime.report import Shape, markdown_table, shape_str
+from resfuse.runtime.session import Session, load
+
+
+@dataclass
+class CheckRecord:
+    source: str  # "random" or the image file's name
+    shape: Shape | None
+    stats: ErrorStats | None = None
+    passthrough: str = "n/a"  # how the image channels of the fused output were checked
+    passthrough_ok: bool = True
+    error: str | None = None  # the input could not be run at all
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.error is None
+            and self.stats is not None
+            and self.stats.passed
+            and (self.passthrough_ok)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "shape": list(self.shape) if self.shape else None,
+            **(self.stats.to_dict() if self.stats else {}),
+            "passthrough": self.passthrough,
+            "passthrough_ok": self.passthrough_ok,
+            "error": self.error,
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class CheckReport:
+    artifact: str
+    backend: str
+    device: str
+    atol: float
+    rtol: float
+    records: list[CheckRecord] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.records) and all(r.passed for r in self.records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifact": self.artifact,
+            "backend": self.backend,
+            "device": self.device,
+            "reference": "torch (cpu, float32)",
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "passed": self.passed,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def markdown(self) -> str:
+        rows = []
+        for r in self.records:
+            s = r.stats
+            if s is None:
+                rows.append(
+                    [
+                        r.source,
+                        shape_str(r.shape) if r.shape else "-",
+                        *["-"] * 7,
+                        "-",
+                        f"ERROR: {r.error}",
+                    ]
+                )
+                continue
+            rows.append(
+                [
+                    r.source,
+                    shape_str(r.shape or ()),
+                    f"{s.max_abs:.2e}",
+                    f"{s.mean_abs:.2e}",
+                    f"{s.rel_l2:.2e}",
+                    f"{s.p99_abs:.2e}",
+                    f"{s.cosine:.7f}",
+                    s.nonfinite,
+                    f"{s.required_atol:.1e}",
+                    r.passthrough,
+                    "pass" if r.passed else "FAIL",
+                ]
+            )
+        headers = [
+            "input",
+            "shape",
+            "max abs",
+            "mean abs",
+            "rel L2",
+            "p99 abs",
+            "cosine",
+            "NaN/Inf",
+            "min atol",
+            "image channels",
+            "result",
+        ]
+        return markdown_table(headers, rows)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ResfuseError(f"--images {folder} is not a folder of PNG/JPEG files")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ResfuseError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return files
+
+
+def check_artifact(
+    path: str | Path,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    shapes: Iterable[Shape] | None = None,
+    images: str | Path | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    seed: int = 0,
+    resize: str | None = None,
+    progress: Callable[[], None] = lambda: None,
+    **options: Any,
+) -> CheckReport:
+    with (
+        load(path, backend, device, resize=resize, **options) as deployed,
+        load(path, "torch", "cpu") as reference,
+    ):
+        report = CheckReport(str(path), backend, device, atol, rtol)
+        generator = np.random.default_rng(seed)
+        for shape in shapes if shapes is not None else parity_shapes(deployed.contract):
+            x = generator.standard_normal(shape, dtype=np.float32)
+            report.records.append(_check_one("random", x, deployed, reference, atol, rtol))
+            progress()
+        for file in image_files(images) if images else []:
+            try:
+                x = deployed.preprocess(file)
+            except ResfuseError as exc:
+                report.records.append(CheckRecord(file.name, None, error=str(exc)))
+            else:
+                report.records.append(_check_one(file.name, x, deployed, reference, atol, rtol))
+            progress()
+    return report
+
+
+def _check_one(
+    source: str, x: np.ndarray, deployed: Session, reference: Session, atol: float, rtol: float
+) -> CheckRecord:
+    shape: Shape = tuple(int(d) for d in x.shape)  # type: ignore[assignment]
+    try:
+        out = np.asarray(deployed.run(x))
+        ref = np.asarray(reference.run(x))
+    except ResfuseError as exc:
+        return CheckRecord(source, shape, error=str(exc))
+    record = CheckRecord(source, shape, compare(ref, out, atol, rtol))
+    config = deployed.manifest.config
+    if config.num_classes is None:
+        record.passthrough, record.passthrough_ok = _passthrough(x, out, reference, atol, rtol)
+    return record
+
+
+def _passthrough(
+    x: np.ndarray, out: np.ndarray, reference: Session, atol: float, rtol: float
+) -> tuple[str, bool]:
+    """The fused output's first C channels: the image itself (upsample, spp), or the image
+    gated by the reference's mask, image * (1 - mask) (masked)."""
+    channels = x.shape[1]
+    image_part = out[:, :channels]
+    model = getattr(reference.runner, "model", None)
+    if model is None or model.config.method != "masked":
+        exact = bool(np.array_equal(image_part, x))
+        return ("exact" if exact else "DIFFERS from input"), exact
+    with torch.inference_mode():
+        t = torch.from_numpy(x)
+        mask = model.fusion.mask(t, model.encoder(t)).numpy()
+    stats = compare(x * (1 - mask), image_part, atol, rtol)
+    return (f"image*(1-mask) {stats.max_abs:.1e}", stats.passed)

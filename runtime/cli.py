@@ -1,0 +1,226 @@
+"""`resfuse-check` and `resfuse-bench`: thin command lines over resfuse.runtime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from resfuse.console import err, fail, out
+from resfuse.errors import ResfuseError
+from resfuse.runtime import bench as bench_lib
+from resfuse.runtime.backends import BACKENDS
+from resfuse.runtime.check import check_artifact, image_files
+from resfuse.runtime.report import markdown_table, parse_shapes
+
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+_DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc}")
+
+
+@click.command(context_settings=_CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--backend",
+    default="onnxruntime",
+    show_default=True,
+    type=click.Choice([b for b in BACKENDS if b != "torch"]),
+)
+@click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A folder of PNG/JPEG images, each checked at its own size.",
+)
+@click.option(
+    "--shapes",
+    default=None,
+    help="Random inputs, e.g. 1x3x224x224,2x3x257x311 [default: the export's grid].",
+)
+@click.option(
+    "--resize",
+    type=click.Choice(["none", "fit"]),
+    default=None,
+    help="Image resize policy [default: the manifest's].",
+)
+@click.option("--atol", default=1e-4, show_default=True, type=float)
+@click.option("--rtol", default=1e-4, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the report as JSON.",
+)
+def check_main(
+    artifact: Path,
+    backend: str,
+    device: str,
+    images: Path | None,
+    shapes: str | None,
+    resize: str | None,
+    atol: float,
+    rtol: float,
+    seed: int,
+    json_path: Path | None,
+) -> None:
+    """Check a deployed ARTIFACT (manifest or .onnx) against its PyTorch original.
+
+    Exits non-zero when any input is outside the tolerance |out - ref| <= atol + rtol * |ref|.
+    """
+    try:
+        grid = parse_shapes(shapes) if shapes else None
+        total = (len(grid) if grid else 6) + (len(image_files(images)) if images else 0)
+        with _progress() as bar:
+            task = bar.add_task(f"checking {backend} ({device})", total=total)
+            report = check_artifact(
+                artifact,
+                backend,
+                device,
+                grid,
+                images,
+                atol,
+                rtol,
+                seed,
+                resize,
+                progress=lambda: bar.advance(task),
+            )
+    except ResfuseError as exc:
+        fail(str(exc))
+    out.print(
+        f"{artifact}: {backend} ({device}) against torch (cpu), atol {atol:g}, rtol {rtol:g}\n",
+        highlight=False,
+    )
+    out.print(report.markdown(), highlight=False, markup=False)
+    if json_path:
+        _write_json(json_path, report.to_dict())
+    failed = sum(not r.passed for r in report.records)
+    if failed:
+        fail(f"{failed} of {len(report.records)} inputs failed the check")
+    out.print(f"\nall {len(report.records)} inputs pass", highlight=False)
+
+
+@click.command(context_settings=_CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--backends",
+    default="torch,onnxruntime",
+    show_default=True,
+    help="Comma-separated: torch, onnxruntime.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    type=_DEVICES,
+    help="cuda or tensorrt apply to onnxruntime; torch then runs on cuda.",
+)
+@click.option("--shapes", default="1x3x224x224,1x3x512x512,1x3x1024x1024", show_default=True)
+@click.option("--warmup", default=3, show_default=True, type=int)
+@click.option("--iters", default=20, show_default=True, type=int)
+@click.option("--threads", default=None, type=int, help="CPU threads [default: physical cores].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "md_path", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG of latency against resolution.",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An earlier --json result to compare p50 latencies with.",
+)
+@click.option(
+    "--max-regression",
+    default=0.10,
+    show_default=True,
+    type=float,
+    help="Allowed p50 increase over the baseline (0.10 = 10%).",
+)
+def bench_main(
+    artifact: Path,
+    backends: str,
+    device: str,
+    shapes: str,
+    warmup: int,
+    iters: int,
+    threads: int | None,
+    json_path: Path | None,
+    md_path: Path | None,
+    plot_path: Path | None,
+    baseline: Path | None,
+    max_regression: float,
+) -> None:
+    """Time ARTIFACT on each backend and shape; p50/p90/p95/p99 and the ratio to PyTorch."""
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    try:
+        unknown = [b for b in names if b not in BACKENDS]
+        if unknown or not names:
+            raise ResfuseError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+        grid = parse_shapes(shapes)
+        old = bench_lib.read_result(baseline) if baseline else None
+        with _progress() as bar:
+            task = bar.add_task("timing", total=len(names) * len(grid) * iters)
+            result = bench_lib.benchmark(
+                artifact,
+                names,
+                grid,
+                warmup,
+                iters,
+                threads,
+                device,
+                progress=lambda: bar.advance(task),
+            )
+        table = bench_lib.markdown(result)
+        out.print(table, highlight=False, markup=False)
+        if json_path:
+            _write_json(json_path, result)
+        if md_path:
+            md_path.write_text(table + "\n")
+        if plot_path:
+            bench_lib.plot(result, plot_path)
+        if old is not None:
+            rows, ok = bench_lib.compare_baseline(result, old, max_regression)
+            out.print(f"\nagainst {baseline}:\n", highlight=False)
+            out.print(
+                markdown_table(
+                    ["backend", "device", "shape", "old p50", "new p50", "change", "verdict"], rows
+                ),
+                highlight=False,
+                markup=False,
+            )
+            if not ok:
+                fail(f"p50 latency regressed by more than {max_regression:.0%}")
+    except (ResfuseError, OSError) as exc:
+        fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(check_main())
