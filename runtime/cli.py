@@ -114,7 +114,7 @@ def check_main(
         f"{artifact}: {backend} ({device}) against torch (cpu), atol {atol:g}, rtol {rtol:g}\n",
         highlight=False,
     )
-    out.print(report.markdown(), highlight=False, markup=False)
+    out.print(report.markdown(), highlight=False, markup=False, soft_wrap=True)
     if json_path:
         _write_json(json_path, report.to_dict())
     failed = sum(not r.passed for r in report.records)
@@ -199,7 +199,7 @@ def bench_main(
                 progress=lambda: bar.advance(task),
             )
         table = bench_lib.markdown(result)
-        out.print(table, highlight=False, markup=False)
+        out.print(table, highlight=False, markup=False, soft_wrap=True)
         if json_path:
             _write_json(json_path, result)
         if md_path:
@@ -215,6 +215,7 @@ def bench_main(
                 ),
                 highlight=False,
                 markup=False,
+                soft_wrap=True,
             )
             if not ok:
                 fail(f"p50 latency regressed by more than {max_regression:.0%}")
