@@ -30,7 +30,7 @@ from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
 
 HERE = Path(__file__).parent
-SHAPES = {224: 20, 512: 10, 1024: 5}  # side -> timed iterations
+SHAPES = {224: 30, 512: 20, 1024: 6}  # side -> timed iterations
 
 
 def export_all(folder: Path, backbones: list[str], reuse: bool) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -72,27 +73,35 @@ def _record(
     )
 
 
-def time_session(
-    session: Session,
+def _timed_call(session: Session, x: np.ndarray) -> tuple[float, tuple[float, float, float]]:
+    """One call of the checked path (input check + backend): total ms and its phases."""
+    start = time.perf_counter()
+    session.check(x)
+    _, split = session.runner.infer_timed(x)
+    return (time.perf_counter() - start) * 1e3, (split.h2d_ms, split.compute_ms, split.d2h_ms)
+
+
+def time_shape(
+    sessions: list[Session],
     shape: Shape,
     warmup: int,
     iters: int,
     seed: int = 0,
     progress: Callable[[], None] = lambda: None,
-) -> BenchRecord:
-    """Time `iters` calls of the checked path (input check + backend), after `warmup` calls."""
+) -> list[BenchRecord]:
+    """Time every session on one shape, calls interleaved round-robin: a shared, noisy machine
+    then slows all backends alike and their ratio stays fair."""
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    for _ in range(warmup):
-        session.run(x)
-    times, phases = np.empty(iters), np.empty((iters, 3))
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(x)
+    times = np.empty((len(sessions), iters))
+    phases = np.empty((len(sessions), iters, 3))
     for i in range(iters):
-        start = time.perf_counter()
-        session.check(x)
-        _, split = session.runner.infer_timed(x)
-        times[i] = (time.perf_counter() - start) * 1e3
-        phases[i] = split.h2d_ms, split.compute_ms, split.d2h_ms
-        progress()
-    return _record(session, shape, times, phases, warmup)
+        for k, session in enumerate(sessions):
+            times[k, i], phases[k, i] = _timed_call(session, x)
+            progress()
+    return [_record(s, shape, times[k], phases[k], warmup) for k, s in enumerate(sessions)]
 
 
 def benchmark(
@@ -108,14 +117,18 @@ def benchmark(
     """{"machine", "artifact", "records"}: one record per backend x shape."""
     if warmup < 0 or iters < 1:
         raise ConfigError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
-    shapes, records = list(shapes), []
-    for backend in backends:
-        options = {"threads": threads} if threads else {}
-        # The reference runs on the GPU whenever the deployed backend does.
-        on = "cuda" if backend == "torch" and device != "cpu" else device
-        with load(path, backend, on, **options) as session:
-            for shape in shapes:
-                records.append(time_session(session, shape, warmup, iters, progress=progress))
+    options = {"threads": threads} if threads else {}
+    records: list[BenchRecord] = []
+    with contextlib.ExitStack() as stack:
+        sessions = [
+            # The reference runs on the GPU whenever the deployed backend does.
+            stack.enter_context(
+                load(path, b, "cuda" if b == "torch" and device != "cpu" else device, **options)
+            )
+            for b in backends
+        ]
+        for shape in shapes:
+            records += time_shape(sessions, shape, warmup, iters, progress=progress)
     _add_speedups(records)
     return {
         "format": BENCH_FORMAT,

@@ -224,3 +224,5 @@ def test_cuda_backends_match_cpu(exported) -> None:
         pytest.skip("onnxruntime-gpu is not installed")
     with runtime.load(path, device="cuda") as session:
         np.testing.assert_allclose(session.run(x.numpy()), expected.numpy(), atol=1e-3, rtol=1e-3)
+        out, phases = session.runner.infer_timed(x.numpy())
+        assert out.shape == (2, 67, 97, 131) and min(phases.h2d_ms, phases.d2h_ms) > 0
