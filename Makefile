@@ -25,6 +25,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_latency.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy resfuse export runtime

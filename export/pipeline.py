@@ -12,7 +12,14 @@ from typing import Any
 import onnx
 import torch
 
-from resfuse.artifacts import FORMAT, FORMAT_VERSION, file_record, staging, write_json
+from resfuse.artifacts import (
+    FORMAT,
+    FORMAT_VERSION,
+    ensure_writable,
+    file_record,
+    staging,
+    write_json,
+)
 from resfuse.contract import InputContract, Range
 from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ParityError
@@ -105,6 +112,7 @@ def export_artifact(
     together. Raises a ResfuseError subclass on any failure.
     """
     contract = options.contract(config)
+    ensure_writable(output_dir)
     name = name or artifact_name(config)
     start = time.perf_counter()
     progress("building the PyTorch model")

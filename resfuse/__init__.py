@@ -1,6 +1,7 @@
 """resfuse: ResNet fusion models from PyTorch to ONNX, TensorRT and ONNX Runtime."""
 
 from resfuse.errors import (
+    ArtifactWriteError,
     BackendUnavailableError,
     ConfigError,
     ExportError,
@@ -23,6 +24,7 @@ def load_original(manifest_path: str) -> FusionModel:
 
 
 __all__ = [
+    "ArtifactWriteError",
     "BackendUnavailableError",
     "BACKBONES",
     "METHODS",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from resfuse.contract import InputContract
-from resfuse.errors import ManifestError
+from resfuse.errors import ArtifactWriteError, ManifestError
 from resfuse.models import FusionModel, ModelConfig
 
 FORMAT = "resfuse-artifact"
@@ -56,14 +56,34 @@ class Staging:
         self._staged.clear()
 
 
+def ensure_writable(folder: str | Path) -> None:
+    """Fail before any expensive work when the output folder cannot be written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactWriteError(
+            f"cannot write into {folder} ({exc.strerror or exc}); choose a writable --output folder"
+        ) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactWriteError(
+            f"cannot write into {folder} (permission denied); choose a writable --output folder"
+        )
+
+
 @contextlib.contextmanager
 def staging(folder: str | Path) -> Iterator[Staging]:
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     stage = Staging(folder)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         yield stage
         stage.commit()
+    except OSError as exc:  # unwritable folder, full disk: say where, keep what was there
+        raise ArtifactWriteError(
+            f"cannot write into {folder} ({exc.strerror or exc}); choose a writable --output "
+            f"folder with free space; nothing there was changed"
+        ) from exc
     finally:
         stage.discard()
 

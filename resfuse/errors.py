@@ -21,6 +21,10 @@ class ExportError(ResfuseError):
     """The exporter failed or produced a graph that breaks the declared contract."""
 
 
+class ArtifactWriteError(ResfuseError):
+    """An artifact could not be written; nothing in the target folder was changed."""
+
+
 class ParityError(ResfuseError):
     """A deployed model disagrees with its PyTorch original beyond the tolerance."""
 

@@ -35,14 +35,21 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("method,passthrough", [("upsample", "exact"), ("spp", "exact"),
-                                                ("masked", "image*(1-mask)")])
+@pytest.mark.parametrize(
+    "method,passthrough", [("upsample", "exact"), ("spp", "exact"), ("masked", "image*(1-mask)")]
+)
 def test_check_passes_on_random_and_real_images(exported, images, method, passthrough) -> None:
-    report = check_artifact(exported[method].manifest_path, images=images,
-                            shapes=[(1, 3, 224, 224), (2, 3, 257, 311)])
+    report = check_artifact(
+        exported[method].manifest_path, images=images, shapes=[(1, 3, 224, 224), (2, 3, 257, 311)]
+    )
     assert report.passed
-    assert [r.source for r in report.records] == ["random", "random", "photo.jpg", "scan.png",
-                                                  "tall.png"]
+    assert [r.source for r in report.records] == [
+        "random",
+        "random",
+        "photo.jpg",
+        "scan.png",
+        "tall.png",
+    ]
     assert report.records[3].shape == (1, 3, 97, 131)
     for r in report.records:
         assert r.passthrough.startswith(passthrough) and r.passthrough_ok
@@ -80,15 +87,32 @@ def test_check_fails_when_the_model_really_differs(exported, tmp_path: Path) -> 
 
 def test_check_cli_json_and_errors(exported, images, tmp_path: Path) -> None:
     path = str(exported["masked"].manifest_path)
-    proc = run("resfuse-check", path, "--images", str(images), "--shapes", "1x3x64x64",
-               "--json", str(tmp_path / "check.json"))
+    proc = run(
+        "resfuse-check",
+        path,
+        "--images",
+        str(images),
+        "--shapes",
+        "1x3x64x64",
+        "--json",
+        str(tmp_path / "check.json"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"\|\s+random \|\s+1x3x64x64 \|", proc.stdout)
     assert "all 4 inputs pass" in proc.stdout
     data = json.loads((tmp_path / "check.json").read_text())
     assert data["passed"] and len(data["records"]) == 4
-    assert {"max_abs", "mean_abs", "rel_l2", "p99_abs", "cosine", "nonfinite", "required_atol",
-            "passthrough", "passed"} <= set(data["records"][0])
+    assert {
+        "max_abs",
+        "mean_abs",
+        "rel_l2",
+        "p99_abs",
+        "cosine",
+        "nonfinite",
+        "required_atol",
+        "passthrough",
+        "passed",
+    } <= set(data["records"][0])
     for args, text in [
         (["--shapes", "1x3x224"], "is not BxCxHxW"),
         (["--shapes", "1x3x2000x64"], "height 2000 is outside the allowed range 32..1024"),
@@ -103,14 +127,22 @@ def test_check_cli_json_and_errors(exported, images, tmp_path: Path) -> None:
 
 
 def test_benchmark_records(exported) -> None:
-    result = benchmark(exported["spp"].manifest_path, shapes=[(1, 3, 64, 64), (2, 3, 96, 80)],
-                       warmup=1, iters=3, threads=1)
+    result = benchmark(
+        exported["spp"].manifest_path,
+        shapes=[(1, 3, 64, 64), (2, 3, 96, 80)],
+        warmup=1,
+        iters=3,
+        threads=1,
+    )
     assert result["format"] == "resfuse-bench" and result["machine"]["cpu"]
     assert {"torch", "onnxruntime"} <= set(result["machine"]["versions"])
     records = result["records"]
     assert [(r["backend"], r["shape"]) for r in records] == [
-        ("torch", [1, 3, 64, 64]), ("onnxruntime", [1, 3, 64, 64]),
-        ("torch", [2, 3, 96, 80]), ("onnxruntime", [2, 3, 96, 80])]
+        ("torch", [1, 3, 64, 64]),
+        ("onnxruntime", [1, 3, 64, 64]),
+        ("torch", [2, 3, 96, 80]),
+        ("onnxruntime", [2, 3, 96, 80]),
+    ]
     for r in records:
         assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert r["iters"] == 3 and r["settings"]["threads"] == 1
@@ -125,16 +157,32 @@ def test_benchmark_records(exported) -> None:
 def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
     path = str(exported["masked"].manifest_path)
     common = ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "3", "--threads", "1"]
-    proc = run("resfuse-bench", path, *common, "--json", str(tmp_path / "b.json"),
-               "--markdown", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png"))
+    proc = run(
+        "resfuse-bench",
+        path,
+        *common,
+        "--json",
+        str(tmp_path / "b.json"),
+        "--markdown",
+        str(tmp_path / "b.md"),
+        "--plot",
+        str(tmp_path / "b.png"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| onnxruntime |    cpu |" in proc.stdout
     assert (tmp_path / "b.md").read_text().startswith("|     backend |")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "b.json").read_text())
     assert len(result["records"]) == 2
-    ok = run("resfuse-bench", path, *common, "--baseline", str(tmp_path / "b.json"),
-             "--max-regression", "100")
+    ok = run(
+        "resfuse-bench",
+        path,
+        *common,
+        "--baseline",
+        str(tmp_path / "b.json"),
+        "--max-regression",
+        "100",
+    )
     assert ok.returncode == 0, ok.stderr
     for record in result["records"]:  # a baseline 100x faster than anything real
         record["p50_ms"] /= 100

@@ -59,6 +59,14 @@ def test_bad_input_is_one_clear_line(out_dir: Path, args: list[str], text: str) 
     assert list(out_dir.iterdir()) == []
 
 
+def test_unwritable_output_is_one_line_and_leaves_the_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the output folder should be")
+    proc = run("--method", "masked", "--max-size", "256", "--output", str(blocker / "sub"))
+    _assert_one_line_error(proc, "cannot write into")
+    assert blocker.read_text() == "a file where the output folder should be"
+
+
 def test_pickled_weights_are_refused_and_earlier_files_survive(out_dir: Path) -> None:
     evil = out_dir.parent / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "cfg": Path("/etc")}, evil)

@@ -99,8 +99,11 @@ def test_image_files_and_pil_images(sessions, tmp_path: Path) -> None:
     expected = ort_session.run(_manual_preprocess(image, ort_session.manifest.data))
     np.testing.assert_allclose(ort_session.run(tmp_path / "a.png"), expected, atol=1e-5)
     np.testing.assert_allclose(ort_session.run(str(tmp_path / "a.png")), expected, atol=1e-5)
-    np.testing.assert_allclose(ort_session.run(image.convert("L")), ort_session.run(
-        image.convert("L").convert("RGB")), atol=1e-6)  # grayscale file into an RGB model
+    np.testing.assert_allclose(
+        ort_session.run(image.convert("L")),
+        ort_session.run(image.convert("L").convert("RGB")),
+        atol=1e-6,
+    )  # grayscale file into an RGB model
 
 
 def test_resize_policy(exported, tmp_path: Path) -> None:
@@ -121,8 +124,10 @@ def test_resize_policy(exported, tmp_path: Path) -> None:
 def test_one_session_many_threads(sessions) -> None:
     ort_session, _ = sessions
     rng = np.random.default_rng(3)
-    inputs = [rng.standard_normal((1 + i % 2, 3, 40 + 9 * i, 70 - 3 * i), dtype=np.float32)
-              for i in range(8)]
+    inputs = [
+        rng.standard_normal((1 + i % 2, 3, 40 + 9 * i, 70 - 3 * i), dtype=np.float32)
+        for i in range(8)
+    ]
     expected = [ort_session.run(x) for x in inputs]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
