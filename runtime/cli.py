@@ -10,8 +10,10 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from resfuse.artifacts import read_manifest
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
+from resfuse.export.parity import parity_shapes
 from resfuse.runtime import bench as bench_lib
 from resfuse.runtime.backends import BACKENDS
 from resfuse.runtime.check import check_artifact, image_files
@@ -92,8 +94,8 @@ def check_main(
     Exits non-zero when any input is outside the tolerance |out - ref| <= atol + rtol * |ref|.
     """
     try:
-        grid = parse_shapes(shapes) if shapes else None
-        total = (len(grid) if grid else 6) + (len(image_files(images)) if images else 0)
+        grid = parse_shapes(shapes) if shapes else parity_shapes(read_manifest(artifact).contract)
+        total = len(grid) + (len(image_files(images)) if images else 0)
         with _progress() as bar:
             task = bar.add_task(f"checking {backend} ({device})", total=total)
             report = check_artifact(
