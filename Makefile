@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/resfuse-export --method masked --output artifacts
+	$(BIN)/resfuse-check artifacts/masked-resnet18.json
+	$(BIN)/resfuse-bench artifacts/masked-resnet18.json --shapes 1x3x512x512 --warmup 2 --iters 8
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
