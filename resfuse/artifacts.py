@@ -105,8 +105,8 @@ class Manifest:
         self.config = ModelConfig.from_dict(data["model"])
         self.contract = InputContract.from_dict(data["input"]["contract"])
 
-    def file(self, key: str, verify: bool = True) -> Path:
-        """The artifact file `key` ("onnx", "weights", ...), its sha256 checked when `verify`."""
+    def file(self, key: str) -> Path:
+        """The artifact file `key` ("onnx", "weights", ...), after checking its sha256."""
         record = self.data["files"].get(key)
         if record is None:
             raise ManifestError(f"{self.path} lists no {key!r} file; re-export the artifact")
@@ -116,7 +116,7 @@ class Manifest:
                 f"{target} named by {self.path} is missing; copy it beside the manifest or "
                 f"re-export"
             )
-        if verify and sha256_of(target) != record["sha256"]:
+        if sha256_of(target) != record["sha256"]:
             raise ManifestError(
                 f"{target} does not match the sha256 in {self.path}: the file was changed or "
                 f"replaced after export; re-export it rather than trusting it"

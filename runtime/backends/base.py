@@ -35,7 +35,6 @@ class Runner(ABC):
         self.manifest = manifest
         self.device = device
         self.options = options
-        self.active = False
 
     @abstractmethod
     def activate(self) -> None: ...
@@ -49,8 +48,9 @@ class Runner(ABC):
         out = self.infer(x)
         return out, Phases(0.0, (time.perf_counter() - start) * 1e3, 0.0)
 
+    @abstractmethod
     def deactivate(self) -> None:
-        self.active = False
+        """Release the model or session; `activate` may be called again afterwards."""
 
     def describe(self) -> dict[str, Any]:
         """Settings that matter for reading its numbers (threads, providers...)."""

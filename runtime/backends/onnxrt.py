@@ -153,7 +153,6 @@ class OnnxRuntimeRunner(Runner):
         path = self.manifest.file("onnx")  # sha256 verified before ONNX Runtime reads it
         self.session = ort.InferenceSession(str(path), self.session_options(), self.providers())
         self._input = self.session.get_inputs()[0].name
-        self.active = True
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         if self.session is None:
@@ -181,7 +180,6 @@ class OnnxRuntimeRunner(Runner):
 
     def deactivate(self) -> None:
         self.session = None
-        super().deactivate()
 
     def describe(self) -> dict[str, Any]:
         so = self.session_options()

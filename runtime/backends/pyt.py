@@ -35,7 +35,6 @@ class TorchRunner(Runner):
         if self.options.get("threads"):
             torch.set_num_threads(int(self.options["threads"]))
         self.model = load_original(self.manifest.path).to(self._device)
-        self.active = True
 
     def _model(self) -> torch.nn.Module:
         if self.model is None:
@@ -70,7 +69,6 @@ class TorchRunner(Runner):
 
     def deactivate(self) -> None:
         self.model = None
-        super().deactivate()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": torch.get_num_threads()}
