@@ -21,13 +21,9 @@ _AXES = {0: "batch", 2: "height", 3: "width"}
 def example_input(contract: InputContract) -> torch.Tensor:
     """Batch 2 (a dim seen as 1 gets specialised) and an H != W that is no multiple of 32."""
     batch = min(2, contract.batch.max or 2)
-    h = _clamp(3 * contract.height.min + 1, contract.height.min, contract.height.max)
-    w = _clamp(4 * contract.width.min + 3, contract.width.min, contract.width.max)
+    h = contract.height.clamp(3 * contract.height.min + 1)
+    w = contract.width.clamp(4 * contract.width.min + 3)
     return torch.randn(batch, contract.channels, h, w)
-
-
-def _clamp(value: int, low: int, high: int | None) -> int:
-    return max(low, value if high is None else min(value, high))
 
 
 def _dynamic_shapes(contract: InputContract) -> dict[int, torch.export.Dim]:

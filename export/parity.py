@@ -25,18 +25,14 @@ def parity_shapes(contract: InputContract) -> list[Shape]:
     shapes: list[Shape] = []
     for b, h, w in _GRID:
         shape = (
-            _fit(b, contract.batch.min, contract.batch.max),
+            contract.batch.clamp(b),
             contract.channels,
-            _fit(h, contract.height.min, contract.height.max),
-            _fit(w, contract.width.min, contract.width.max),
+            contract.height.clamp(h),
+            contract.width.clamp(w),
         )
         if shape not in shapes:
             shapes.append(shape)
     return shapes
-
-
-def _fit(value: int, low: int, high: int | None) -> int:
-    return max(low, value if high is None else min(value, high))
 
 
 @dataclass(frozen=True)

@@ -80,13 +80,23 @@ class ExportOptions:
 @dataclass
 class ExportResult:
     name: str
-    manifest_path: Path
-    onnx_path: Path
-    weights_path: Path
+    folder: Path
     onnx_bytes: int
     seconds: float
     simplified: bool
     parity: list[ParityResult] = field(default_factory=list)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / f"{self.name}.json"
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / f"{self.name}.onnx"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
 
     @property
     def worst(self) -> ParityResult:
@@ -169,12 +179,9 @@ def export_artifact(
             ),
         )
         onnx_bytes = onnx_tmp.stat().st_size
-    out = Path(output_dir)
     return ExportResult(
         name,
-        out / f"{name}.json",
-        out / f"{name}.onnx",
-        out / f"{name}.safetensors",
+        Path(output_dir),
         onnx_bytes,
         seconds,
         simplified,

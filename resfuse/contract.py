@@ -17,6 +17,10 @@ class Range:
     def __contains__(self, value: int) -> bool:
         return value >= self.min and (self.max is None or value <= self.max)
 
+    def clamp(self, value: int) -> int:
+        """The nearest value inside the range."""
+        return max(self.min, value if self.max is None else min(value, self.max))
+
     def describe(self) -> str:
         return f"{self.min}..{self.max}" if self.max is not None else f">= {self.min}"
 

@@ -50,7 +50,7 @@ def tensorrt_provider_options(
     opt = opt_shape or (
         1,
         contract.channels,
-        *(_clamp(512, r.min, r.max) for r in (contract.height, contract.width)),
+        *(r.clamp(512) for r in (contract.height, contract.width)),
     )
     if not all(lo <= o <= hi for lo, o, hi in zip(low, opt, high, strict=True)):  # type: ignore[operator]
         raise ConfigError(f"opt_shape {tuple(opt)} is outside the profile {low}..{high}")
@@ -69,10 +69,6 @@ def tensorrt_provider_options(
         "trt_profile_opt_shapes": dims(opt),
         "trt_profile_max_shapes": dims(high),
     }
-
-
-def _clamp(value: int, low: int, high: int | None) -> int:
-    return max(low, value if high is None else min(value, high))
 
 
 class OnnxRuntimeRunner(Runner):
