@@ -2,7 +2,11 @@
 
     python benchmarks/cpu_latency.py            # exports, times, writes benchmarks/RESULTS.md
 
-Writes benchmarks/results/cpu.json (every record and the machine), benchmarks/results/cpu.png
+Each model is exported twice, float32 and INT8 (static QDQ, calibrated on random inputs: fine
+for latency; its accuracy is reported beside it), and PyTorch eager, ONNX Runtime float32 and
+ONNX Runtime INT8 are timed call by call, interleaved, on each shape.
+
+Writes benchmarks/results/cpu.json (every record and the machine), benchmarks/results/cpu-*.png
 and benchmarks/RESULTS.md. Targets it reports on (never asserted in tests: shared machines are
 noisy, so both sides of each ratio are measured in the same run, back to back):
 - ONNX Runtime at least 1.8x faster (p50) than PyTorch eager at 512x512, batch 1, every method;
@@ -13,8 +17,10 @@ noisy, so both sides of each ratio are measured in the same run, back to back):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +28,11 @@ import numpy as np
 import torch
 
 from resfuse.artifacts import read_manifest
-from resfuse.export.pipeline import ExportOptions, export_artifact
+from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
+from resfuse.export.quantize import Calibration
 from resfuse.models import METHODS, ModelConfig, build_model
 from resfuse.runtime import load
-from resfuse.runtime.bench import benchmark, plot
+from resfuse.runtime.bench import add_speedups, plot, time_shape
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
 
@@ -33,17 +40,26 @@ HERE = Path(__file__).parent
 SHAPES = {224: 30, 512: 20, 1024: 6}  # side -> timed iterations
 
 
-def export_all(folder: Path, backbones: list[str], reuse: bool) -> list[Path]:
-    manifests = []
+INT8 = ExportOptions(calibration=Calibration(count=8, size=512))
+
+
+def export_all(folder: Path, backbones: list[str], reuse: bool) -> list[tuple[Path, Path]]:
+    """(float32 manifest, INT8 manifest) per model."""
+    pairs = []
     for backbone in backbones:
         for method in METHODS:
-            manifest = folder / f"{method}-{backbone}.json"
-            if not (reuse and manifest.exists()):
-                print(f"exporting {method}-{backbone}", flush=True)
-                export_artifact(ModelConfig(method, backbone), folder, ExportOptions())
-            read_manifest(manifest).file("onnx")  # verified before it is timed
-            manifests.append(manifest)
-    return manifests
+            config = ModelConfig(method, backbone)
+            pair = []
+            for options in (ExportOptions(), INT8):
+                name = artifact_name(config, options.precision)
+                manifest = folder / f"{name}.json"
+                if not (reuse and manifest.exists()):
+                    print(f"exporting {name}", flush=True)
+                    export_artifact(config, folder, options)
+                read_manifest(manifest).file("onnx")  # verified before it is timed
+                pair.append(manifest)
+            pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def gemm_peak_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
@@ -106,24 +122,10 @@ def main() -> None:
         write_results(summary)
         return
 
-    manifests = export_all(args.artifacts, args.backbones.split(","), args.reuse)
+    pairs = export_all(args.artifacts, args.backbones.split(","), args.reuse)
     records: list[dict[str, Any]] = []
-    for manifest in manifests:
-        for side, iters in SHAPES.items():
-            print(f"timing {manifest.stem} at {side}x{side}", flush=True)
-            result = benchmark(
-                manifest,
-                ("torch", "onnxruntime"),
-                [(1, 3, side, side)],
-                warmup=2,
-                iters=iters,
-                threads=args.threads,
-            )
-            for record in result["records"]:
-                record["artifact"] = manifest.stem
-                record["gflop"] = model_gflop(manifest, side)
-                record["gflops_achieved"] = record["gflop"] / (record["p50_ms"] / 1e3)
-            records.extend(result["records"])
+    for fp32, int8 in pairs:
+        records += time_model(fp32, int8, args.threads)
     peak = gemm_peak_gflops(args.threads)
     overhead = wrapper_overhead(
         args.artifacts / f"masked-{args.backbones.split(',')[0]}.json", args.threads
@@ -135,6 +137,7 @@ def main() -> None:
         "threads": args.threads,
         "gemm_peak_gflops": peak,
         "wrapper_overhead": overhead,
+        "int8_rel_l2": {fp32.stem: worst_rel_l2(int8) for fp32, int8 in pairs},
         "records": records,
     }
     out.mkdir(exist_ok=True)
@@ -142,6 +145,32 @@ def main() -> None:
     plot_records(summary, out)
     write_results(summary)
     print((HERE / "RESULTS.md").read_text())
+
+
+def time_model(fp32: Path, int8: Path, threads: int) -> list[dict[str, Any]]:
+    """PyTorch eager, ONNX Runtime float32 and ONNX Runtime INT8, interleaved on each shape."""
+    records = []
+    with contextlib.ExitStack() as stack:
+        sessions = [
+            stack.enter_context(load(path, backend, threads=threads))
+            for path, backend in ((fp32, "torch"), (fp32, "onnxruntime"), (int8, "onnxruntime"))
+        ]
+        for side, iters in SHAPES.items():
+            print(f"timing {fp32.stem} at {side}x{side}", flush=True)
+            shape_records = time_shape(sessions, (1, 3, side, side), warmup=2, iters=iters)
+            add_speedups(shape_records)
+            gflop = model_gflop(fp32, side)
+            for record in map(asdict, shape_records):
+                record["artifact"] = fp32.stem
+                record["gflop"] = gflop
+                record["gflops_achieved"] = gflop / (record["p50_ms"] / 1e3)
+                records.append(record)
+    return records
+
+
+def worst_rel_l2(manifest: Path) -> float:
+    """The largest relative L2 error against PyTorch over the export's parity sweep."""
+    return max(r["rel_l2"] for r in read_manifest(manifest).data["parity"]["results"])
 
 
 def plot_records(summary: dict[str, Any], out: Path) -> None:
@@ -157,17 +186,18 @@ def write_results(summary: dict[str, Any]) -> None:
     peak = summary["gemm_peak_gflops"]
     rows = []
     for r in summary["records"]:
+        fp32 = r["precision"] == "float32"
         rows.append(
             [
                 r["artifact"],
-                r["backend"],
+                r["backend"] if fp32 else f"{r['backend']} {r['precision']}",
                 "x".join(map(str, r["shape"][2:])),
                 f"{r['p50_ms']:.1f}",
                 f"{r['p90_ms']:.1f}",
                 f"{r['p99_ms']:.1f}",
                 f"{r['throughput_ips']:.2f}",
                 f"{r['gflops_achieved']:.0f}",
-                f"{r['gflops_achieved'] / peak:.0%}",
+                f"{r['gflops_achieved'] / peak:.0%}" if fp32 else "-",
                 f"{r['speedup_vs_torch']:.2f}x",
             ]
         )
@@ -175,28 +205,27 @@ def write_results(summary: dict[str, Any]) -> None:
         f"![{name}](results/cpu-{name}.png)"
         for name in dict.fromkeys(r["artifact"] for r in summary["records"])
     )
-    at512 = [
-        r for r in summary["records"] if r["backend"] == "onnxruntime" and r["shape"][2] == 512
-    ]
     target = markdown_table(
-        ["artifact", "ORT p50 ms", "torch p50 ms", "speedup", "target 1.8x"],
         [
-            [
-                r["artifact"],
-                f"{r['p50_ms']:.1f}",
-                f"{r['p50_ms'] * r['speedup_vs_torch']:.1f}",
-                f"{r['speedup_vs_torch']:.2f}x",
-                "met" if r["speedup_vs_torch"] >= 1.8 else "NOT met",
-            ]
-            for r in at512
+            "model",
+            "torch p50 ms",
+            "ORT float32 ms",
+            "speedup",
+            "target 1.8x",
+            "ORT INT8 ms",
+            "speedup",
+            "target 1.8x",
+            "INT8 rel L2",
         ],
+        [_target_row(name, recs, summary["int8_rel_l2"][name]) for name, recs in _at(summary, 512)],
     )
     o = summary["wrapper_overhead"]
     text = f"""# CPU latency: ONNX Runtime against PyTorch eager
 
 Made by `python benchmarks/cpu_latency.py` (raw records: `results/cpu.json`, plots:
-`results/cpu-*.png`). Batch 1, float32, {summary["threads"]} threads for both backends, warm-up
-excluded; each shape timed on both backends back to back in one run.
+`results/cpu-*.png`). Batch 1, {summary["threads"]} threads for every backend, warm-up
+excluded; on each shape PyTorch eager (float32), ONNX Runtime float32 and ONNX Runtime INT8 are
+called in turn, round-robin, so machine noise hits them alike.
 
 Machine: {m["cpu"]}, {m["logical_cpus"]} logical CPUs ({m["physical_cores"]} physical cores),
 {m["os"]}; {", ".join(f"{k} {v}" for k, v in m["versions"].items())}.
@@ -204,6 +233,13 @@ Machine: {m["cpu"]}, {m["logical_cpus"]} logical CPUs ({m["physical_cores"]} phy
 ## Target: ONNX Runtime at least 1.8x faster than PyTorch eager at 512x512
 
 {target}
+
+INT8 is `resfuse-export --int8`: static QDQ quantization of the convolutions (int8 weights per
+channel, uint8 activations), everything after them in float32, calibrated here on 8 random
+inputs at 512x512. "INT8 rel L2" is its largest relative L2 error against the float32 PyTorch
+original over the export's parity sweep (random inputs, 32x32 to 449x121): INT8 is a different
+numerical contract from float32, checked by `resfuse-check` with the bound recorded at export.
+Calibrate on real images (`--calib-images`) before trusting it on real data.
 
 ## Runtime wrapper overhead (masked-resnet18, 512x512, medians of interleaved calls)
 
@@ -215,10 +251,10 @@ Machine: {m["cpu"]}, {m["logical_cpus"]} logical CPUs ({m["physical_cores"]} phy
 
 Float32 matrix-product peak measured here (torch, 2048x2048, best of 10):
 {peak:.0f} GFLOP/s. The GFLOP/s column below is the model's FLOPs (torch's FlopCounterMode)
-over its p50 latency, and "of peak" its ratio to that matrix-product rate. The float32 ceiling
-follows: a model cannot run much faster than its FLOPs at the peak rate, and the full-resolution
-tail of each method (resize, gating, concatenation of 64+ channels at H x W) is memory-bound
-work on top of that.
+over its p50 latency, and "of peak" its ratio to that matrix-product rate (float32 rows only).
+The float32 ceiling follows: a model cannot run much faster than its FLOPs at the peak rate, and
+the full-resolution tail of each method (resize, gating, concatenation of 64+ channels at
+H x W) is memory-bound work on top of that.
 
 ## All records
 
@@ -245,6 +281,25 @@ work on top of that.
 {plots}
 """
     (HERE / "RESULTS.md").write_text(text)
+
+
+def _at(summary: dict[str, Any], side: int) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Per model, its records at side x side keyed by torch / float32 / int8."""
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in summary["records"]:
+        if r["shape"][2] == side:
+            key = "torch" if r["backend"] == "torch" else r["precision"]
+            by_model.setdefault(r["artifact"], {})[key] = r
+    return list(by_model.items())
+
+
+def _target_row(name: str, recs: dict[str, dict[str, Any]], rel_l2: float) -> list[str]:
+    row = [name, f"{recs['torch']['p50_ms']:.1f}"]
+    for precision in ("float32", "int8"):
+        r = recs[precision]
+        speedup = r["speedup_vs_torch"]
+        row += [f"{r['p50_ms']:.1f}", f"{speedup:.2f}x", "met" if speedup >= 1.8 else "NOT met"]
+    return [*row, f"{rel_l2:.3f}"]
 
 
 if __name__ == "__main__":

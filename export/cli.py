@@ -8,8 +8,9 @@ import click
 from rich.table import Table
 
 from resfuse.console import err, fail, out
-from resfuse.errors import ResfuseError
+from resfuse.errors import ConfigError, ResfuseError
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
+from resfuse.export.quantize import Calibration
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
 
 
@@ -68,6 +69,39 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
     "--rtol", default=1e-4, show_default=True, type=float, help="Parity tolerance, relative."
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Quantize the convolutions to INT8 (static, QDQ) after the float32 graph is verified; "
+    "needs --calib-images or --calib-random.",
+)
+@click.option(
+    "--calib-images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="INT8 calibration: a folder of representative PNG/JPEG images.",
+)
+@click.option(
+    "--calib-random",
+    is_flag=True,
+    help="INT8 calibration on random inputs: for latency work only, accuracy on real images "
+    "will suffer.",
+)
+@click.option("--calib-count", default=32, show_default=True, type=int, help="Calibration inputs.")
+@click.option(
+    "--calib-size",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Calibration inputs are resized to this H and W.",
+)
+@click.option(
+    "--max-rel-l2",
+    default=0.1,
+    show_default=True,
+    type=float,
+    help="INT8 parity bound: relative L2 error against PyTorch.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 def main(
     method: str,
@@ -87,6 +121,12 @@ def main(
     atol: float,
     rtol: float,
     no_simplify: bool,
+    int8: bool,
+    calib_images: Path | None,
+    calib_random: bool,
+    calib_count: int,
+    calib_size: int,
+    max_rel_l2: float,
     seed: int,
 ) -> None:
     """Export fusion models to ONNX with dynamic batch, H and W, verified against PyTorch.
@@ -97,9 +137,21 @@ def main(
     methods = list(METHODS) if method == "all" else [method]
     if name and len(methods) > 1:
         fail("--name names one artifact; drop it with --method all")
-    options = ExportOptions(opset, min_size, max_size, max_batch, atol, rtol, seed, not no_simplify)
     results = []
     try:
+        calibration = _calibration(int8, calib_images, calib_random, calib_count, calib_size)
+        options = ExportOptions(
+            opset,
+            min_size,
+            max_size,
+            max_batch,
+            atol,
+            rtol,
+            seed,
+            not no_simplify,
+            calibration,
+            max_rel_l2,
+        )
         for m in methods:
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
             with err.status(f"[bold]{m}[/]: starting") as status:
@@ -112,6 +164,12 @@ def main(
                     name,
                     progress=lambda step, m=m: status.update(f"[bold]{m}[/]: {step}"),
                 )
+            out.print(
+                f"\n{result.name} ({options.precision}): ONNX Runtime (CPU) vs PyTorch "
+                f"(float32), {options.tolerance.describe()}",
+                highlight=False,
+                soft_wrap=True,
+            )
             out.print(_parity_table(result, options))
             results.append(result)
     except ResfuseError as exc:
@@ -119,11 +177,23 @@ def main(
     out.print(_summary_table(results))
 
 
+def _calibration(
+    int8: bool, images: Path | None, random: bool, count: int, size: int
+) -> Calibration | None:
+    if not int8:
+        if images or random:
+            raise ConfigError("--calib-images and --calib-random calibrate --int8; add --int8")
+        return None
+    if bool(images) == random:
+        raise ConfigError(
+            "--int8 needs calibration data: --calib-images DIR (representative images) or "
+            "--calib-random (latency work only), one of them"
+        )
+    return Calibration(images, count, size)
+
+
 def _parity_table(result: ExportResult, options: ExportOptions) -> Table:
-    table = Table(
-        title=f"{result.name}: ONNX Runtime (CPU) vs PyTorch, "
-        f"atol {options.atol:g}, rtol {options.rtol:g}"
-    )
+    table = Table()
     for col in ("shape", "max |err|", "p99 |err|", "max rel", "rel L2", "1 - cosine", "result"):
         table.add_column(col, justify="right")
     for r in result.parity:
@@ -142,7 +212,7 @@ def _parity_table(result: ExportResult, options: ExportOptions) -> Table:
 
 def _summary_table(results: list[ExportResult]) -> Table:
     table = Table(title="exported")
-    for col in ("file", "size", "export time", "worst max |err|", "simplified"):
+    for col in ("file", "size", "export time", "worst max |err|", "worst rel L2", "simplified"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
@@ -150,6 +220,7 @@ def _summary_table(results: list[ExportResult]) -> Table:
             f"{r.onnx_bytes / 2**20:.1f} MiB",
             f"{r.seconds:.1f} s",
             f"{r.worst.stats.max_abs:.2e}",
+            f"{max(p.stats.rel_l2 for p in r.parity):.2e}",
             "yes" if r.simplified else "no",
         )
     return table

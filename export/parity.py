@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from resfuse.compare import ErrorStats, compare
+from resfuse.compare import ErrorStats, Tolerance, compare
 from resfuse.contract import InputContract
 from resfuse.models import FusionModel
 
@@ -61,17 +61,21 @@ def run_parity(
     model: FusionModel,
     candidate: Callable[[np.ndarray], np.ndarray],
     shapes: list[Shape],
-    atol: float,
-    rtol: float,
+    tol: Tolerance,
     seed: int = 0,
+    sample: Callable[[Shape, int], np.ndarray] | None = None,
 ) -> list[ParityResult]:
+    """Each shape once, on random normal inputs or on `sample(shape, index)`."""
     generator = torch.Generator().manual_seed(seed)
     results = []
-    for shape in shapes:
-        x = torch.randn(shape, generator=generator)
+    for i, shape in enumerate(shapes):
+        if sample is None:
+            x = torch.randn(shape, generator=generator)
+        else:
+            x = torch.from_numpy(sample(shape, i))
         with torch.inference_mode():
             reference = model(x).numpy()
-        results.append(ParityResult(shape, compare(reference, candidate(x.numpy()), atol, rtol)))
+        results.append(ParityResult(shape, compare(reference, candidate(x.numpy()), tol)))
     return results
 
 

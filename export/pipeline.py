@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -20,6 +21,7 @@ from resfuse.artifacts import (
     staging,
     write_json,
 )
+from resfuse.compare import Tolerance
 from resfuse.contract import InputContract, Range
 from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ParityError
@@ -32,6 +34,7 @@ from resfuse.export.parity import (
     run_parity,
     worst,
 )
+from resfuse.export.quantize import QUANTIZED_OPS, Calibration, quantize_int8
 from resfuse.models import FusionModel, ModelConfig, build_model
 from resfuse.weights import save_weights
 
@@ -50,6 +53,23 @@ class ExportOptions:
     rtol: float = 1e-4
     seed: int = 0
     simplify: bool = True
+    calibration: Calibration | None = None  # given: quantize to INT8, calibrated on it
+    max_rel_l2: float = 0.1  # the INT8 graph's parity bound (elementwise bounds do not fit int8)
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.calibration else "float32"
+
+    @property
+    def float_tolerance(self) -> Tolerance:
+        return Tolerance(self.atol, self.rtol)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """What the written artifact must meet against PyTorch."""
+        if self.calibration is None:
+            return self.float_tolerance
+        return Tolerance(self.atol, self.rtol, self.max_rel_l2)
 
     def contract(self, config: ModelConfig) -> InputContract:
         """The exported graph's input contract; raises ConfigError naming the bad option."""
@@ -71,8 +91,8 @@ class ExportOptions:
                 f"--opset {self.opset} is outside {MIN_OPSET}..{MAX_OPSET}; 18 is the tested "
                 f"default (TensorRT 10 and ONNX Runtime read 17-20)"
             )
-        if self.atol < 0 or self.rtol < 0:
-            raise ConfigError("--atol and --rtol must not be negative")
+        if min(self.atol, self.rtol, self.max_rel_l2) < 0:
+            raise ConfigError("--atol, --rtol and --max-rel-l2 must not be negative")
         size = Range(self.min_size, self.max_size)
         return InputContract(config.in_channels, size, size, Range(1, self.max_batch))
 
@@ -103,8 +123,9 @@ class ExportResult:
         return worst(self.parity)
 
 
-def artifact_name(config: ModelConfig) -> str:
-    return f"{config.method}-{config.backbone}"
+def artifact_name(config: ModelConfig, precision: str = "float32") -> str:
+    base = f"{config.method}-{config.backbone}"
+    return base if precision == "float32" else f"{base}-{precision}"
 
 
 def export_artifact(
@@ -123,7 +144,7 @@ def export_artifact(
     """
     contract = options.contract(config)
     ensure_writable(output_dir)
-    name = name or artifact_name(config)
+    name = name or artifact_name(config, options.precision)
     start = time.perf_counter()
     progress("building the PyTorch model")
     torch.manual_seed(options.seed)
@@ -139,19 +160,28 @@ def export_artifact(
         slim = onnx_export.simplify(raw)
         onnx_export.check_model(slim)
         progress("parity sweep on the simplified graph")
-        results = _parity(model, slim, shapes, options)
+        results = _parity(model, slim, shapes, options.float_tolerance, options.seed)
         if all(r.stats.passed for r in results):
             proto, simplified = slim, True
     if not simplified:
         progress("parity sweep")
-        results = _parity(model, raw, shapes, options)
-    failed = [r for r in results if not r.stats.passed]
-    if failed:
-        bad = failed[0]
-        raise ParityError(
-            f"ONNX Runtime differs from PyTorch at {len(failed)} of {len(results)} shapes; at "
-            f"{bad.shape} max |error| {bad.stats.max_abs:.3g}, NaN/Inf {bad.stats.nonfinite} "
-            f"(atol {options.atol}, rtol {options.rtol}); nothing was written"
+        results = _parity(model, raw, shapes, options.float_tolerance, options.seed)
+    _require_parity(results, options.float_tolerance, "")
+    if options.calibration is not None:
+        calibration = options.calibration
+        progress(f"calibrating on {calibration.count} inputs and quantizing to INT8")
+        preprocess = _preprocess(config)
+        batches = calibration.inputs(contract, preprocess, options.seed)
+        proto = quantize_int8(proto, onnx_export.INPUT_NAME, batches)
+        onnx_export.check_model(proto)
+        progress("parity sweep on the INT8 graph")
+        sample = calibration.sampler(contract, preprocess)
+        results = _parity(model, proto, shapes, options.tolerance, options.seed, sample)
+        _require_parity(
+            results,
+            options.tolerance,
+            "; calibrate on representative images (--calib-images DIR, more of them with "
+            "--calib-count) or accept a larger error with --max-rel-l2",
         )
 
     progress("writing the artifact")
@@ -190,10 +220,32 @@ def export_artifact(
 
 
 def _parity(
-    model: FusionModel, proto: onnx.ModelProto, shapes: list[Shape], options: ExportOptions
+    model: FusionModel,
+    proto: onnx.ModelProto,
+    shapes: list[Shape],
+    tol: Tolerance,
+    seed: int,
+    sample: Callable[[Shape, int], np.ndarray] | None = None,
 ) -> list[ParityResult]:
-    candidate = onnxruntime_cpu(proto)
-    return run_parity(model, candidate, shapes, options.atol, options.rtol, options.seed)
+    return run_parity(model, onnxruntime_cpu(proto), shapes, tol, seed, sample)
+
+
+def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> None:
+    failed = [r for r in results if not r.stats.passed]
+    if failed:
+        bad = failed[0].stats
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch at {len(failed)} of {len(results)} shapes; at "
+            f"{failed[0].shape} max |error| {bad.max_abs:.3g}, rel L2 {bad.rel_l2:.3g}, NaN/Inf "
+            f"{bad.nonfinite} ({tol.describe()}){hint}; nothing was written"
+        )
+
+
+def _preprocess(config: ModelConfig) -> dict[str, Any]:
+    """How the runtime turns image files into inputs (recorded in the manifest)."""
+    channels = config.in_channels
+    norm = _IMAGENET if channels == 3 else {"mean": [0.5] * channels, "std": [0.5] * channels}
+    return {"scale": 1 / 255, **norm, "resize": "none"}
 
 
 def _manifest(
@@ -209,8 +261,6 @@ def _manifest(
     pretrained: bool,
     weights: str | Path | None,
 ) -> dict[str, Any]:
-    channels = config.in_channels
-    norm = _IMAGENET if channels == 3 else {"mean": [0.5] * channels, "std": [0.5] * channels}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -235,14 +285,25 @@ def _manifest(
         "weights_source": str(weights)
         if weights
         else ("torchvision" if pretrained else f"random (seed {options.seed})"),
-        "preprocess": {"scale": 1 / 255, **norm, "resize": "none"},
+        "preprocess": _preprocess(config),
+        "precision": options.precision,
+        **({"quantization": _quantization(options.calibration)} if options.calibration else {}),
         "parity": {
             "reference": "torch (cpu, float32)",
             "candidate": "onnxruntime CPUExecutionProvider",
-            "atol": options.atol,
-            "rtol": options.rtol,
+            **options.tolerance.to_dict(),
             "results": [r.to_dict() for r in results],
         },
         "export_seconds": round(seconds, 2),
         "versions": library_versions(),
+    }
+
+
+def _quantization(calibration: Calibration) -> dict[str, Any]:
+    return {
+        "format": "QDQ",
+        "ops": list(QUANTIZED_OPS),
+        "weights": "int8, symmetric, per output channel",
+        "activations": "uint8, asymmetric, per tensor",
+        "calibration": calibration.describe(),
     }

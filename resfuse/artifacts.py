@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from resfuse.compare import Tolerance
 from resfuse.contract import InputContract
 from resfuse.errors import ArtifactWriteError, ManifestError
 from resfuse.models import FusionModel, ModelConfig
@@ -104,6 +105,18 @@ class Manifest:
         self.path = path
         self.config = ModelConfig.from_dict(data["model"])
         self.contract = InputContract.from_dict(data["input"]["contract"])
+
+    @property
+    def precision(self) -> str:
+        return str(self.data.get("precision", "float32"))
+
+    @property
+    def tolerance(self) -> Tolerance:
+        """The tolerance the export's parity sweep passed at: the default for later checks."""
+        parity = self.data.get("parity") or {}
+        return Tolerance(
+            parity.get("atol", 1e-4), parity.get("rtol", 1e-4), parity.get("max_rel_l2")
+        )
 
     def file(self, key: str) -> Path:
         """The artifact file `key` ("onnx", "weights", ...), after checking its sha256."""

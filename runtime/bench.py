@@ -39,6 +39,7 @@ class BenchRecord:
     compute_ms: float
     d2h_ms: float
     speedup_vs_torch: float | None = None  # torch p50 / this p50, same shape and run
+    precision: str = "float32"  # of the graph the backend runs; torch is the float32 original
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,6 +70,7 @@ def _record(
         float(h2d),
         float(compute),
         float(d2h),
+        precision="float32" if session.backend == "torch" else session.manifest.precision,
         settings=session.runner.describe(),
     )
 
@@ -129,7 +131,7 @@ def benchmark(
         ]
         for shape in shapes:
             records += time_shape(sessions, shape, warmup, iters, progress=progress)
-    _add_speedups(records)
+    add_speedups(records)
     return {
         "format": BENCH_FORMAT,
         "artifact": str(path),
@@ -138,7 +140,7 @@ def benchmark(
     }
 
 
-def _add_speedups(records: list[BenchRecord]) -> None:
+def add_speedups(records: list[BenchRecord]) -> None:
     torch_p50 = {shape_str(r.shape): r.p50_ms for r in records if r.backend == "torch"}
     for r in records:
         base = torch_p50.get(shape_str(r.shape))
@@ -150,6 +152,7 @@ def markdown(result: dict[str, Any]) -> str:
         [
             r["backend"],
             r["device"],
+            r.get("precision", "float32"),
             shape_str(r["shape"]),
             f"{r['p50_ms']:.2f}",
             f"{r['p90_ms']:.2f}",
@@ -166,6 +169,7 @@ def markdown(result: dict[str, Any]) -> str:
     headers = [
         "backend",
         "device",
+        "precision",
         "shape",
         "p50 ms",
         "p90 ms",
@@ -237,7 +241,8 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     series: dict[str, list[tuple[float, float, str]]] = {}
     for r in result["records"]:
         b, _, h, w = r["shape"]
-        label = f"{r['backend']} ({r['device']}), batch {b}"
+        precision = r.get("precision", "float32")
+        label = f"{r['backend']} ({r['device']}, {precision}), batch {b}"
         series.setdefault(label, []).append((h * w / 1e6, r["p50_ms"], f"{h}x{w}"))
     for label, points in series.items():
         xs, ys, names = zip(*sorted(points), strict=True)

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from resfuse.compare import ErrorStats, compare
+from resfuse.compare import ErrorStats, Tolerance, compare
 from resfuse.errors import ResfuseError
 from resfuse.export.parity import parity_shapes
-from resfuse.runtime.inputs import IMAGE_SUFFIXES
+from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import Shape, markdown_table, shape_str
 from resfuse.runtime.session import Session, load
 
@@ -53,8 +53,8 @@ class CheckReport:
     artifact: str
     backend: str
     device: str
-    atol: float
-    rtol: float
+    tolerance: Tolerance
+    precision: str
     records: list[CheckRecord] = field(default_factory=list)
 
     @property
@@ -67,8 +67,8 @@ class CheckReport:
             "backend": self.backend,
             "device": self.device,
             "reference": "torch (cpu, float32)",
-            "atol": self.atol,
-            "rtol": self.rtol,
+            "precision": self.precision,
+            "tolerance": self.tolerance.to_dict(),
             "passed": self.passed,
             "records": [r.to_dict() for r in self.records],
         }
@@ -119,24 +119,13 @@ class CheckReport:
         return markdown_table(headers, rows)
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ResfuseError(f"--images {folder} is not a folder of PNG/JPEG files")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ResfuseError(f"--images {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
-    return files
-
-
 def check_artifact(
     path: str | Path,
     backend: str = "onnxruntime",
     device: str = "cpu",
     shapes: Iterable[Shape] | None = None,
     images: str | Path | None = None,
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
+    tolerance: Tolerance | None = None,
     seed: int = 0,
     resize: str | None = None,
     progress: Callable[[], None] = lambda: None,
@@ -146,14 +135,15 @@ def check_artifact(
         load(path, backend, device, resize=resize, **options) as deployed,
         load(path, "torch", "cpu") as reference,
     ):
-        report = CheckReport(str(path), backend, device, atol, rtol)
+        tol = tolerance or deployed.manifest.tolerance
+        report = CheckReport(str(path), backend, device, tol, deployed.manifest.precision)
         grid = list(shapes) if shapes is not None else parity_shapes(deployed.contract)
         for shape in grid:  # refuse a bad grid before spending time on a good part of it
             deployed.contract.check(shape, "float32")
         generator = np.random.default_rng(seed)
         for shape in grid:
             x = generator.standard_normal(shape, dtype=np.float32)
-            report.records.append(_check_one("random", x, deployed, reference, atol, rtol))
+            report.records.append(_check_one("random", x, deployed, reference, tol))
             progress()
         for file in image_files(images) if images else []:
             try:
@@ -161,13 +151,13 @@ def check_artifact(
             except ResfuseError as exc:
                 report.records.append(CheckRecord(file.name, None, error=str(exc)))
             else:
-                report.records.append(_check_one(file.name, x, deployed, reference, atol, rtol))
+                report.records.append(_check_one(file.name, x, deployed, reference, tol))
             progress()
     return report
 
 
 def _check_one(
-    source: str, x: np.ndarray, deployed: Session, reference: Session, atol: float, rtol: float
+    source: str, x: np.ndarray, deployed: Session, reference: Session, tol: Tolerance
 ) -> CheckRecord:
     shape: Shape = tuple(int(d) for d in x.shape)  # type: ignore[assignment]
     try:
@@ -175,15 +165,15 @@ def _check_one(
         ref = np.asarray(reference.run(x))
     except ResfuseError as exc:
         return CheckRecord(source, shape, error=str(exc))
-    record = CheckRecord(source, shape, compare(ref, out, atol, rtol))
+    record = CheckRecord(source, shape, compare(ref, out, tol))
     config = deployed.manifest.config
     if config.num_classes is None:
-        record.passthrough, record.passthrough_ok = _passthrough(x, out, reference, atol, rtol)
+        record.passthrough, record.passthrough_ok = _passthrough(x, out, reference, tol)
     return record
 
 
 def _passthrough(
-    x: np.ndarray, out: np.ndarray, reference: Session, atol: float, rtol: float
+    x: np.ndarray, out: np.ndarray, reference: Session, tol: Tolerance
 ) -> tuple[str, bool]:
     """The fused output's first C channels: the image itself (upsample, spp), or the image
     gated by the reference's mask, image * (1 - mask) (masked)."""
@@ -196,5 +186,5 @@ def _passthrough(
     with torch.inference_mode():
         t = torch.from_numpy(x)
         mask = model.fusion.mask(t, model.encoder(t)).numpy()
-    stats = compare(x * (1 - mask), image_part, atol, rtol)
+    stats = compare(x * (1 - mask), image_part, tol)
     return (f"image*(1-mask) {stats.max_abs:.1e}", stats.passed)

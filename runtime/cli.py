@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from resfuse.errors import ResfuseError
 from resfuse.export.parity import parity_shapes
 from resfuse.runtime import bench as bench_lib
 from resfuse.runtime.backends import BACKENDS
-from resfuse.runtime.check import check_artifact, image_files
+from resfuse.runtime.check import check_artifact
+from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import markdown_table, parse_shapes
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -67,8 +69,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     default=None,
     help="Image resize policy [default: the manifest's].",
 )
-@click.option("--atol", default=1e-4, show_default=True, type=float)
-@click.option("--rtol", default=1e-4, show_default=True, type=float)
+@click.option("--atol", type=float, default=None, help="[default: the export's]")
+@click.option("--rtol", type=float, default=None, help="[default: the export's]")
+@click.option(
+    "--max-rel-l2",
+    type=float,
+    default=None,
+    help="Judge by relative L2 error instead of elementwise [default: the export's; set for "
+    "INT8 artifacts].",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--json",
@@ -84,17 +93,25 @@ def check_main(
     images: Path | None,
     shapes: str | None,
     resize: str | None,
-    atol: float,
-    rtol: float,
+    atol: float | None,
+    rtol: float | None,
+    max_rel_l2: float | None,
     seed: int,
     json_path: Path | None,
 ) -> None:
     """Check a deployed ARTIFACT (manifest or .onnx) against its PyTorch original.
 
-    Exits non-zero when any input is outside the tolerance |out - ref| <= atol + rtol * |ref|.
+    Exits non-zero when any input is outside the tolerance: |out - ref| <= atol + rtol * |ref|
+    everywhere, or for INT8 artifacts a relative L2 error of at most --max-rel-l2. The defaults
+    are the tolerance the artifact passed at export, as recorded in its manifest.
     """
     try:
-        grid = parse_shapes(shapes) if shapes else parity_shapes(read_manifest(artifact).contract)
+        manifest = read_manifest(artifact)
+        overrides = {"atol": atol, "rtol": rtol, "max_rel_l2": max_rel_l2}
+        tolerance = replace(
+            manifest.tolerance, **{k: v for k, v in overrides.items() if v is not None}
+        )
+        grid = parse_shapes(shapes) if shapes else parity_shapes(manifest.contract)
         total = len(grid) + (len(image_files(images)) if images else 0)
         with _progress() as bar:
             task = bar.add_task(f"checking {backend} ({device})", total=total)
@@ -104,8 +121,7 @@ def check_main(
                 device,
                 grid,
                 images,
-                atol,
-                rtol,
+                tolerance,
                 seed,
                 resize,
                 progress=lambda: bar.advance(task),
@@ -113,7 +129,8 @@ def check_main(
     except ResfuseError as exc:
         fail(str(exc))
     out.print(
-        f"{artifact}: {backend} ({device}) against torch (cpu), atol {atol:g}, rtol {rtol:g}\n",
+        f"{artifact} ({report.precision}): {backend} ({device}) against torch (cpu, float32), "
+        f"{tolerance.describe()}\n",
         highlight=False,
     )
     out.print(report.markdown(), highlight=False, markup=False, soft_wrap=True)

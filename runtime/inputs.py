@@ -22,6 +22,17 @@ def check_finite(x: np.ndarray) -> None:
         )
 
 
+def image_files(folder: str | Path, option: str = "--images") -> list[Path]:
+    """The PNG/JPEG/... files directly in `folder`, sorted; `option` names it in errors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {folder} is not a folder of PNG/JPEG files")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{option} {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return files
+
+
 def _pil() -> Any:
     try:
         from PIL import Image

@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_export_prints_parity_and_summary(out_dir: Path) -> None:
     proc = run("--method", "masked", "--output", str(out_dir), "--max-size", "512")
     assert proc.returncode == 0, proc.stderr
-    assert "masked-resnet18: ONNX Runtime (CPU) vs PyTorch" in proc.stdout
+    assert "masked-resnet18 (float32): ONNX Runtime (CPU) vs PyTorch" in proc.stdout
     assert proc.stdout.count("pass") == 6 and "FAIL" not in proc.stdout
     assert "exported" in proc.stdout and "MiB" in proc.stdout
     assert sorted(p.name for p in out_dir.iterdir()) == [
@@ -51,6 +51,13 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None
         ),
         (["--method", "spp", "--weights", "/nonexistent/w.pt"], "does not exist"),
         (["--method", "all", "--name", "x"], "--name names one artifact"),
+        (["--method", "spp", "--int8"], "--int8 needs calibration data"),
+        (["--method", "spp", "--calib-random"], "add --int8"),
+        (
+            ["--method", "spp", "--int8", "--calib-images", "/nonexistent"],
+            "--calib-images /nonexistent is not a folder",
+        ),
+        (["--method", "spp", "--max-rel-l2", "-1"], "must not be negative"),
     ],
 )
 def test_bad_input_is_one_clear_line(out_dir: Path, args: list[str], text: str) -> None:

@@ -1,0 +1,132 @@
+"""Static INT8 quantization (QDQ) of an exported float32 graph with ONNX Runtime's tooling.
+
+Only convolutions are quantized: per-channel int8 weights, per-tensor uint8 activations (the
+u8s8 pair ONNX Runtime's x86 kernels run fastest), MinMax calibration. Everything else, the
+sigmoid gate, the pyramid's cumulative sums and the full-resolution resize and concatenation of
+each fusion method, stays float32: those are cheap in float and lossy in int8.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from resfuse.contract import InputContract
+from resfuse.errors import ConfigError, ExportError
+from resfuse.export.parity import Shape
+from resfuse.runtime.inputs import image_files, load_image
+
+QUANTIZED_OPS = ("Conv",)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration inputs: up to `count` images from `images` (a folder), or `count` random
+    normal inputs when `images` is None, all at `size` x `size`."""
+
+    images: Path | None = None
+    count: int = 32
+    size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError(f"--calib-count must be at least 1, got {self.count}")
+        if self.images is not None:
+            image_files(self.images, "--calib-images")  # a bad folder fails before the export
+
+    def describe(self) -> dict[str, Any]:
+        source = f"images in {self.images}" if self.images else "random normal inputs"
+        return {"method": "MinMax", "source": source, "count": self.count, "size": self.size}
+
+    def inputs(
+        self, contract: InputContract, preprocess: dict[str, Any], seed: int
+    ) -> list[np.ndarray]:
+        """The calibration batches, (1, C, size, size) float32 each, at a size the contract
+        accepts (the model's minimum and maximum bound `size`)."""
+        h, w = contract.height.clamp(self.size), contract.width.clamp(self.size)
+        if self.images is None:
+            rng = np.random.default_rng(seed)
+            return [
+                rng.standard_normal((1, contract.channels, h, w), dtype=np.float32)
+                for _ in range(self.count)
+            ]
+        files = image_files(self.images, "--calib-images")[: self.count]
+        return [_resized(file, h, w, preprocess, contract) for file in files]
+
+    def sampler(
+        self, contract: InputContract, preprocess: dict[str, Any]
+    ) -> Callable[[Shape, int], np.ndarray] | None:
+        """Inputs of any shape from the calibration images, for the INT8 parity sweep: random
+        normal inputs lie outside what images calibrate for. None: calibrated on random inputs,
+        which the sweep's own random inputs already match."""
+        if self.images is None:
+            return None
+        files = image_files(self.images, "--calib-images")[: self.count]
+
+        def sample(shape: Shape, index: int) -> np.ndarray:
+            b, _, h, w = shape
+            picks = [files[(index + i) % len(files)] for i in range(b)]
+            return np.concatenate([_resized(f, h, w, preprocess, contract) for f in picks])
+
+        return sample
+
+
+def _resized(
+    file: Path, h: int, w: int, preprocess: dict[str, Any], contract: InputContract
+) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(file) as image:
+        resized = image.resize((w, h), Image.Resampling.BILINEAR)
+    return load_image(resized, preprocess, contract, resize="none")
+
+
+class _Reader:
+    """A list of batches as ONNX Runtime's calibrators read them (get_next until None)."""
+
+    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = iter({name: b} for b in batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8(
+    model: onnx.ModelProto, input_name: str, batches: list[np.ndarray]
+) -> onnx.ModelProto:
+    """The QDQ INT8 form of `model`, calibrated on `batches`."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="resfuse-int8-") as tmp:
+        source, prepared, quantized = (Path(tmp) / n for n in ("f32.onnx", "pre.onnx", "q.onnx"))
+        onnx.save(model, source)
+        try:
+            # ONNX Runtime's symbolic shape inference cannot follow the dynamic H x W through
+            # the pyramid's Gather indices; onnx's own inference is enough for QDQ placement.
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                _Reader(input_name, batches),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+        except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
+            raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
+        return onnx.load(quantized)

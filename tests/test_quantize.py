@@ -1,0 +1,140 @@
+"""INT8 export: real calibration, a real QDQ graph in ONNX Runtime, judged against PyTorch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from resfuse.compare import Tolerance, compare
+from resfuse.contract import InputContract, Range
+from resfuse.errors import ConfigError, ParityError
+from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
+from resfuse.export.quantize import Calibration
+from resfuse.models import ModelConfig
+from resfuse.runtime import load
+from resfuse.runtime.bench import benchmark
+from resfuse.runtime.check import check_artifact
+from resfuse.runtime.inputs import load_image
+
+EXE = Path(sys.executable).with_name("resfuse-export")
+PREPROCESS = {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.fixture(scope="module")
+def calib_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smooth gradients with noise, at several sizes: something like images, unlike N(0, 1)."""
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(1)
+    for i, (h, w) in enumerate([(96, 128), (200, 150), (64, 64), (130, 90), (75, 300)]):
+        ramp = np.linspace(0, 255, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None]
+        pixels = np.clip(ramp + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    (folder / "README.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8(calib_images: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    options = ExportOptions(max_size=512, calibration=Calibration(calib_images, count=4, size=128))
+    return export_artifact(ModelConfig("masked"), tmp_path_factory.mktemp("int8"), options)
+
+
+def test_calibration_inputs_from_images_and_random(calib_images: Path) -> None:
+    contract = InputContract(3, Range(32, 512), Range(32, 512), Range(1, 4))
+    batches = Calibration(calib_images, count=3, size=100).inputs(contract, PREPROCESS, seed=0)
+    assert [b.shape for b in batches] == [(1, 3, 100, 100)] * 3
+    with Image.open(calib_images / "img0.png") as image:
+        expected = load_image(
+            image.resize((100, 100), Image.Resampling.BILINEAR), PREPROCESS, contract
+        )
+    np.testing.assert_array_equal(batches[0], expected)
+    small = Calibration(None, count=2, size=8).inputs(contract, PREPROCESS, seed=3)
+    assert [b.shape for b in small] == [(1, 3, 32, 32)] * 2  # clamped to the contract's minimum
+    again = Calibration(None, count=2, size=8).inputs(contract, PREPROCESS, seed=3)
+    np.testing.assert_array_equal(small[1], again[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,text",
+    [
+        ({"count": 0}, "--calib-count must be at least 1"),
+        ({"images": Path("/nonexistent")}, "--calib-images /nonexistent is not a folder"),
+    ],
+)
+def test_bad_calibration_is_refused(kwargs, text) -> None:
+    with pytest.raises(ConfigError, match=text):
+        Calibration(**kwargs)
+
+
+def test_int8_artifact_is_quantized_dynamic_and_recorded(int8: ExportResult, exported) -> None:
+    graph = onnx.load(int8.onnx_path).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("DequantizeLinear") >= 20 and "QuantizeLinear" in ops
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 20  # every convolution's weights
+    assert int8.onnx_bytes < 0.4 * exported["masked"].onnx_bytes
+    manifest = json.loads(int8.manifest_path.read_text())
+    assert int8.name == "masked-resnet18-int8" and manifest["precision"] == "int8"
+    assert manifest["quantization"]["calibration"]["count"] == 4
+    assert manifest["parity"]["max_rel_l2"] == 0.1
+    shapes = [tuple(r["shape"]) for r in manifest["parity"]["results"]]
+    assert (3, 3, 65, 77) in shapes and (1, 3, 257, 311) in shapes
+    for r in manifest["parity"]["results"]:
+        assert r["passed"] and 1e-4 < r["rel_l2"] <= 0.1  # really quantized, and close
+    with load(int8.manifest_path) as session:
+        assert session.run(np.zeros((2, 3, 33, 45), np.float32)).shape == (2, 67, 33, 45)
+
+
+def test_check_uses_the_recorded_bound_and_fails_a_tighter_one(int8: ExportResult) -> None:
+    shapes = [(1, 3, 96, 128)]
+    report = check_artifact(int8.manifest_path, shapes=shapes)
+    assert report.passed and report.precision == "int8"
+    assert report.tolerance == Tolerance(1e-4, 1e-4, 0.1)
+    assert report.records[0].passthrough.startswith("image*(1-mask)")
+    assert not check_artifact(int8.manifest_path, shapes=shapes, tolerance=Tolerance()).passed
+    tight = Tolerance(max_rel_l2=1e-3)
+    assert not check_artifact(int8.manifest_path, shapes=shapes, tolerance=tight).passed
+
+
+def test_bench_labels_precision(int8: ExportResult) -> None:
+    result = benchmark(int8.manifest_path, shapes=[(1, 3, 64, 64)], warmup=1, iters=2)
+    precision = {r["backend"]: r["precision"] for r in result["records"]}
+    assert precision == {"torch": "float32", "onnxruntime": "int8"}
+
+
+def test_too_tight_a_bound_fails_with_a_hint_and_writes_nothing(tmp_path: Path) -> None:
+    options = ExportOptions(
+        max_size=256, max_rel_l2=1e-4, calibration=Calibration(count=2, size=64)
+    )
+    with pytest.raises(ParityError, match="calibrate on representative images"):
+        export_artifact(ModelConfig("spp"), tmp_path, options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rel_l2_tolerance() -> None:
+    ref = np.ones(100, np.float32)
+    out = ref + np.float32(0.05)
+    assert compare(ref, out, Tolerance(max_rel_l2=0.06)).passed
+    assert not compare(ref, out, Tolerance(max_rel_l2=0.04)).passed
+    assert not compare(ref, out, Tolerance()).passed
+    out[3] = np.nan
+    assert not compare(ref, out, Tolerance(max_rel_l2=10.0)).passed
+    with pytest.raises(ConfigError, match="must not be negative"):
+        Tolerance(max_rel_l2=-1)
+
+
+def test_cli_int8_with_random_calibration(tmp_path: Path) -> None:
+    args = ["--method", "upsample", "--int8", "--calib-random", "--calib-count", "2"]
+    args += ["--calib-size", "64", "--max-size", "256", "--output", str(tmp_path)]
+    proc = subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "upsample-resnet18-int8 (int8)" in proc.stdout and "rel L2 <= 0.1" in proc.stdout
+    assert proc.stdout.count("pass") == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"upsample-resnet18-int8.{ext}" for ext in ("json", "onnx", "safetensors")
+    ]
