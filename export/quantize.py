@@ -20,7 +20,7 @@ import onnx
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, ExportError
 from resfuse.export.parity import Shape
-from resfuse.runtime.inputs import image_files, load_image
+from resfuse.runtime.inputs import image_files, load_image, pil
 
 QUANTIZED_OPS = ("Conv",)
 
@@ -80,10 +80,14 @@ class Calibration:
 def _resized(
     file: Path, h: int, w: int, preprocess: dict[str, Any], contract: InputContract
 ) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(file) as image:
-        resized = image.resize((w, h), Image.Resampling.BILINEAR)
+    image_mod = pil()
+    try:
+        with image_mod.open(file) as image:
+            resized = image.resize((w, h), image_mod.Resampling.BILINEAR)
+    except OSError as exc:  # PIL's UnidentifiedImageError included
+        raise ConfigError(
+            f"cannot read calibration image {file}: {exc}; remove it from --calib-images"
+        ) from exc
     return load_image(resized, preprocess, contract, resize="none")
 
 

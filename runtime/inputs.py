@@ -33,7 +33,8 @@ def image_files(folder: str | Path, option: str = "--images") -> list[Path]:
     return files
 
 
-def _pil() -> Any:
+def pil() -> Any:
+    """PIL.Image, or an error naming the extra that installs it."""
     try:
         from PIL import Image
     except ImportError as exc:
@@ -54,7 +55,7 @@ def load_image(
     resize: str | None = None,
 ) -> np.ndarray:
     """Read an image as (1, C, H, W) float32: mode for C, resize policy, scale, mean and std."""
-    image_mod = _pil()
+    image_mod = pil()
     policy = resize or preprocess.get("resize", "none")
     if policy not in RESIZE_POLICIES:
         raise ConfigError(f"resize policy must be one of {RESIZE_POLICIES}, not {policy!r}")

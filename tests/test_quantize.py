@@ -71,6 +71,13 @@ def test_bad_calibration_is_refused(kwargs, text) -> None:
         Calibration(**kwargs)
 
 
+def test_unreadable_calibration_image_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    contract = InputContract(3, Range(32, 512), Range(32, 512), Range(1, 4))
+    with pytest.raises(ConfigError, match="cannot read calibration image .*broken.png"):
+        Calibration(tmp_path, count=1, size=64).inputs(contract, PREPROCESS, seed=0)
+
+
 def test_int8_artifact_is_quantized_dynamic_and_recorded(int8: ExportResult, exported) -> None:
     graph = onnx.load(int8.onnx_path).graph
     ops = [n.op_type for n in graph.node]
