@@ -239,7 +239,8 @@ def _quantize(
         results,
         options.tolerance,
         "; calibrate on representative images (--calib-images DIR, more of them with "
-        "--calib-count) or accept a larger error with --max-rel-l2",
+        "--calib-count), raise --min-size (inputs of one feature cell quantize worst) or "
+        "accept a larger error with --max-rel-l2",
     )
     return quantized, results
 

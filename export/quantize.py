@@ -30,7 +30,7 @@ class Calibration:
     """Calibration inputs: up to `count` images from `images` (a folder), or `count` random
     normal inputs when `images` is None, all at `size` x `size`."""
 
-    images: Path | None = None
+    images: str | Path | None = None
     count: int = 32
     size: int = 512
 
