@@ -17,11 +17,9 @@ noisy, so both sides of each ratio are measured in the same run, back to back):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifac
 from resfuse.export.quantize import Calibration
 from resfuse.models import METHODS, ModelConfig, build_model
 from resfuse.runtime import load
-from resfuse.runtime.bench import add_speedups, plot, time_shape
+from resfuse.runtime.bench import benchmark, plot
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
 
@@ -162,21 +160,18 @@ def main() -> None:
 def time_model(fp32: Path, int8: Path, threads: int) -> list[dict[str, Any]]:
     """PyTorch eager, ONNX Runtime float32 and ONNX Runtime INT8, interleaved on each shape."""
     records = []
-    with contextlib.ExitStack() as stack:
-        sessions = [
-            stack.enter_context(load(path, backend, threads=threads))
-            for path, backend in ((fp32, "torch"), (fp32, "onnxruntime"), (int8, "onnxruntime"))
-        ]
-        for side, iters in SHAPES.items():
-            print(f"timing {fp32.stem} at {side}x{side}", flush=True)
-            shape_records = time_shape(sessions, (1, 3, side, side), warmup=2, iters=iters)
-            add_speedups(shape_records)
-            gflop = model_gflop(fp32, side)
-            for record in map(asdict, shape_records):
-                record["artifact"] = fp32.stem
-                record["gflop"] = gflop
-                record["gflops_achieved"] = gflop / (record["p50_ms"] / 1e3)
-                records.append(record)
+    for side, iters in SHAPES.items():
+        print(f"timing {fp32.stem} at {side}x{side}", flush=True)
+        shape = (1, 3, side, side)
+        result = benchmark(
+            fp32, shapes=[shape], warmup=2, iters=iters, threads=threads, also=[int8]
+        )
+        gflop = model_gflop(fp32, side)
+        for record in result["records"]:
+            record["model"] = fp32.stem
+            record["gflop"] = gflop
+            record["gflops_achieved"] = gflop / (record["p50_ms"] / 1e3)
+            records.append(record)
     return records
 
 
@@ -187,10 +182,10 @@ def sweep_rel_l2(manifest: Path) -> dict[str, float]:
 
 
 def plot_records(summary: dict[str, Any], out: Path) -> None:
-    by_artifact: dict[str, list[dict[str, Any]]] = {}
+    by_model: dict[str, list[dict[str, Any]]] = {}
     for r in summary["records"]:
-        by_artifact.setdefault(r["artifact"], []).append(r)
-    for name, records in by_artifact.items():
+        by_model.setdefault(r["model"], []).append(r)
+    for name, records in by_model.items():
         plot({**summary, "artifact": name, "records": records}, out / f"cpu-{name}.png")
 
 
@@ -202,7 +197,7 @@ def write_results(summary: dict[str, Any]) -> None:
         fp32 = r["precision"] == "float32"
         rows.append(
             [
-                r["artifact"],
+                r["model"],
                 r["backend"] if fp32 else f"{r['backend']} {r['precision']}",
                 "x".join(map(str, r["shape"][2:])),
                 f"{r['p50_ms']:.1f}",
@@ -216,7 +211,7 @@ def write_results(summary: dict[str, Any]) -> None:
         )
     plots = "\n".join(
         f"![{name}](results/cpu-{name}.png)"
-        for name in dict.fromkeys(r["artifact"] for r in summary["records"])
+        for name in dict.fromkeys(r["model"] for r in summary["records"])
     )
     target = markdown_table(
         [
@@ -279,7 +274,7 @@ H x W) is memory-bound work on top of that.
 {
         markdown_table(
             [
-                "artifact",
+                "model",
                 "backend",
                 "HxW",
                 "p50 ms",
@@ -307,7 +302,7 @@ def _at(summary: dict[str, Any], side: int) -> list[tuple[str, dict[str, dict[st
     for r in summary["records"]:
         if r["shape"][2] == side:
             key = "torch" if r["backend"] == "torch" else r["precision"]
-            by_model.setdefault(r["artifact"], {})[key] = r
+            by_model.setdefault(r["model"], {})[key] = r
     return list(by_model.items())
 
 

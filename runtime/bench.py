@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from resfuse.artifacts import read_manifest
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import Shape, markdown_table, shape_str
@@ -22,6 +23,7 @@ BENCH_FORMAT = "resfuse-bench"
 
 @dataclass
 class BenchRecord:
+    artifact: str  # the manifest's stem
     backend: str
     device: str
     shape: list[int]
@@ -42,10 +44,6 @@ class BenchRecord:
     precision: str = "float32"  # of the graph the backend runs; torch is the float32 original
     settings: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return self.backend, self.device, shape_str(self.shape)
-
 
 def _record(
     session: Session, shape: Shape, times: np.ndarray, phases: np.ndarray, warmup: int
@@ -54,6 +52,7 @@ def _record(
     mean = float(times.mean())
     h2d, compute, d2h = phases.mean(axis=0)
     return BenchRecord(
+        session.manifest.path.stem,
         session.backend,
         session.runner.device,
         list(shape),
@@ -115,19 +114,27 @@ def benchmark(
     threads: int | None = None,
     device: str = "cpu",
     progress: Callable[[], None] = lambda: None,
+    also: Iterable[str | Path] = (),
 ) -> dict[str, Any]:
-    """{"machine", "artifact", "records"}: one record per backend x shape."""
+    """{"machine", "artifact", "records"}: one record per artifact x backend x shape.
+
+    `also`: other artifacts of the same PyTorch original (an INT8 export, another opset); their
+    deployed backends join the same interleaved run, so their ratios to torch stay fair."""
     if warmup < 0 or iters < 1:
         raise ConfigError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
+    backends, others = list(backends), [Path(p) for p in also]
+    _require_same_original(path, others)
+    runs = [(Path(path), b) for b in backends]
+    runs += [(other, b) for other in others for b in backends if b != "torch"]
     options = {"threads": threads} if threads else {}
     records: list[BenchRecord] = []
     with contextlib.ExitStack() as stack:
         sessions = [
             # The reference runs on the GPU whenever the deployed backend does.
             stack.enter_context(
-                load(path, b, "cuda" if b == "torch" and device != "cpu" else device, **options)
+                load(p, b, "cuda" if b == "torch" and device != "cpu" else device, **options)
             )
-            for b in backends
+            for p, b in runs
         ]
         for shape in shapes:
             records += time_shape(sessions, shape, warmup, iters, progress=progress)
@@ -140,6 +147,22 @@ def benchmark(
     }
 
 
+def _require_same_original(path: str | Path, others: list[Path]) -> None:
+    """Ratios to torch are only meaningful against one PyTorch original: same model, same
+    weights."""
+    main = read_manifest(path)
+    for other in others:
+        manifest = read_manifest(other)
+        same_weights = (
+            manifest.data["files"]["weights"]["sha256"] == main.data["files"]["weights"]["sha256"]
+        )
+        if manifest.config != main.config or not same_weights:
+            raise ConfigError(
+                f"--also {other} is not an export of the same PyTorch model and weights as "
+                f"{path}; benchmark it on its own"
+            )
+
+
 def add_speedups(records: list[BenchRecord]) -> None:
     torch_p50 = {shape_str(r.shape): r.p50_ms for r in records if r.backend == "torch"}
     for r in records:
@@ -150,6 +173,7 @@ def add_speedups(records: list[BenchRecord]) -> None:
 def markdown(result: dict[str, Any]) -> str:
     rows = [
         [
+            r["artifact"],
             r["backend"],
             r["device"],
             r.get("precision", "float32"),
@@ -167,6 +191,7 @@ def markdown(result: dict[str, Any]) -> str:
         for r in result["records"]
     ]
     headers = [
+        "artifact",
         "backend",
         "device",
         "precision",
@@ -194,17 +219,22 @@ def read_result(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _key(record: dict[str, Any], result: dict[str, Any]) -> tuple[str, str, str, str]:
+    artifact = record.get("artifact", Path(result["artifact"]).stem)  # files before --also
+    return artifact, record["backend"], record["device"], shape_str(record["shape"])
+
+
 def compare_baseline(
     result: dict[str, Any], baseline: dict[str, Any], max_regression: float
 ) -> tuple[list[list[str]], bool]:
-    """Rows (backend, device, shape, old p50, new p50, change, verdict) and whether all pass.
-    Only backend/device/shape pairs present in both runs are compared."""
+    """Rows (artifact, backend, device, shape, old p50, new p50, change, verdict) and whether
+    all pass. Only artifact/backend/device/shape keys present in both runs are compared."""
     if max_regression < 0:
         raise ConfigError(f"--max-regression must be >= 0 (0.10 = 10%), got {max_regression}")
-    old = {(r["backend"], r["device"], shape_str(r["shape"])): r for r in baseline["records"]}
+    old = {_key(r, baseline): r for r in baseline["records"]}
     rows, ok = [], True
     for r in result["records"]:
-        key = (r["backend"], r["device"], shape_str(r["shape"]))
+        key = _key(r, result)
         if key not in old:
             continue
         before, now = old[key]["p50_ms"], r["p50_ms"]
@@ -222,8 +252,8 @@ def compare_baseline(
         )
     if not rows:
         raise ResfuseError(
-            "the baseline shares no backend/device/shape with this run; run the same --backends "
-            "and --shapes as the baseline"
+            "the baseline shares no artifact/backend/device/shape with this run; run the same "
+            "artifacts, --backends and --shapes as the baseline"
         )
     return rows, ok
 
@@ -242,7 +272,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     for r in result["records"]:
         b, _, h, w = r["shape"]
         precision = r.get("precision", "float32")
-        label = f"{r['backend']} ({r['device']}, {precision}), batch {b}"
+        label = f"{r['artifact']}: {r['backend']} ({r['device']}, {precision}), batch {b}"
         series.setdefault(label, []).append((h * w / 1e6, r["p50_ms"], f"{h}x{w}"))
     for label, points in series.items():
         xs, ys, names = zip(*sorted(points), strict=True)

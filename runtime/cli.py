@@ -142,6 +142,18 @@ def check_main(
     out.print(f"\nall {len(report.records)} inputs pass", highlight=False)
 
 
+_BASELINE_HEADERS = [
+    "artifact",
+    "backend",
+    "device",
+    "shape",
+    "old p50",
+    "new p50",
+    "change",
+    "verdict",
+]
+
+
 @click.command(context_settings=_CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
@@ -158,6 +170,13 @@ def check_main(
     help="cuda or tensorrt apply to onnxruntime; torch then runs on cuda.",
 )
 @click.option("--shapes", default="1x3x224x224,1x3x512x512,1x3x1024x1024", show_default=True)
+@click.option(
+    "--also",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Another artifact of the same model (e.g. its INT8 export) timed in the same run; "
+    "repeatable.",
+)
 @click.option("--warmup", default=3, show_default=True, type=int)
 @click.option("--iters", default=20, show_default=True, type=int)
 @click.option("--threads", default=None, type=int, help="CPU threads [default: physical cores].")
@@ -188,6 +207,7 @@ def bench_main(
     backends: str,
     device: str,
     shapes: str,
+    also: tuple[Path, ...],
     warmup: int,
     iters: int,
     threads: int | None,
@@ -197,7 +217,10 @@ def bench_main(
     baseline: Path | None,
     max_regression: float,
 ) -> None:
-    """Time ARTIFACT on each backend and shape; p50/p90/p95/p99 and the ratio to PyTorch."""
+    """Time ARTIFACT on each backend and shape; p50/p90/p95/p99 and the ratio to PyTorch.
+
+    With --also, other exports of the same model (its INT8 artifact, say) run on the same
+    shapes, call by call in turn with the rest, so every ratio comes from one run."""
     names = [b.strip() for b in backends.split(",") if b.strip()]
     try:
         unknown = [b for b in names if b not in BACKENDS]
@@ -206,7 +229,9 @@ def bench_main(
         grid = parse_shapes(shapes)
         old = bench_lib.read_result(baseline) if baseline else None
         with _progress() as bar:
-            task = bar.add_task("timing", total=len(names) * len(grid) * iters)
+            deployed = [b for b in names if b != "torch"]
+            sessions = len(names) + len(also) * len(deployed)
+            task = bar.add_task("timing", total=sessions * len(grid) * iters)
             result = bench_lib.benchmark(
                 artifact,
                 names,
@@ -216,6 +241,7 @@ def bench_main(
                 threads,
                 device,
                 progress=lambda: bar.advance(task),
+                also=also,
             )
         table = bench_lib.markdown(result)
         out.print(table, highlight=False, markup=False, soft_wrap=True)
@@ -229,9 +255,7 @@ def bench_main(
             rows, ok = bench_lib.compare_baseline(result, old, max_regression)
             out.print(f"\nagainst {baseline}:\n", highlight=False)
             out.print(
-                markdown_table(
-                    ["backend", "device", "shape", "old p50", "new p50", "change", "verdict"], rows
-                ),
+                markdown_table(_BASELINE_HEADERS, rows),
                 highlight=False,
                 markup=False,
                 soft_wrap=True,

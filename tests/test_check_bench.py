@@ -169,8 +169,8 @@ def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
         str(tmp_path / "b.png"),
     )
     assert proc.returncode == 0, proc.stderr
-    assert "| onnxruntime |    cpu |" in proc.stdout
-    assert (tmp_path / "b.md").read_text().startswith("|     backend |")
+    assert "| masked-resnet18 | onnxruntime |    cpu |" in proc.stdout
+    assert (tmp_path / "b.md").read_text().startswith("|        artifact |     backend |")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "b.json").read_text())
     assert len(result["records"]) == 2

@@ -108,10 +108,29 @@ def test_check_uses_the_recorded_bound_and_fails_a_tighter_one(int8: ExportResul
     assert not check_artifact(int8.manifest_path, shapes=shapes, tolerance=tight).passed
 
 
-def test_bench_labels_precision(int8: ExportResult) -> None:
-    result = benchmark(int8.manifest_path, shapes=[(1, 3, 64, 64)], warmup=1, iters=2)
-    precision = {r["backend"]: r["precision"] for r in result["records"]}
-    assert precision == {"torch": "float32", "onnxruntime": "int8"}
+def test_bench_times_float32_and_int8_in_one_run(int8: ExportResult, exported) -> None:
+    fp32 = exported["masked"].manifest_path
+    result = benchmark(fp32, shapes=[(1, 3, 64, 64)], warmup=1, iters=2, also=[int8.manifest_path])
+    records = result["records"]
+    assert [(r["artifact"], r["backend"], r["precision"]) for r in records] == [
+        ("masked-resnet18", "torch", "float32"),
+        ("masked-resnet18", "onnxruntime", "float32"),
+        ("masked-resnet18-int8", "onnxruntime", "int8"),
+    ]
+    assert records[2]["speedup_vs_torch"] == pytest.approx(
+        records[0]["p50_ms"] / records[2]["p50_ms"]
+    )
+    with pytest.raises(ConfigError, match="not an export of the same PyTorch model"):
+        benchmark(fp32, shapes=[(1, 3, 64, 64)], also=[exported["spp"].manifest_path])
+
+
+def test_bench_cli_also(int8: ExportResult, exported) -> None:
+    bench = EXE.with_name("resfuse-bench")
+    args = [str(exported["masked"].manifest_path), "--also", str(int8.manifest_path)]
+    args += ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "2"]
+    proc = subprocess.run([str(bench), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "| masked-resnet18-int8 | onnxruntime |    cpu |      int8 |" in proc.stdout
 
 
 def test_too_tight_a_bound_fails_with_a_hint_and_writes_nothing(tmp_path: Path) -> None:
