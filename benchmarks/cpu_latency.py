@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from resfuse.artifacts import read_manifest
+from resfuse.artifacts import read_manifest, write_json
 from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
 from resfuse.export.quantize import Calibration
 from resfuse.models import METHODS, ModelConfig, build_model
@@ -151,7 +151,7 @@ def main() -> None:
         "records": records,
     }
     out.mkdir(exist_ok=True)
-    (out / "cpu.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "cpu.json", summary)
     plot_records(summary, out)
     write_results(summary)
     print((HERE / "RESULTS.md").read_text())

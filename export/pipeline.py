@@ -34,7 +34,7 @@ from resfuse.export.parity import (
     run_parity,
     worst,
 )
-from resfuse.export.quantize import QUANTIZED_OPS, Calibration, quantize_int8
+from resfuse.export.quantize import Calibration, quantization_record, quantize_int8
 from resfuse.models import FusionModel, ModelConfig, build_model
 from resfuse.weights import save_weights
 
@@ -91,8 +91,7 @@ class ExportOptions:
                 f"--opset {self.opset} is outside {MIN_OPSET}..{MAX_OPSET}; 18 is the tested "
                 f"default (TensorRT 10 and ONNX Runtime read 17-20)"
             )
-        if min(self.atol, self.rtol, self.max_rel_l2) < 0:
-            raise ConfigError("--atol, --rtol and --max-rel-l2 must not be negative")
+        Tolerance(self.atol, self.rtol, self.max_rel_l2)  # raises ConfigError if negative
         size = Range(self.min_size, self.max_size)
         return InputContract(config.in_channels, size, size, Range(1, self.max_batch))
 
@@ -302,7 +301,11 @@ def _manifest(
         else ("torchvision" if pretrained else f"random (seed {options.seed})"),
         "preprocess": _preprocess(config),
         "precision": options.precision,
-        **({"quantization": _quantization(options.calibration)} if options.calibration else {}),
+        **(
+            {"quantization": quantization_record(options.calibration)}
+            if options.calibration
+            else {}
+        ),
         "parity": {
             "reference": "torch (cpu, float32)",
             "candidate": "onnxruntime CPUExecutionProvider",
@@ -311,14 +314,4 @@ def _manifest(
         },
         "export_seconds": round(seconds, 2),
         "versions": library_versions(),
-    }
-
-
-def _quantization(calibration: Calibration) -> dict[str, Any]:
-    return {
-        "format": "QDQ",
-        "ops": list(QUANTIZED_OPS),
-        "weights": "int8, symmetric, per output channel",
-        "activations": "uint8, asymmetric, per tensor",
-        "calibration": calibration.describe(),
     }

@@ -38,7 +38,10 @@ class Calibration:
         if self.count < 1:
             raise ConfigError(f"--calib-count must be at least 1, got {self.count}")
         if self.images is not None:
-            image_files(self.images, "--calib-images")  # a bad folder fails before the export
+            self._files(self.images)  # a bad folder fails before the export
+
+    def _files(self, images: str | Path) -> list[Path]:
+        return image_files(images, "--calib-images")[: self.count]
 
     def describe(self) -> dict[str, Any]:
         source = f"images in {self.images}" if self.images else "random normal inputs"
@@ -56,8 +59,7 @@ class Calibration:
                 rng.standard_normal((1, contract.channels, h, w), dtype=np.float32)
                 for _ in range(self.count)
             ]
-        files = image_files(self.images, "--calib-images")[: self.count]
-        return [_resized(file, h, w, preprocess, contract) for file in files]
+        return [_resized(file, h, w, preprocess, contract) for file in self._files(self.images)]
 
     def sampler(
         self, contract: InputContract, preprocess: dict[str, Any]
@@ -67,7 +69,7 @@ class Calibration:
         which the sweep's own random inputs already match."""
         if self.images is None:
             return None
-        files = image_files(self.images, "--calib-images")[: self.count]
+        files = self._files(self.images)
 
         def sample(shape: Shape, index: int) -> np.ndarray:
             b, _, h, w = shape
@@ -89,6 +91,17 @@ def _resized(
             f"cannot read calibration image {file}: {exc}; remove it from --calib-images"
         ) from exc
     return load_image(resized, preprocess, contract, resize="none")
+
+
+def quantization_record(calibration: Calibration) -> dict[str, Any]:
+    """How quantize_int8 quantizes, for the manifest; keep it beside the call it describes."""
+    return {
+        "format": "QDQ",
+        "ops": list(QUANTIZED_OPS),
+        "weights": "int8, symmetric, per output channel",
+        "activations": "uint8, asymmetric, per tensor",
+        "calibration": calibration.describe(),
+    }
 
 
 class _Reader:

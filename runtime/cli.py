@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from resfuse.artifacts import read_manifest
+from resfuse.artifacts import read_manifest, write_json
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
 from resfuse.export.parity import parity_shapes
@@ -38,7 +37,7 @@ def _progress() -> Progress:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     try:
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        write_json(path, data)
     except OSError as exc:
         fail(f"cannot write {path}: {exc}")
 
