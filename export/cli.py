@@ -131,26 +131,26 @@ def main(
 ) -> None:
     """Export fusion models to ONNX with dynamic batch, H and W, verified against PyTorch.
 
-    Writes METHOD-BACKBONE.onnx, .safetensors (the PyTorch weights) and .json (the manifest) into
-    --output, only once every check has passed.
+    Writes the manifest METHOD-BACKBONE.json and the files it names (the .onnx model and the
+    PyTorch weights as .safetensors) into --output, only once every check has passed.
     """
     methods = list(METHODS) if method == "all" else [method]
-    if name and len(methods) > 1:
+    if name is not None and len(methods) > 1:
         fail("--name names one artifact; drop it with --method all")
     results = []
     try:
         calibration = _calibration(int8, calib_images, calib_random, calib_count, calib_size)
         options = ExportOptions(
-            opset,
-            min_size,
-            max_size,
-            max_batch,
-            atol,
-            rtol,
-            seed,
-            not no_simplify,
-            calibration,
-            max_rel_l2,
+            opset=opset,
+            min_size=min_size,
+            max_size=max_size,
+            max_batch=max_batch,
+            atol=atol,
+            rtol=rtol,
+            seed=seed,
+            simplify=not no_simplify,
+            calibration=calibration,
+            max_rel_l2=max_rel_l2,
         )
         for m in methods:
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
@@ -171,6 +171,8 @@ def main(
                 soft_wrap=True,
             )
             out.print(_parity_table(result, options))
+            if options.simplify and not result.simplified:
+                err.print(f"note: onnxslim {result.simplify_note}", highlight=False, markup=False)
             results.append(result)
     except ResfuseError as exc:
         fail(str(exc))

@@ -96,8 +96,12 @@ def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     """onnxslim's constant folding and fusions; the caller keeps it only if parity holds."""
     import onnxslim
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        slim = onnxslim.slim(proto)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            slim = onnxslim.slim(proto)
+    except Exception as exc:  # a third-party optimiser: any failure means "keep the raw graph"
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no detail"
+        raise ExportError(f"onnxslim failed ({type(exc).__name__}: {first})") from exc
     if not isinstance(slim, onnx.ModelProto):
         raise ExportError("onnxslim returned no model")
     return slim

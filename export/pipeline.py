@@ -13,18 +13,11 @@ import numpy as np
 import onnx
 import torch
 
-from resfuse.artifacts import (
-    FORMAT,
-    FORMAT_VERSION,
-    ensure_writable,
-    file_record,
-    staging,
-    write_json,
-)
+from resfuse.artifacts import FORMAT, FORMAT_VERSION, check_name, ensure_writable, write_artifact
 from resfuse.compare import Tolerance
 from resfuse.contract import InputContract, Range
 from resfuse.environment import library_versions
-from resfuse.errors import ConfigError, ParityError
+from resfuse.errors import ConfigError, ExportError, ParityError
 from resfuse.export import onnx as onnx_export
 from resfuse.export.parity import (
     ParityResult,
@@ -35,6 +28,7 @@ from resfuse.export.parity import (
     worst,
 )
 from resfuse.export.quantize import Calibration, quantization_record, quantize_int8
+from resfuse.images import preprocess_record
 from resfuse.models import FusionModel, ModelConfig, build_model
 from resfuse.weights import save_weights
 
@@ -100,10 +94,14 @@ class ExportOptions:
 class ExportResult:
     name: str
     folder: Path
-    onnx_bytes: int
+    files: dict[str, dict[str, Any]]  # the manifest's file records, by key
     seconds: float
-    simplified: bool
+    simplify_note: str  # "simplified", or why the raw graph was kept
     parity: list[ParityResult] = field(default_factory=list)
+
+    @property
+    def simplified(self) -> bool:
+        return self.simplify_note == "simplified"
 
     @property
     def manifest_path(self) -> Path:
@@ -111,11 +109,15 @@ class ExportResult:
 
     @property
     def onnx_path(self) -> Path:
-        return self.folder / f"{self.name}.onnx"
+        return self.folder / self.files["onnx"]["path"]
 
     @property
     def weights_path(self) -> Path:
-        return self.folder / f"{self.name}.safetensors"
+        return self.folder / self.files["weights"]["path"]
+
+    @property
+    def onnx_bytes(self) -> int:
+        return int(self.files["onnx"]["bytes"])
 
     @property
     def worst(self) -> ParityResult:
@@ -136,14 +138,15 @@ def export_artifact(
     name: str | None = None,
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
-    """Export `config` into `output_dir` as <name>.onnx, .safetensors and .json (the manifest).
+    """Export `config` into `output_dir`: the manifest <name>.json and the files it names,
+    <name>.<tag>.onnx and <name>.<tag>.safetensors (tag: the file's sha256 prefix).
 
-    Nothing is written unless every check passes; then the three files replace any earlier ones
-    together. Raises a ResfuseError subclass on any failure.
+    Nothing is written unless every check passes; then the manifest's rename commits the new
+    artifact in one step (resfuse.artifacts). Raises a ResfuseError subclass on any failure.
     """
     contract = options.contract(config)
-    ensure_writable(output_dir)
-    name = name or artifact_name(config, options.precision)
+    name = check_name(artifact_name(config, options.precision) if name is None else name)
+    ensure_writable(output_dir, name)
     start = time.perf_counter()
     progress("building the PyTorch model")
     torch.manual_seed(options.seed)
@@ -153,16 +156,10 @@ def export_artifact(
     raw = onnx_export.export_onnx(model, contract, options.opset)
     onnx_export.check_model(raw)
     shapes = parity_shapes(contract)
-    proto, results, simplified = raw, [], False
+    proto, results, note = raw, [], "off (--no-simplify)"
     if options.simplify:
-        progress("simplifying (onnxslim)")
-        slim = onnx_export.simplify(raw)
-        onnx_export.check_model(slim)
-        progress("parity sweep on the simplified graph")
-        results = _parity(model, slim, shapes, options.float_tolerance, options.seed)
-        if all(r.stats.passed for r in results):
-            proto, simplified = slim, True
-    if not simplified:
+        proto, results, note = _simplified(model, raw, shapes, options, progress)
+    if not results:
         progress("parity sweep")
         results = _parity(model, raw, shapes, options.float_tolerance, options.seed)
     _require_parity(results, options.float_tolerance, "")
@@ -171,38 +168,43 @@ def export_artifact(
         proto, results = _quantize(model, proto, calibration, contract, shapes, options, progress)
 
     progress("writing the artifact")
-    with staging(output_dir) as stage:
-        onnx_tmp = stage.path(f"{name}.onnx")
-        onnx_export.save(proto, onnx_tmp)
-        weights_tmp = stage.path(f"{name}.safetensors")
-        save_weights(model, weights_tmp)
-        manifest_tmp = stage.path(f"{name}.json")
-        seconds = time.perf_counter() - start
-        write_json(
-            manifest_tmp,
-            _manifest(
-                config,
-                contract,
-                options,
-                name,
-                onnx_tmp,
-                weights_tmp,
-                results,
-                simplified,
-                seconds,
-                pretrained,
-                weights,
-            ),
+    with write_artifact(output_dir, name) as writer:
+        files = {
+            "onnx": writer.add(".onnx", lambda path: onnx_export.save(proto, path)),
+            "weights": writer.add(".safetensors", lambda path: save_weights(model, path)),
+        }
+        result = ExportResult(
+            name, Path(output_dir), files, time.perf_counter() - start, note, results
         )
-        onnx_bytes = onnx_tmp.stat().st_size
-    return ExportResult(
-        name,
-        Path(output_dir),
-        onnx_bytes,
-        seconds,
-        simplified,
-        results,
-    )
+        writer.commit(_manifest(config, contract, options, result, pretrained, weights))
+    return result
+
+
+def _simplified(
+    model: FusionModel,
+    raw: onnx.ModelProto,
+    shapes: list[Shape],
+    options: ExportOptions,
+    progress: Callable[[str], None],
+) -> tuple[onnx.ModelProto, list[ParityResult], str]:
+    """onnxslim's graph with its parity sweep when it passes; else the raw graph, no results
+    yet, and why it was kept."""
+    progress("simplifying (onnxslim)")
+    try:
+        slim = onnx_export.simplify(raw)
+        onnx_export.check_model(slim)
+    except ExportError as exc:
+        return raw, [], f"kept the raw graph: {exc}"
+    progress("parity sweep on the simplified graph")
+    results = _parity(model, slim, shapes, options.float_tolerance, options.seed)
+    failed = [r for r in results if not r.stats.passed]
+    if failed:
+        bad = failed[0]
+        return raw, [], (
+            f"kept the raw graph: the simplified one failed parity at {bad.shape} "
+            f"(max |error| {bad.stats.max_abs:.3g})"
+        )
+    return slim, results, "simplified"
 
 
 def _parity(
@@ -256,29 +258,25 @@ def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> N
 
 
 def _preprocess(config: ModelConfig) -> dict[str, Any]:
-    """How the runtime turns image files into inputs (recorded in the manifest)."""
+    """How the runtime turns image files into inputs (recorded in the manifest): each file's
+    full range (8-bit /255, 16-bit /65535) to [0, 1], then ImageNet's or a centring mean/std."""
     channels = config.in_channels
     norm = _IMAGENET if channels == 3 else {"mean": [0.5] * channels, "std": [0.5] * channels}
-    return {"scale": 1 / 255, **norm, "resize": "none"}
+    return preprocess_record(channels, mean=norm["mean"], std=norm["std"])
 
 
 def _manifest(
     config: ModelConfig,
     contract: InputContract,
     options: ExportOptions,
-    name: str,
-    onnx_path: Path,
-    weights_path: Path,
-    results: list[ParityResult],
-    simplified: bool,
-    seconds: float,
+    result: ExportResult,
     pretrained: bool,
     weights: str | Path | None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "name": name,
+        "name": result.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": config.to_dict(),
         "input": {"name": onnx_export.INPUT_NAME, "layout": "NCHW", "contract": contract.to_dict()},
@@ -290,11 +288,12 @@ def _manifest(
         },
         "files": {
             "onnx": {
-                **file_record(onnx_path, f"{name}.onnx"),
+                **result.files["onnx"],
                 "opset": options.opset,
-                "simplified": simplified,
+                "simplified": result.simplified,
+                "simplify": result.simplify_note,
             },
-            "weights": file_record(weights_path, f"{name}.safetensors"),
+            "weights": result.files["weights"],
         },
         "weights_source": str(weights)
         if weights
@@ -310,8 +309,8 @@ def _manifest(
             "reference": "torch (cpu, float32)",
             "candidate": "onnxruntime CPUExecutionProvider",
             **options.tolerance.to_dict(),
-            "results": [r.to_dict() for r in results],
+            "results": [r.to_dict() for r in result.parity],
         },
-        "export_seconds": round(seconds, 2),
+        "export_seconds": round(result.seconds, 2),
         "versions": library_versions(),
     }

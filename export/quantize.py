@@ -8,6 +8,8 @@ each fusion method, stays float32: those are cheap in float and lossy in int8.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,9 +20,9 @@ import numpy as np
 import onnx
 
 from resfuse.contract import InputContract
-from resfuse.errors import ConfigError, ExportError
+from resfuse.errors import ConfigError, ExportError, InputContractError
 from resfuse.export.parity import Shape
-from resfuse.runtime.inputs import image_files, load_image, pil
+from resfuse.images import image_files, load_image
 
 QUANTIZED_OPS = ("Conv",)
 
@@ -82,15 +84,12 @@ class Calibration:
 def _resized(
     file: Path, h: int, w: int, preprocess: dict[str, Any], contract: InputContract
 ) -> np.ndarray:
-    image_mod = pil()
     try:
-        with image_mod.open(file) as image:
-            resized = image.resize((w, h), image_mod.Resampling.BILINEAR)
-    except OSError as exc:  # PIL's UnidentifiedImageError included
+        return load_image(file, preprocess, contract, size=(h, w))
+    except InputContractError as exc:  # unreadable, or a kind of image read with loss
         raise ConfigError(
             f"cannot read calibration image {file}: {exc}; remove it from --calib-images"
         ) from exc
-    return load_image(resized, preprocess, contract, resize="none")
 
 
 def quantization_record(calibration: Calibration) -> dict[str, Any]:
@@ -114,6 +113,18 @@ class _Reader:
         return next(self._feeds, None)
 
 
+@contextlib.contextmanager
+def _inside(folder: str) -> Iterator[None]:
+    """Run in `folder`: ONNX Runtime's quantization tools drop files (shape inference dumps,
+    augmented models) into the working directory, which must stay the user's and clean."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def quantize_int8(
     model: onnx.ModelProto, input_name: str, batches: list[np.ndarray]
 ) -> onnx.ModelProto:
@@ -126,7 +137,7 @@ def quantize_int8(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="resfuse-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="resfuse-int8-") as tmp, _inside(tmp):
         source, prepared, quantized = (Path(tmp) / n for n in ("f32.onnx", "pre.onnx", "q.onnx"))
         onnx.save(model, source)
         try:

@@ -7,8 +7,10 @@ from resfuse.errors import (
     ExportError,
     InputContractError,
     ManifestError,
+    ModelLoadError,
     ParityError,
     ResfuseError,
+    SessionClosedError,
     WeightsError,
 )
 from resfuse.models import BACKBONES, METHODS, FusionModel, ModelConfig, build_model
@@ -34,8 +36,10 @@ __all__ = [
     "InputContractError",
     "ManifestError",
     "ModelConfig",
+    "ModelLoadError",
     "ParityError",
     "ResfuseError",
+    "SessionClosedError",
     "WeightsError",
     "build_model",
     "load_original",

@@ -1,4 +1,11 @@
-"""Artifacts on disk: atomic writes, sha256, and the JSON manifest every reader validates."""
+"""Artifacts on disk: a manifest NAME.json and the content-tagged files it names.
+
+How a write stays atomic, in three lines:
+1. each file is written to a hidden temporary name, fsynced, then renamed to NAME.<sha256[:12]>.ext;
+2. the manifest is written the same way and renamed over NAME.json: that rename is the one commit;
+3. then NAME's files that the manifest no longer names, and temporaries of killed writes, go.
+A reader thus sees the old set or the new set, never a mix; a file lock serialises writers of NAME.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,23 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import re
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from resfuse.compare import Tolerance
 from resfuse.contract import InputContract
-from resfuse.errors import ArtifactWriteError, ManifestError
+from resfuse.errors import ArtifactWriteError, ConfigError, ManifestError
 from resfuse.models import FusionModel, ModelConfig
 
 FORMAT = "resfuse-artifact"
-FORMAT_VERSION = 1
-_REQUIRED = ("format", "format_version", "model", "input", "output", "files")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: files named NAME.onnx; same fields otherwise
+TAG_LENGTH = 12
+SUFFIXES = (".onnx", ".safetensors")  # the data files an artifact may have
 
 
 def sha256_of(path: str | Path) -> str:
@@ -29,87 +40,170 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class Staging:
-    """Files written under temporary names in the target folder, renamed into place together on
-    success (in the order staged: put the manifest last) and deleted on failure, so a crash or an
-    error never leaves a half-written artifact and never replaces a good one."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._staged: list[tuple[Path, Path]] = []
-
-    def path(self, name: str) -> Path:
-        final = self.folder / name
-        temp = self.folder / f".{name}.partial-{os.getpid()}"
-        self._staged.append((temp, final))
-        return temp
-
-    def commit(self) -> None:
-        umask = os.umask(0)
-        os.umask(umask)
-        for temp, final in self._staged:
-            os.chmod(temp, 0o666 & ~umask)  # some writers create 0600 files
-            os.replace(temp, final)
-        self._staged.clear()
-
-    def discard(self) -> None:
-        for temp, _ in self._staged:
-            temp.unlink(missing_ok=True)
-        self._staged.clear()
+def check_name(name: str) -> str:
+    """An artifact name is a plain file name: it can only ever land inside --output."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or name.startswith((".", "-"))
+        or "/" in name
+        or "\\" in name
+        or (os.altsep is not None and os.altsep in name)
+        or any(ord(ch) < 32 for ch in name)
+        or len(name) > 200
+        or re.search(rf"\.[0-9a-f]{{{TAG_LENGTH}}}$", name) is not None  # reads as a file's tag
+    )
+    if bad:
+        raise ConfigError(
+            f"--name {name!r} is not a plain file name; use letters, digits, '-', '_' or '.' "
+            f"without a path (the files go into --output), not starting with '.' or '-'"
+        )
+    return name
 
 
-def ensure_writable(folder: str | Path) -> None:
-    """Fail before any expensive work when the output folder cannot be written."""
+def ensure_writable(folder: str | Path, name: str) -> None:
+    """Fail before any expensive work when the artifact cannot be written into `folder`."""
     folder = Path(folder)
+    fix = "choose a writable --output folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ArtifactWriteError(
-            f"cannot write into {folder} ({exc.strerror or exc}); choose a writable --output folder"
-        ) from exc
+        reason = exc.strerror or exc
+        raise ArtifactWriteError(f"cannot write into {folder} ({reason}); {fix}") from exc
     if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactWriteError(f"cannot write into {folder} (permission denied); {fix}")
+    manifest = folder / f"{name}.json"
+    if manifest.exists() and not manifest.is_file():
         raise ArtifactWriteError(
-            f"cannot write into {folder} (permission denied); choose a writable --output folder"
+            f"{manifest} exists and is not a file, so the manifest cannot be written there; "
+            f"move it away or choose another --name; nothing was written"
         )
-
-
-@contextlib.contextmanager
-def staging(folder: str | Path) -> Iterator[Staging]:
-    folder = Path(folder)
-    stage = Staging(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        yield stage
-        stage.commit()
-    except OSError as exc:  # unwritable folder, full disk: say where, keep what was there
-        raise ArtifactWriteError(
-            f"cannot write into {folder} ({exc.strerror or exc}); choose a writable --output "
-            f"folder with free space; nothing there was changed"
-        ) from exc
-    finally:
-        stage.discard()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def file_record(path: Path, final_name: str) -> dict[str, Any]:
-    return {"path": final_name, "sha256": sha256_of(path), "bytes": path.stat().st_size}
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArtifactWriter:
+    """Writes one artifact under the protocol in the module docstring. Use `write_artifact`."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.name = check_name(name)
+        self.manifest_path = folder / f"{name}.json"
+        self._token = secrets.token_hex(8)
+        self._temp = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{16}}\.tmp")
+        kinds = "|".join(re.escape(s) for s in SUFFIXES)
+        self._tagged = re.compile(rf"{re.escape(name)}\.[0-9a-f]{{{TAG_LENGTH}}}({kinds})")
+        # version 1 files (NAME.onnx) go once a new manifest no longer names them
+        self._untagged = {f"{name}{s}" for s in SUFFIXES} & set(named_files(self.manifest_path))
+
+    def _temporary(self, suffix: str) -> Path:
+        return self.folder / f".{self.name}.{self._token}.tmp{suffix}"
+
+    def _written(self, temp: Path) -> None:
+        with open(temp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # some writers create 0600 files
+
+    def add(self, suffix: str, write: Callable[[Path], None]) -> dict[str, Any]:
+        """Write one file with `write(path)` and move it to its content-tagged name; returns
+        its manifest record."""
+        temp = self._temporary("")
+        try:
+            write(temp)
+            self._written(temp)
+            digest = sha256_of(temp)
+            final = f"{self.name}.{digest[:TAG_LENGTH]}{suffix}"
+            size = temp.stat().st_size
+            os.replace(temp, self.folder / final)  # same bytes if the name already exists
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_folder(self.folder)
+        return {"path": final, "sha256": digest, "bytes": size}
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        temp = self._temporary(".json")
+        try:
+            write_json(temp, manifest)
+            self._written(temp)
+            os.replace(temp, self.manifest_path)
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_folder(self.folder)
+
+    def collect_garbage(self) -> None:
+        """Remove NAME's files that the committed manifest does not name, and temporaries."""
+        keep = set(named_files(self.manifest_path))
+        for entry in os.scandir(self.folder):
+            stale_temp = self._temp.fullmatch(entry.name.removesuffix(".json"))
+            ours = self._tagged.fullmatch(entry.name) or entry.name in self._untagged
+            unused = ours and entry.name not in keep
+            if (stale_temp or unused) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def named_files(manifest_path: Path) -> list[str]:
+    """The plain file names a manifest on disk names; [] when it is absent or unreadable."""
+    try:
+        files = json.loads(manifest_path.read_text()).get("files", {})
+        names = [record["path"] for record in files.values()]
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return []
+    return [n for n in names if isinstance(n, str) and Path(n).name == n]
+
+
+@contextlib.contextmanager
+def write_artifact(folder: str | Path, name: str) -> Iterator[ArtifactWriter]:
+    """Lock NAME in `folder`, clear leftovers of killed writes, yield the writer; the caller
+    adds files and commits. On any failure nothing the old manifest names is touched."""
+    import filelock
+
+    folder = Path(folder)
+    check_name(name)
+    try:
+        with filelock.FileLock(folder / f".{name}.lock"):
+            writer = ArtifactWriter(folder, name)
+            try:
+                writer.collect_garbage()
+                yield writer
+            finally:
+                writer.collect_garbage()
+    except OSError as exc:  # unwritable folder, full disk: say where, keep what was there
+        raise ArtifactWriteError(
+            f"cannot write {name} into {folder} ({exc.strerror or exc}); choose a writable "
+            f"--output folder with free space; the artifact there was not changed"
+        ) from exc
 
 
 class Manifest:
-    """A validated manifest and the folder its relative file paths are resolved against."""
+    """A validated manifest and the folder its plain file names are resolved in."""
 
-    def __init__(self, data: dict[str, Any], path: Path) -> None:
+    def __init__(self, data: dict[str, Any], path: Path, raw: bytes) -> None:
         self.data = data
         self.path = path
+        self._raw = raw
         self.config = ModelConfig.from_dict(data["model"])
         self.contract = InputContract.from_dict(data["input"]["contract"])
 
     @property
     def precision(self) -> str:
-        return str(self.data.get("precision", "float32"))
+        return str(self.data["precision"])
+
+    @property
+    def input_name(self) -> str:
+        return str(self.data["input"]["name"])
 
     @property
     def tolerance(self) -> Tolerance:
@@ -118,56 +212,92 @@ class Manifest:
         known = {f.name for f in fields(Tolerance)}
         return Tolerance(**{k: v for k, v in parity.items() if k in known})
 
-    def file(self, key: str) -> Path:
-        """The artifact file `key` ("onnx", "weights", ...), after checking its sha256."""
+    def record(self, key: str) -> dict[str, Any]:
         record = self.data["files"].get(key)
         if record is None:
             raise ManifestError(f"{self.path} lists no {key!r} file; re-export the artifact")
+        return dict(record)
+
+    def read(self, key: str) -> bytes:
+        """The bytes of file `key` ("onnx", "weights"), read once and checked against the
+        manifest's size and sha256: load from these bytes, so the file checked is the file run."""
+        record = self.record(key)
         target = self.path.parent / record["path"]
-        if not target.is_file():
+        try:
+            with open(target, "rb") as fh:
+                data = fh.read(record["bytes"] + 1)
+        except FileNotFoundError:
+            raise ManifestError(self._missing(target)) from None
+        except OSError as exc:
+            raise ManifestError(f"cannot read {target}: {exc.strerror or exc}") from exc
+        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
             raise ManifestError(
-                f"{target} named by {self.path} is missing; copy it beside the manifest or "
-                f"re-export"
+                f"{target} does not match the size and sha256 in {self.path}: the file was "
+                f"changed, truncated or replaced after export; re-export it rather than trusting it"
             )
-        if sha256_of(target) != record["sha256"]:
-            raise ManifestError(
-                f"{target} does not match the sha256 in {self.path}: the file was changed or "
-                f"replaced after export; re-export it rather than trusting it"
-            )
-        return target
+        return data
+
+    def _missing(self, target: Path) -> str:
+        try:
+            replaced = self.path.read_bytes() != self._raw
+        except OSError:
+            replaced = True
+        if replaced:
+            return f"{self.path} was replaced by another export while being opened; open it again"
+        return f"{target} named by {self.path} is missing; copy it beside the manifest or re-export"
+
+
+def manifest_path_for(path: str | Path) -> Path:
+    """The manifest of an artifact given by its manifest or by one of its files."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return path
+    stem = path.stem  # NAME.<tag> for version 2 files, NAME for version 1
+    base, _, tag = stem.rpartition(".")
+    if base and re.fullmatch(rf"[0-9a-f]{{{TAG_LENGTH}}}", tag):
+        return path.with_name(f"{base}.json")
+    return path.with_name(f"{stem}.json")
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
-    if path.suffix != ".json":
-        path = path.with_suffix(".json")  # an artifact's manifest lies beside it
+    """Read and validate a manifest (or the one beside an artifact file); every field is checked
+    before use and a bad one is named in a one-line ManifestError."""
+    from resfuse.schema import validate_manifest
+
+    path = manifest_path_for(path)
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(
             f"no manifest at {path}; export with resfuse-export, which writes it beside the model"
         ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ManifestError(f'{path} is not a resfuse manifest (no "format": "{FORMAT}")')
-    missing = [key for key in _REQUIRED if key not in data]
-    if missing:
-        raise ManifestError(f"{path} lacks the fields {missing}; re-export the artifact")
-    if data["format_version"] != FORMAT_VERSION:
-        raise ManifestError(
-            f"{path} has format version {data['format_version']}, this resfuse reads "
-            f"{FORMAT_VERSION}; re-export with this version"
-        )
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
     try:
-        return Manifest(data, path)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(f"{path} has a malformed model or input section: {exc}") from exc
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ManifestError(f"cannot read manifest {path}: not JSON ({exc})") from exc
+    validate_manifest(data, path)
+    return Manifest(data, path, raw)
 
 
-def load_original(manifest_path: str | Path) -> FusionModel:
+def load_original(manifest: str | Path | Manifest) -> FusionModel:
     """Rebuild the PyTorch original from a manifest and its verified weights, in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     from resfuse.models import build_model
 
-    manifest = read_manifest(manifest_path)
-    return build_model(**manifest.config.to_dict(), weights=manifest.file("weights"))
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest)
+    name = manifest.record("weights")["path"]
+    model = build_model(**manifest.config.to_dict())
+    try:  # safetensors parses the very bytes hashed; nothing in it can run code
+        model.load_state_dict(load(manifest.read("weights")), strict=True)
+    except (SafetensorError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ManifestError(
+            f"{name} does not hold the weights of the model {manifest.path.name} describes "
+            f"({detail}); re-export the artifact"
+        ) from exc
+    return model.eval()

@@ -35,3 +35,11 @@ class ManifestError(ResfuseError):
 
 class BackendUnavailableError(ResfuseError):
     """A backend, device or execution provider is not installed or not present here."""
+
+
+class ModelLoadError(ResfuseError):
+    """A backend refused an artifact's verified model file (a graph it rejects, external data)."""
+
+
+class SessionClosedError(ResfuseError, RuntimeError):
+    """A runtime session was used after close()."""

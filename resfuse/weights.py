@@ -1,21 +1,30 @@
-"""Reading and writing weights safely: safetensors, or torch.load with weights_only=True only."""
+"""Reading and writing weights safely: safetensors, or torch.load with weights_only=True only.
+
+Weights that do not fit the model are refused with what differs, computed by comparing the
+state dicts, and with the options that would fit where the tensors tell them (`guess_config`).
+"""
 
 from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from resfuse.errors import WeightsError
+from resfuse.models.backbones import BACKBONES, torchvision_name
 
 if TYPE_CHECKING:
-    from resfuse.models import FusionModel
+    from resfuse.models import FusionModel, ModelConfig
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # common checkpoint layouts
+# torch names the global it refused: "Unsupported global: GLOBAL __main__.Net was not an allowed
+# global" or, for sys/os/posix/nt, "Trying to load unsupported GLOBAL posix.system whose module".
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -24,27 +33,45 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    return _as_state_dict(_torch_load(path), path)
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load with weights_only=True; there is no fallback to unsafe unpickling."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch says it dispatches to torch.jit.load; it refuses
+            warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        blocked = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if blocked is None:
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        if refused is None:
             raise WeightsError(
                 f"cannot read {path} as a PyTorch state dict (not a torch.save file?); pass a "
                 f".safetensors file or one written by torch.save(model.state_dict(), path)"
             ) from exc
         raise WeightsError(
-            f"{path} holds pickled Python objects ({blocked.group(1)}) that safe loading "
-            f"refuses; resfuse never unpickles arbitrary code: re-save only the tensors with "
-            f"torch.save(model.state_dict(), path), or as .safetensors"
+            f"{path} holds pickled Python objects ({refused[1]}) that safe loading refuses, so "
+            f"nothing in it was run; {_convert(f'torch.load({str(path)!r}, weights_only=False)')}"
         ) from exc
     except Exception as exc:
+        if "TorchScript" in str(exc):  # torch.jit.save archives hold code as well as tensors
+            raise WeightsError(
+                f"{path} is a TorchScript archive, which holds code that resfuse does not "
+                f"load; {_convert(f'torch.jit.load({str(path)!r})')}"
+            ) from exc
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
         raise WeightsError(
             f"cannot read {path} as a PyTorch state dict ({type(exc).__name__}: {detail}); "
             f"pass a .safetensors file or one written by torch.save(model.state_dict(), path)"
         ) from exc
-    return _as_state_dict(obj, path)
+
+
+def _convert(load: str) -> str:
+    return (
+        f"convert it to safetensors once, in an environment you trust: model = {load}; "
+        f'safetensors.torch.save_file(model.state_dict(), "w.safetensors"), then pass '
+        f"w.safetensors"
+    )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -76,36 +103,128 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 def load_weights_into(model: FusionModel, path: str | Path) -> None:
     """Load a whole fusion model's weights, or a torchvision ResNet's into the encoder."""
     state = read_state_dict(path)
-    if not any(k.startswith(("encoder.", "fusion.", "head.")) for k in state):
-        _load_backbone(model, state, path)
+    hint = _options_hint(state, model.config)
+    if any(k.startswith(("encoder.", "fusion.", "head.")) for k in state):
+        _check_fit(path, model.state_dict(), state, hint)
+        model.load_state_dict(state)
         return
-    fix = (
-        "build the model with the method, backbone, stage, in_channels and num_classes "
-        "the weights were trained with"
-    )
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        detail = " ".join(str(exc).split())[:240]
-        raise WeightsError(f"{path} does not fit this model ({detail}); {fix}") from exc
-    problems = [*result.missing_keys, *result.unexpected_keys]
-    if problems:
+    part = model.encoder.torchvision_part(state)
+    if not part:
         raise WeightsError(
-            f"{path} does not fit this model: {len(result.missing_keys)} missing and "
-            f"{len(result.unexpected_keys)} unexpected keys (first: {problems[:3]}); {fix}"
+            f"{path} is neither a resfuse fusion model (keys encoder.*, fusion.*, head.*) nor a "
+            f"torchvision ResNet (conv1.*, bn1.*, layer1.*, ...); its keys begin "
+            f"{', '.join(sorted(state)[:3])}; pass weights saved from one of those"
         )
+    own = {torchvision_name(k): v for k, v in model.encoder.state_dict().items()}
+    _check_fit(path, own, part, hint)
+    model.encoder.load_torchvision_state(state)
 
 
-def _load_backbone(model: FusionModel, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    try:
-        model.encoder.load_torchvision_state(state)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"{path} is neither a resfuse fusion model nor a matching torchvision ResNet "
-            f"state dict: {str(exc).splitlines()[0][:200]}"
-        ) from exc
-    except (ValueError, IndexError) as exc:
-        raise WeightsError(f"{path} has keys that are not a torchvision ResNet's: {exc}") from exc
+def _check_fit(
+    path: str | Path, own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], hint: str
+) -> None:
+    """Refuse weights whose keys or shapes differ from the model's, naming a few of each."""
+    found = {
+        "with other shapes": [
+            f"{k} file {_dims(given[k])} vs model {_dims(v)}"
+            for k, v in own.items()
+            if k in given and given[k].shape != v.shape
+        ],
+        # BatchNorm counters absent from old checkpoints are filled in by load_state_dict
+        "missing": [k for k in own if k not in given and not k.endswith(".num_batches_tracked")],
+        "unexpected": [k for k in given if k not in own],
+    }
+    for items in found.values():  # name weights first, BatchNorm counters last
+        items.sort(key=lambda k: k.endswith(".num_batches_tracked"))
+    listed = [
+        f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+        for what, items in found.items()
+        if items
+    ]
+    if listed:
+        raise WeightsError(f"{path} does not fit this model: {'; '.join(listed)}; {hint}")
+
+
+def _dims(tensor: torch.Tensor) -> str:
+    return "x".join(map(str, tensor.shape)) or "scalar"
+
+
+def _options_hint(state: dict[str, torch.Tensor], config: ModelConfig) -> str:
+    """The options, in CLI form, where the tensors say the model that wrote them differs."""
+    flags = []
+    for field, value in guess_config(state).items():
+        flag = f"--{field.replace('_', '-')}"
+        if field == "backbone" and config.backbone not in value:
+            flags.append(f"{flag} {value[0]}" + "".join(f" (or {v})" for v in value[1:]))
+        elif field != "backbone" and value != getattr(config, field):
+            flags.append(f"{flag} {value}" if value is not None else f"no {flag}")
+    if not flags:
+        return (
+            "build the model with the options the weights were trained with (backbone, stage, "
+            "method, in_channels, num_classes, features, levels)"
+        )
+    options = "those options" if len(flags) > 1 else "that option"
+    return f"these look like weights of a model built with {' '.join(flags)}: pass {options}"
+
+
+_METHOD_KEYS = {"fusion.up.": "upsample", "fusion.branches.": "masked", "fusion.gate.": "spp"}
+# layer i's block b: encoder.layers.{i-1}.{b}. in a fusion model, layer{i}.{b}. in torchvision's
+_BLOCK_KEY = re.compile(r"(?:encoder\.layers\.(\d+)|layer(\d+))\.(\d+)\.")
+
+
+def guess_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ModelConfig fields that a state dict's tensors determine. `backbone` is a tuple of
+    names: a cut after layer 2 cannot tell resnet50 from resnet101. A torchvision ResNet's state
+    dict tells only the backbone: any stage reads it, and its stem is adapted to in_channels."""
+    guess: dict[str, Any] = {}
+    blocks, widths = _layer_shapes(state)
+    if backbones := _backbones(blocks, widths):
+        guess["backbone"] = backbones
+    if any(k.startswith("encoder.layers.") for k in state) and blocks:
+        guess["stage"] = len(blocks)
+    stem = state.get("encoder.stem.0.weight")
+    if stem is not None and stem.dim() == 4:
+        guess["in_channels"] = stem.shape[1]
+    methods = {m for prefix, m in _METHOD_KEYS.items() if any(k.startswith(prefix) for k in state)}
+    if len(methods) == 1:
+        guess["method"] = methods.pop()
+        head = state.get("head.1.weight")  # the head's last conv: one output per class
+        guess["num_classes"] = head.shape[0] if head is not None and head.dim() else None
+    norms = [
+        k
+        for k, v in state.items()
+        if re.fullmatch(r"fusion\.(project\.1|up\.\d+)\.running_mean", k) and v.dim() == 1
+    ]
+    if norms:  # the fusion's last BatchNorm is as wide as the features it adds
+        guess["features"] = state[max(norms, key=lambda k: int(k.split(".")[2]))].shape[0]
+    return guess
+
+
+def _layer_shapes(state: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Blocks and output width (widest conv) of layer1, layer2, ... as far as they are present."""
+    blocks: dict[int, int] = {}
+    widths: dict[int, int] = {}
+    for key, value in state.items():
+        match = _BLOCK_KEY.match(key)
+        if match is None:
+            continue
+        layer = int(match[1]) + 1 if match[1] is not None else int(match[2])
+        blocks[layer] = max(blocks.get(layer, 0), int(match[3]) + 1)
+        if value.dim() == 4:
+            widths[layer] = max(widths.get(layer, 0), value.shape[0])
+    layers = range(1, len(blocks) + 1)
+    if sorted(blocks) != list(layers) or len(blocks) > 4:
+        return [], []
+    return [blocks[i] for i in layers], [widths.get(i, 0) for i in layers]
+
+
+def _backbones(blocks: list[int], widths: list[int]) -> tuple[str, ...]:
+    n = len(blocks)
+    return tuple(
+        name
+        for name, spec in BACKBONES.items()
+        if n and list(spec.blocks[:n]) == blocks and list(spec.widths[:n]) == widths
+    )
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -239,7 +239,9 @@ def compare_baseline(
             continue
         before, now = old[key]["p50_ms"], r["p50_ms"]
         change = now / before - 1
-        passed = change <= max_regression
+        # 11 ms against 10 ms is +10% on paper but 0.10000000000000009 in floats: a change
+        # at the limit passes, within a margin far below any measurable latency difference.
+        passed = change <= max_regression + 1e-9
         ok &= passed
         rows.append(
             [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,21 @@ from resfuse.runtime.report import markdown_table, parse_shapes
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
+
+
+class _FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: nan passes every range comparison, and an
+    infinite tolerance or allowed regression would be a gate that can never close."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+# Numeric options: click names the option, the value and the range in one line, exit code 2.
+_NON_NEGATIVE = _FiniteRange(min=0)
 
 
 def _progress() -> Progress:
@@ -68,16 +84,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     default=None,
     help="Image resize policy [default: the manifest's].",
 )
-@click.option("--atol", type=float, default=None, help="[default: the export's]")
-@click.option("--rtol", type=float, default=None, help="[default: the export's]")
+@click.option("--atol", type=_NON_NEGATIVE, default=None, help="[default: the export's]")
+@click.option("--rtol", type=_NON_NEGATIVE, default=None, help="[default: the export's]")
 @click.option(
     "--max-rel-l2",
-    type=float,
+    type=_NON_NEGATIVE,
     default=None,
     help="Judge by relative L2 error instead of elementwise [default: the export's; set for "
     "INT8 artifacts].",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option(
     "--json",
     "json_path",
@@ -176,9 +192,15 @@ _BASELINE_HEADERS = [
     help="Another artifact of the same model (e.g. its INT8 export) timed in the same run; "
     "repeatable.",
 )
-@click.option("--warmup", default=3, show_default=True, type=int)
-@click.option("--iters", default=20, show_default=True, type=int)
-@click.option("--threads", default=None, type=int, help="CPU threads [default: physical cores].")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--iters", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="CPU threads [default: the physical cores this process may use, within its affinity "
+    "and cgroup CPU quota].",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "md_path", type=click.Path(path_type=Path), default=None)
 @click.option(
@@ -198,7 +220,7 @@ _BASELINE_HEADERS = [
     "--max-regression",
     default=0.10,
     show_default=True,
-    type=float,
+    type=_NON_NEGATIVE,
     help="Allowed p50 increase over the baseline (0.10 = 10%).",
 )
 def bench_main(

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from resfuse.artifacts import Manifest, read_manifest
+from resfuse.errors import SessionClosedError
 from resfuse.runtime.backends import Runner, create_runner
 from resfuse.runtime.inputs import check_finite, is_image, load_image
 
@@ -22,6 +23,7 @@ class Session:
         self.contract = self.manifest.contract
         self.finite_check = finite_check
         self.resize = resize
+        self.closed = False
 
     @property
     def backend(self) -> str:
@@ -45,6 +47,11 @@ class Session:
 
     def run(self, x: np.ndarray | torch.Tensor | str | Path | Any) -> np.ndarray | torch.Tensor:
         """Numpy (or an image) in, numpy out; a torch tensor in, a tensor out on its device."""
+        if self.closed:
+            raise SessionClosedError(
+                f"the session on {self.manifest.path.name} ({self.backend}) is closed; open a "
+                f"new one with resfuse.runtime.load(), or call run() inside the `with` block"
+            )
         if is_image(x):
             x = self.preprocess(x)
         if isinstance(x, torch.Tensor):
@@ -63,7 +70,10 @@ class Session:
         return self.runner.infer(np.ascontiguousarray(x))
 
     def close(self) -> None:
-        self.runner.deactivate()
+        """Release the backend; idempotent. run() afterwards raises SessionClosedError."""
+        if not self.closed:
+            self.closed = True
+            self.runner.deactivate()
 
     def __enter__(self) -> Session:
         return self

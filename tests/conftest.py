@@ -1,17 +1,29 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
 from resfuse.models import METHODS, ModelConfig
 
-settings.register_profile("resfuse", max_examples=12, deadline=None, derandomize=True)
-settings.load_profile("resfuse")
+# Property tests draw new examples on every run (Hypothesis' built-in "ci" profile would fix
+# them); a failure prints the @reproduce_failure line. Hypothesis' files (its constants cache,
+# the local example database) go to a temp folder, never into the working directory. Locally
+# the database replays a failure on the next run; CI machines start fresh, so CI keeps none.
+_STORAGE = os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir(), "resfuse-hypothesis"))
+)
+_EXPLORE = settings(max_examples=10, deadline=None, derandomize=False, print_blob=True)
+_LOCAL_DB = DirectoryBasedExampleDatabase(Path(_STORAGE, "examples"))
+settings.register_profile("resfuse", _EXPLORE, database=_LOCAL_DB)
+settings.register_profile("ci", _EXPLORE, database=None)
+settings.load_profile("ci" if os.environ.get("CI") else "resfuse")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

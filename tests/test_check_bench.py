@@ -5,17 +5,23 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
+from click.testing import CliRunner
 from onnx import numpy_helper
 from PIL import Image
 
+from resfuse import runtime
 from resfuse.artifacts import sha256_of
-from resfuse.runtime.bench import benchmark, compare_baseline
+from resfuse.errors import ConfigError, ResfuseError
+from resfuse.runtime.bench import _record, add_speedups, benchmark, compare_baseline
 from resfuse.runtime.check import check_artifact
+from resfuse.runtime.cli import bench_main, check_main
 
 BIN = Path(sys.executable).parent
 
@@ -126,7 +132,16 @@ def test_check_cli_json_and_errors(exported, images, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "no manifest at" in missing.stderr
 
 
-def test_benchmark_records(exported) -> None:
+@pytest.fixture
+def three_threads():
+    """torch at 3 threads, a count no runner here asks for, so one left behind shows."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_benchmark_records(exported, three_threads) -> None:
     result = benchmark(
         exported["spp"].manifest_path,
         shapes=[(1, 3, 64, 64), (2, 3, 96, 80)],
@@ -134,6 +149,7 @@ def test_benchmark_records(exported) -> None:
         iters=3,
         threads=1,
     )
+    assert torch.get_num_threads() == 3
     assert result["format"] == "resfuse-bench" and result["machine"]["cpu"]
     assert {"torch", "onnxruntime"} <= set(result["machine"]["versions"])
     records = result["records"]
@@ -144,14 +160,179 @@ def test_benchmark_records(exported) -> None:
         ("onnxruntime", [2, 3, 96, 80]),
     ]
     for r in records:
-        assert r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
-        assert r["iters"] == 3 and r["settings"]["threads"] == 1
-        assert r["throughput_ips"] == pytest.approx(r["shape"][0] * 1e3 / r["mean_ms"])
+        assert r["iters"] == 3 and r["warmup"] == 1 and r["settings"]["threads"] == 1
         assert r["compute_ms"] > 0 and r["h2d_ms"] == r["d2h_ms"] == 0
-    torch_p50 = records[2]["p50_ms"]
-    assert records[3]["speedup_vs_torch"] == pytest.approx(torch_p50 / records[3]["p50_ms"])
-    rows, ok = compare_baseline(result, result, 0.0)
-    assert ok and len(rows) == 4
+        assert r["speedup_vs_torch"] is not None
+    assert records[0]["speedup_vs_torch"] == records[2]["speedup_vs_torch"] == 1.0
+
+
+def test_record_statistics_by_hand(exported) -> None:
+    """Known timings through the production record builder, against figures worked by hand."""
+    times = np.array([4.0, 1.0, 10.0, 3.0, 2.0])  # ms, unsorted as a run leaves them
+    phases = np.array([[1.0, 2.0, 3.0]] * 4 + [[6.0, 7.0, 8.0]])  # h2d, compute, d2h
+    with runtime.load(exported["spp"].manifest_path, threads=1) as session:
+        r = _record(session, (2, 3, 64, 64), times, phases, warmup=7)
+    # Sorted 1 2 3 4 10; percentile p sits at rank p/100 * 4, linear between neighbours:
+    # p90 at 3.6 -> 4 + 0.6 * 6 = 7.6; p95 at 3.8 -> 8.8; p99 at 3.96 -> 9.76.
+    assert (r.p50_ms, r.min_ms, r.mean_ms) == (3.0, 1.0, 4.0)
+    assert (r.p90_ms, r.p95_ms, r.p99_ms) == pytest.approx((7.6, 8.8, 9.76))
+    assert r.std_ms == pytest.approx(10**0.5)  # squared deviations 9 4 1 0 36, mean 10
+    assert r.throughput_ips == 500.0  # 2 images every 4 ms
+    assert (r.h2d_ms, r.compute_ms, r.d2h_ms) == (2.0, 3.0, 4.0)
+    assert (r.shape, r.iters, r.warmup, r.backend, r.device) == (
+        [2, 3, 64, 64],
+        5,
+        7,
+        "onnxruntime",
+        "cpu",
+    )
+    assert r.precision == "float32" and r.settings["threads"] == 1
+
+
+def test_speedups_by_hand(exported) -> None:
+    with runtime.load(exported["spp"].manifest_path, threads=1) as session:
+        base = _record(session, (1, 3, 64, 64), np.ones(3), np.zeros((3, 3)), warmup=0)
+    other = [1, 3, 96, 96]
+    records = [
+        replace(base, backend="torch", p50_ms=10.0),
+        replace(base, p50_ms=4.0),
+        replace(base, artifact="int8", p50_ms=5.0),
+        replace(base, shape=other, p50_ms=3.0),  # no torch record at this shape
+    ]
+    add_speedups(records)
+    assert [r.speedup_vs_torch for r in records] == [1.0, 2.5, 2.0, None]
+
+
+def _bench(p50: dict[str, float]) -> dict:
+    """A resfuse-bench result with one 1x3x64x64 record per backend and the given p50s."""
+    return {
+        "artifact": "a.json",
+        "records": [
+            {"artifact": "a", "backend": b, "device": "cpu", "shape": [1, 3, 64, 64], "p50_ms": t}
+            for b, t in p50.items()
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "before,now,limit,change,passed",
+    [
+        (10.0, 11.0, 0.10, "+10.0%", True),  # exactly at the limit passes (11/10 - 1 > 0.1)
+        (10.0, 11.0, 0.09, "+10.0%", False),
+        (3.0, 3.3, 0.10, "+10.0%", True),  # at the limit, float error the other way
+        (10.0, 10.1, 0.00, "+1.0%", False),
+        (10.0, 10.0, 0.00, "+0.0%", True),
+        (10.0, 9.0, 0.00, "-10.0%", True),  # faster always passes
+        (10.0, 12.5, 0.25, "+25.0%", True),
+        (10.0, 12.6, 0.25, "+26.0%", False),
+    ],
+)
+def test_compare_baseline_known_changes(before, now, limit, change: str, passed: bool) -> None:
+    rows, ok = compare_baseline(
+        _bench({"onnxruntime": now}), _bench({"onnxruntime": before}), limit
+    )
+    verdict = "ok" if passed else f"REGRESSION > {limit:.0%}"
+    assert ok is passed
+    assert rows == [
+        ["a", "onnxruntime", "cpu", "1x3x64x64", f"{before:.2f}", f"{now:.2f}", change, verdict]
+    ]
+
+
+def test_compare_baseline_one_regression_fails_the_run() -> None:
+    rows, ok = compare_baseline(
+        _bench({"torch": 20.0, "onnxruntime": 12.0, "tvm": 1.0}),
+        _bench({"torch": 20.0, "onnxruntime": 10.0}),
+        0.10,
+    )
+    assert not ok and [row[-1] for row in rows] == ["ok", "REGRESSION > 10%"]
+    with pytest.raises(ResfuseError, match="shares no artifact/backend/device/shape"):
+        compare_baseline(_bench({"torch": 1.0}), _bench({"onnxruntime": 1.0}), 0.10)
+    with pytest.raises(ConfigError, match="--max-regression must be >= 0"):
+        compare_baseline(_bench({"torch": 1.0}), _bench({"torch": 1.0}), -0.01)
+
+
+def test_torch_threads_are_set_while_active_and_restored(exported, three_threads) -> None:
+    path = exported["masked"].manifest_path
+    session = runtime.load(path, "torch", threads=1)
+    assert torch.get_num_threads() == 1 and session.runner.describe()["threads"] == 1
+    session.close()
+    assert torch.get_num_threads() == 3
+    with runtime.load(path, "torch"):  # no option: torch's count untouched
+        assert torch.get_num_threads() == 3
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ConfigError, match=rf"threads={bad!r} is not a whole number >= 1"):
+            runtime.load(path, "torch", threads=bad)
+    assert torch.get_num_threads() == 3
+
+
+@pytest.mark.parametrize(
+    "command,args,message",
+    [
+        (
+            bench_main,
+            ["--threads", "-1"],
+            "Invalid value for '--threads': -1 is not in the range x>=1",
+        ),
+        (
+            bench_main,
+            ["--threads", "0"],
+            "Invalid value for '--threads': 0 is not in the range x>=1",
+        ),
+        (
+            bench_main,
+            ["--warmup", "-1"],
+            "Invalid value for '--warmup': -1 is not in the range x>=0",
+        ),
+        (bench_main, ["--iters", "0"], "Invalid value for '--iters': 0 is not in the range x>=1"),
+        (
+            bench_main,
+            ["--max-regression", "-0.1"],
+            "'--max-regression': -0.1 is not in the range x>=0",
+        ),
+        (
+            bench_main,
+            ["--max-regression", "nan"],
+            "'--max-regression': 'nan' is not a finite number",
+        ),
+        (check_main, ["--atol", "-1"], "Invalid value for '--atol': -1.0 is not in the range x>=0"),
+        (check_main, ["--rtol", "inf"], "Invalid value for '--rtol': 'inf' is not a finite number"),
+        (check_main, ["--max-rel-l2", "nan"], "'--max-rel-l2': 'nan' is not a finite number"),
+        (check_main, ["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+    ],
+)
+def test_numeric_options_out_of_range_are_named(exported, command, args, message: str) -> None:
+    """The real commands on a real artifact, in process: a usage error (exit 2), no exception."""
+    path = str(exported["masked"].manifest_path)
+    common = ["--shapes", "1x3x64x64"] + (["--iters", "1"] if command is bench_main else [])
+    result = CliRunner().invoke(command, [path, *common, *args])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert message in result.stderr
+
+
+def test_bench_threads_minus_one_is_one_line_without_traceback(exported) -> None:
+    proc = run("resfuse-bench", str(exported["masked"].manifest_path), "--threads", "-1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Error: Invalid value for '--threads': -1 is not in the range x>=1." in proc.stderr
+
+
+def test_soak_script_runs_briefly(exported, tmp_path: Path) -> None:
+    """benchmarks/soak.py end to end on tiny settings: one session, a new shape every call."""
+    script = Path(__file__).parents[1] / "benchmarks" / "soak.py"
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--artifact", str(exported["masked"].manifest_path)]
+        + ["--calls", "20", "--every", "10", "--warmup", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| mem_pattern | calls |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [s["calls"] for s in result["samples"]] == [0, 10, 20]
+    assert result["distinct_shapes"] > 10 and result["settings"]["mem_pattern"] is True
+    assert result["summary"]["rss_end_mib"] == result["samples"][-1]["rss_mib"] > 0
+    assert "usable_cpus" in result["machine"]
 
 
 def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import resfuse
@@ -49,6 +49,10 @@ def test_parity_at_shapes_the_export_never_saw(exported, method: str, shape) -> 
     w=st.integers(32, 300),
     batch=st.integers(1, 3),
 )
+@example(method="spp", h=32, w=32, batch=1)  # the minimum: one stride-32 cell
+@example(method="masked", h=33, w=65, batch=2)  # k * stride + 1: a 1-pixel last cell
+@example(method="upsample", h=300, w=33, batch=1)  # tall
+@example(method="masked", h=32, w=300, batch=1)  # wide
 def test_parity_at_sizes_drawn_by_hypothesis(
     exported, method: str, h: int, w: int, batch: int
 ) -> None:

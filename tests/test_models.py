@@ -1,11 +1,12 @@
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import resfuse
 from resfuse.errors import ConfigError, InputContractError
-from resfuse.models import METHODS
+from resfuse.models import METHODS, FusionMethod
 
 SIZES = [(32, 32), (33, 45), (97, 131), (257, 311), (64, 500), (500, 40)]
 
@@ -40,6 +41,11 @@ def test_deep_backbones(backbone: str) -> None:
     w=st.integers(32, 260),
     batch=st.integers(1, 3),
 )
+@example(method="masked", stage=4, h=32, w=32, batch=1)  # the minimum: one stride-32 cell
+@example(method="spp", stage=2, h=8, w=17, batch=2)  # stride 8: one cell high, 2 * 8 + 1 wide
+@example(method="upsample", stage=4, h=33, w=65, batch=1)  # k * stride + 1: a 1-pixel last cell
+@example(method="spp", stage=3, h=600, w=33, batch=1)  # tall
+@example(method="masked", stage=3, h=40, w=700, batch=1)  # wide
 def test_any_size_at_or_above_minimum(method: str, stage: int, h: int, w: int, batch: int) -> None:
     model = _cached(method, stage)
     with torch.inference_mode():
@@ -71,15 +77,77 @@ def test_image_channels_pass_through_unchanged(method: str) -> None:
         assert torch.equal(model(x)[:, :3], x)
 
 
-def test_masked_gates_image_and_features() -> None:
+def _aligned_bilinear(n: int, cells: int, stride: int) -> np.ndarray:
+    """(n, cells) weights of a bilinear (align_corners=False) upsample by `stride`, cropped to n:
+    output pixel y samples the cell grid at (y + 0.5) / stride - 0.5, clamped to the grid."""
+    u = np.clip((np.arange(n) + 0.5) / stride - 0.5, 0, cells - 1)
+    lo = np.floor(u).astype(int)
+    weights = np.zeros((n, cells))
+    np.add.at(weights, (np.arange(n), lo), 1 - (u - lo))
+    np.add.at(weights, (np.arange(n), np.minimum(lo + 1, cells - 1)), u - lo)
+    return weights
+
+
+def test_masked_gates_image_and_features_with_the_cell_over_each_pixel() -> None:
+    # The expected output is built from the module's parameters by hand, not with its `mask`.
     model = resfuse.build_model("masked")
     x = torch.randn(1, 3, 80, 90)
     with torch.inference_mode():
         feats = model.encoder(x)
-        mask = model.fusion.mask(x, feats)
-        out = model(x)
-    assert mask.shape == (1, 1, 80, 90) and 0 <= mask.min() and mask.max() <= 1
-    torch.testing.assert_close(out[:, :3], x * (1 - mask))
+        out = model(x)[0].numpy()
+        projected = model.fusion.project(feats)[0].numpy()
+        model_mask = model.fusion.mask(x, feats)[0, 0].numpy()
+    assert feats.shape[-2:] == (3, 3)
+    gate = model.fusion.gate
+    kernel, bias = gate.weight.detach()[:, :, 0, 0].numpy(), gate.bias.item()
+    logits = np.einsum("oc,chw->hw", kernel, feats[0].numpy()) + bias
+    rows, cols = _aligned_bilinear(80, 3, 32), _aligned_bilinear(90, 3, 32)
+    mask = rows @ (1 / (1 + np.exp(-logits))) @ cols.T
+    features = np.einsum("yi,cij,xj->cyx", rows, projected, cols) * mask
+    expected = np.concatenate([x[0].numpy() * (1 - mask), features])
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model_mask, mask, atol=1e-6, rtol=0)  # runtime/check uses it
+
+
+def _changed_pixels(
+    fusion: FusionMethod, image: torch.Tensor, feats: torch.Tensor, cell: tuple[int, int]
+) -> torch.Tensor:
+    """(H, W) map of the output pixels that move when one feature cell moves."""
+    bumped = feats.clone()
+    bumped[:, :, cell[0], cell[1]] += 1.0
+    with torch.inference_mode():
+        return (fusion(image, feats) != fusion(image, bumped)).flatten(0, 1).any(dim=0)
+
+
+@pytest.mark.parametrize("method", ["spp", "masked"])
+@pytest.mark.parametrize(
+    "stride,size,cell",
+    [
+        (32, (33, 45), (1, 0)),  # the partial last row of cells: one input row
+        (32, (33, 45), (1, 1)),  # the last cell
+        (32, (97, 131), (1, 2)),
+        (8, (17, 26), (2, 3)),
+    ],
+)
+def test_each_feature_cell_moves_only_its_own_block(
+    method: str, stride: int, size: tuple[int, int], cell: tuple[int, int]
+) -> None:
+    # Cell (i, j) sits over input rows [s*i, s*i + s) and columns [s*j, s*j + s); a bilinear
+    # resize on the aligned grid reaches half a cell further each way, no more. A resize straight
+    # to H x W moved rows 8..32 of a 33-row image for cell 1, which covers only row 32.
+    torch.manual_seed(0)
+    fusion = METHODS[method](16, stride, features=8).eval()
+    if method == "spp":  # pooled context is global: hold it fixed to see the per-cell path
+        with torch.no_grad():
+            for branch in fusion.branches:
+                branch[0].weight.zero_()
+    (h, w), (i, j), half = size, cell, stride // 2
+    feats = torch.randn(1, 16, -(-h // stride), -(-w // stride))
+    changed = _changed_pixels(fusion, torch.randn(1, 3, h, w), feats, cell)
+    expected = torch.zeros(h, w, dtype=torch.bool)
+    rows = slice(max(0, stride * i - half), stride * (i + 1) + half)
+    expected[rows, max(0, stride * j - half) : stride * (j + 1) + half] = True
+    assert torch.equal(changed, expected)
 
 
 def test_upsample_maps_each_feature_cell_to_its_own_stride_block_then_crops() -> None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from resfuse.models.pooling import adaptive_avg_pool2d
@@ -13,6 +13,10 @@ from resfuse.models.pooling import adaptive_avg_pool2d
     k=st.integers(1, 9),
     seed=st.integers(0, 2**16),
 )
+@example(h=1, w=1, k=1, seed=0)  # the smallest input
+@example(h=1, w=70, k=9, seed=1)  # wide, and fewer rows than bins
+@example(h=70, w=3, k=9, seed=2)  # tall, and fewer columns than bins
+@example(h=19, w=28, k=9, seed=3)  # 2k + 1 and 3k + 1: bins of unequal length that overlap
 def test_equals_torch_adaptive_avg_pool(h: int, w: int, k: int, seed: int) -> None:
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(

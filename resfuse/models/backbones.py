@@ -18,6 +18,7 @@ from resfuse.errors import ConfigError
 class BackboneSpec:
     name: str
     widths: tuple[int, int, int, int]  # output channels of layer1..layer4
+    blocks: tuple[int, int, int, int]  # residual blocks in layer1..layer4
 
 
 _BASIC = (64, 128, 256, 512)
@@ -25,11 +26,11 @@ _BOTTLENECK = (256, 512, 1024, 2048)
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("resnet18", _BASIC),
-        BackboneSpec("resnet34", _BASIC),
-        BackboneSpec("resnet50", _BOTTLENECK),
-        BackboneSpec("resnet101", _BOTTLENECK),
-        BackboneSpec("resnet152", _BOTTLENECK),
+        BackboneSpec("resnet18", _BASIC, (2, 2, 2, 2)),
+        BackboneSpec("resnet34", _BASIC, (3, 4, 6, 3)),
+        BackboneSpec("resnet50", _BOTTLENECK, (3, 4, 6, 3)),
+        BackboneSpec("resnet101", _BOTTLENECK, (3, 4, 23, 3)),
+        BackboneSpec("resnet152", _BOTTLENECK, (3, 8, 36, 3)),
     )
 }
 STAGES = (2, 3, 4)
@@ -72,19 +73,32 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(x))
 
+    def torchvision_part(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The entries of a torchvision ResNet state dict that this cut reads (conv1, bn1 and
+        layer1..layer{stage}; fc and deeper layers are not used), under their torchvision names,
+        the stem kernel adapted to in_channels."""
+        used = {torchvision_name(key).partition(".")[0] for key in self.state_dict()}
+        part = {key: value for key, value in state.items() if key.partition(".")[0] in used}
+        stem = part.get("conv1.weight")
+        if stem is not None and stem.dim() == 4 and stem.shape[1] != self.in_channels:
+            part["conv1.weight"] = _adapt_kernel(stem, self.in_channels)
+        return part
+
     def load_torchvision_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a torchvision ResNet state dict (keys conv1.*, layer1.*, fc.*) into this cut."""
-        mapped: dict[str, torch.Tensor] = {}
-        for key, value in state.items():
-            head, _, rest = key.partition(".")
-            if head in ("conv1", "bn1"):
-                mapped[f"stem.{0 if head == 'conv1' else 1}.{rest}"] = value
-            elif head.startswith("layer") and int(head[5:]) <= self.stage:
-                mapped[f"layers.{int(head[5:]) - 1}.{rest}"] = value
-        stem = mapped.get("stem.0.weight")
-        if stem is not None and stem.shape[1] != self.in_channels:
-            mapped["stem.0.weight"] = _adapt_kernel(stem, self.in_channels)
-        self.load_state_dict(mapped, strict=True)
+        """Load a torchvision ResNet state dict into this cut: `torchvision_part` must hold
+        exactly this cut's keys and shapes."""
+        own = {torchvision_name(key): key for key in self.state_dict()}
+        part = self.torchvision_part(state)
+        self.load_state_dict({own.get(key, key): value for key, value in part.items()})
+
+
+def torchvision_name(key: str) -> str:
+    """An encoder state key under its torchvision ResNet name: stem.0.* is conv1.*, stem.1.* is
+    bn1.*, layers.2.* is layer3.*."""
+    part, index, rest = key.split(".", 2)
+    if part == "stem":
+        return f"{('conv1', 'bn1')[int(index)]}.{rest}"
+    return f"layer{int(index) + 1}.{rest}"
 
 
 def _torchvision_resnet(name: str, pretrained: bool) -> ResNet:

@@ -33,6 +33,20 @@ def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def to_image_grid(x: torch.Tensor, image: torch.Tensor, stride: int) -> torch.Tensor:
+    """Stride-`stride` features to the image's H x W, each cell kept over its own input block.
+
+    ResNet's ceil rounding puts cell i over input rows stride*i .. stride*i + stride - 1, the
+    partial cell last. A bilinear resize to the aligned grid (stride * h, stride * w) centres
+    every cell on its block; cropping the bottom/right surplus gives H x W. Resizing straight
+    to H x W would instead stretch the partial last cell over the image. Exports as Resize
+    (sizes from Shape) and Slice, so H and W stay dynamic.
+    """
+    aligned = (x.shape[-2] * stride, x.shape[-1] * stride)
+    up = F.interpolate(x, size=aligned, mode="bilinear", align_corners=False)
+    return up[:, :, : image.shape[2], : image.shape[3]]
+
+
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
@@ -48,6 +62,7 @@ class FusionMethod(nn.Module):
         super().__init__()
         if features < 1:
             raise ConfigError(f"features must be at least 1, got {features}")
+        self.stride = stride
         self.features = features
 
     def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -86,8 +101,10 @@ class UpsampleFusion(FusionMethod):
 @register_method("spp")
 class PyramidPoolingFusion(FusionMethod):
     """Spatial pyramid pooling (PSPNet style): context pooled over k x k bins per level, projected,
-    joined with the features, projected again (1x1) and resized to H x W. A 1x1 projection, not
-    PSPNet's 3x3, which on resnet50 features costs about 1 GFLOP at 512x512 for little gain."""
+    joined with the features and projected again (1x1) on the feature grid, then brought to
+    H x W by `to_image_grid`: resized to the stride-aligned grid and cropped, so each cell's
+    context stays over its own input block for every H, W. A 1x1 projection, not PSPNet's 3x3,
+    which on resnet50 features costs about 1 GFLOP at 512x512 for little gain."""
 
     def __init__(
         self,
@@ -115,13 +132,15 @@ class PyramidPoolingFusion(FusionMethod):
         for k, branch in zip(self.levels, self.branches, strict=True):
             pyramid.append(resize_to(branch(adaptive_avg_pool2d(feats, k)), feats))
         context = self.project(torch.cat(pyramid, dim=1))
-        return torch.cat([image, resize_to(context, image)], dim=1)
+        return torch.cat([image, to_image_grid(context, image, self.stride)], dim=1)
 
 
 @register_method("masked")
 class MaskedFusion(FusionMethod):
-    """Conditional concatenation: a per-pixel gate m = sigmoid(1x1 conv(features)) at H x W
-    gives cat([image * (1 - m), projected_features * m])."""
+    """Conditional concatenation: a gate m = sigmoid(1x1 conv(features)) gives
+    cat([image * (1 - m), projected_features * m]). Gate and projection are computed on the
+    feature grid and brought to H x W by `to_image_grid` (aligned resize, then crop), so the
+    gate over each input pixel comes from the cell over it, for every H, W."""
 
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)
@@ -130,9 +149,9 @@ class MaskedFusion(FusionMethod):
 
     def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         mask = self.mask(image, feats)
-        projected = resize_to(self.project(feats), image)
+        projected = to_image_grid(self.project(feats), image, self.stride)
         return torch.cat([image * (1 - mask), projected * mask], dim=1)
 
     def mask(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """The gate at H x W, for checks that the image channels equal image * (1 - mask)."""
-        return resize_to(torch.sigmoid(self.gate(feats)), image)
+        return to_image_grid(torch.sigmoid(self.gate(feats)), image, self.stride)

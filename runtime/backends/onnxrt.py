@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from resfuse.artifacts import Manifest
 from resfuse.contract import InputContract
-from resfuse.errors import BackendUnavailableError, ConfigError
+from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
 from resfuse.runtime.backends.base import Phases, Runner
 from resfuse.runtime.machine import physical_cores
 
@@ -71,6 +72,37 @@ def tensorrt_provider_options(
     }
 
 
+def refuse_external_data(model: bytes, name: str) -> None:
+    """resfuse artifacts are one self-contained .onnx file; a graph that points at external
+    data files would read files the manifest never hashed, so it is refused."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load_model_from_string(model)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{name} is not an ONNX model ({exc}); re-export it") from exc
+    external = onnx.TensorProto.EXTERNAL
+    if any(t.data_location == external for t in _tensors(proto.graph)):
+        raise ModelLoadError(
+            f"{name} keeps tensors in external data files, which resfuse does not load (they "
+            f"would escape the manifest's sha256); re-export it as one file with resfuse-export"
+        )
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    yield from (sparse.values for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+                yield from _tensors(sub)
+
+
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
@@ -94,6 +126,16 @@ class OnnxRuntimeRunner(Runner):
             raise ConfigError(
                 f"optimization must be one of {_LEVELS}, not {options['optimization']!r}"
             )
+        for key in ("threads", "inter_op_threads"):
+            value = options.get(key)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ConfigError(
+                    f"onnxruntime option {key} must be a whole number >= 1, got {value!r}; "
+                    f"leave it out for the default ({OPTIONS[key]})"
+                )
+        for key in ("mem_pattern", "fp16"):
+            if not isinstance(options.get(key, False), bool):
+                raise ConfigError(f"onnxruntime option {key} must be True or False")
         super().__init__(manifest, device, **options)
         self.session: Any = None
 
@@ -126,8 +168,8 @@ class OnnxRuntimeRunner(Runner):
             return list(_PROVIDERS[self.device])
         trt = tensorrt_provider_options(
             self.manifest.contract,
-            self.manifest.data["input"]["name"],
-            self.manifest.data["files"]["onnx"]["sha256"],
+            self.manifest.input_name,
+            self.manifest.record("onnx")["sha256"],
             self.options.get("cache_dir"),
             bool(self.options.get("fp16", False)),
             self.options.get("opt_shape"),
@@ -152,8 +194,16 @@ class OnnxRuntimeRunner(Runner):
                 f"install onnxruntime-gpu in place of onnxruntime: pip uninstall -y onnxruntime "
                 f"&& pip install onnxruntime-gpu"
             )
-        path = self.manifest.file("onnx")  # sha256 verified before ONNX Runtime reads it
-        self.session = ort.InferenceSession(str(path), self.session_options(), self.providers())
+        model = self.manifest.read("onnx")  # ONNX Runtime parses the very bytes hashed
+        refuse_external_data(model, self.manifest.record("onnx")["path"])
+        try:
+            self.session = ort.InferenceSession(model, self.session_options(), self.providers())
+        except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/... classes
+            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelLoadError(
+                f"ONNX Runtime refused {self.manifest.record('onnx')['path']}: {detail}; "
+                f"re-export it with resfuse-export"
+            ) from exc
         self._input = self.session.get_inputs()[0].name
 
     def infer(self, x: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -14,15 +15,29 @@ from resfuse.runtime.backends.base import Phases, Runner
 
 
 class TorchRunner(Runner):
+    """Option `threads` (int >= 1): torch's intra-op CPU threads. torch.set_num_threads is
+    process-wide, so while this runner is active every torch computation in the process uses
+    that count; deactivate() puts back the count it found."""
+
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
         unknown = set(options) - {"threads"}
         if unknown:
             raise ConfigError(f"unknown torch backend options {sorted(unknown)}; known: threads")
+        threads = options.get("threads")
+        # bool is an int to Python, but threads=True is a mistake, not 1 thread.
+        if threads is not None and (
+            not isinstance(threads, Integral) or isinstance(threads, bool) or threads < 1
+        ):
+            raise ConfigError(
+                f"torch backend option threads={threads!r} is not a whole number >= 1; pass "
+                f"threads=1 or more, or leave it out to keep torch's count"
+            )
         super().__init__(manifest, device, **options)
         self.model: torch.nn.Module | None = None
         self._device = torch.device("cuda" if device == "cuda" else device)
+        self._threads_before: int | None = None  # the process's count, while ours is set
 
     def activate(self) -> None:
         if self._device.type == "cuda" and not torch.cuda.is_available():
@@ -32,9 +47,13 @@ class TorchRunner(Runner):
             )
         if self._device.type not in ("cpu", "cuda"):
             raise ConfigError(f"the torch backend runs on 'cpu' or 'cuda', not {self.device!r}")
-        if self.options.get("threads"):
-            torch.set_num_threads(int(self.options["threads"]))
-        self.model = load_original(self.manifest.path).to(self._device)
+        self.model = load_original(self.manifest).to(self._device)
+        # Set only once the model has loaded: a failed activate() leaves the process as it was.
+        threads = self.options.get("threads")
+        if threads is not None:
+            if self._threads_before is None:  # activated twice: keep the first count found
+                self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(int(threads))
 
     def _model(self) -> torch.nn.Module:
         if self.model is None:
@@ -69,6 +88,9 @@ class TorchRunner(Runner):
 
     def deactivate(self) -> None:
         self.model = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": torch.get_num_threads()}

@@ -1,0 +1,433 @@
+"""Image files as model inputs, without loss: 8- and 16-bit PNG/TIFF, float32 TIFF and DICOM.
+
+Medical images are 12- and 16-bit grayscale, so pixels are never squeezed through 8 bits. The
+manifest's `preprocess` section says how raw values become [0, 1] (one intensity rule), then
+`(x - mean) / std` per channel:
+
+- "range": "dtype" (default): the full range of the file's type, 8-bit /255, 16-bit /65535,
+  DICOM the range its BitsStored can hold; float images are taken as [0, 1] already.
+- "range": [low, high]: fixed numbers (e.g. [0, 4095] for 12-bit data); values outside clip.
+- "range": "image": each image's own min..max; contrast is stretched, but absolute intensity is
+  lost and one bright pixel changes the whole image.
+- "window": {"center": c, "width": w}: the range [c - w/2, c + w/2], as radiologists write it
+  (DICOM in rescaled units, e.g. Hounsfield units; other files in raw values).
+- "scale": s (manifests from before this module): 8-bit values times s, as they were read then.
+
+Export (INT8 calibration) and runtime both read images here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import numpy as np
+
+from resfuse.contract import InputContract
+from resfuse.errors import ConfigError, InputContractError
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
+RESIZE_POLICIES = ("none", "fit")
+RANGE_RULES = ("dtype", "image")
+_FIELDS = ("range", "window", "scale", "mean", "std", "resize")
+_INTENSITY_FIELDS = ("range", "window", "scale")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # Pillow modes and raw modes of uint16
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """One image's raw values, (H, W, C) in the model's channel count, as the file holds them."""
+
+    values: np.ndarray  # uint8, uint16, float32 (Pillow) or float64 (DICOM, rescaled)
+    full_range: tuple[float, float] | None  # the "dtype" rule's range; None: float, taken as 0..1
+    name: str  # for messages
+
+
+def image_files(folder: str | Path, option: str = "--images") -> list[Path]:
+    """The image files directly in `folder`, sorted; `option` names it in errors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {folder} is not a folder of image files; pass a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{option} {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return files
+
+
+def pil() -> Any:
+    """PIL.Image, or an error naming the extra that installs it."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ConfigError("image inputs need Pillow: pip install 'resfuse[images]'") from exc
+    return Image
+
+
+def pydicom() -> Any:
+    """The pydicom module, or an error naming the extra that installs it."""
+    try:
+        import pydicom as module
+    except ImportError as exc:
+        raise ConfigError("DICOM inputs need pydicom: pip install 'resfuse[dicom]'") from exc
+    return module
+
+
+def is_image(x: object) -> bool:
+    """A path, a PIL image or a pydicom dataset: something load_image reads."""
+    if isinstance(x, (str, Path)):
+        return True
+    return type(x).__module__.startswith(("PIL.", "pydicom."))
+
+
+def preprocess_record(
+    channels: int,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    value_range: str | Sequence[float] | None = None,
+    window: Mapping[str, float] | None = None,
+    resize: str = "none",
+) -> dict[str, Any]:
+    """The manifest's preprocess section: a window or a range (default "dtype"), mean, std."""
+    if window is not None and value_range is not None:
+        raise ConfigError("give a window or a range for image intensities, not both; drop one")
+    if window is not None:
+        intensity: dict[str, Any] = {"window": dict(window)}
+    elif value_range is None or isinstance(value_range, str):
+        intensity = {"range": value_range or "dtype"}
+    else:
+        intensity = {"range": list(value_range)}
+    record = {**intensity, "mean": list(mean), "std": list(std), "resize": resize}
+    problem = preprocess_problem(record, channels)
+    if problem is not None:
+        raise ConfigError(f"{problem}; fix the preprocessing options")
+    return record
+
+
+def preprocess_problem(preprocess: object, channels: int) -> str | None:
+    """None if `preprocess` is a valid preprocess section for `channels` inputs, else one line
+    naming the bad field. Every field is optional: range "dtype", mean 0, std 1, resize "none"."""
+    if not isinstance(preprocess, dict):
+        return f"preprocess must be an object, got {_shown(preprocess)}"
+    unknown = [key for key in preprocess if key not in _FIELDS]
+    if unknown:
+        return f"preprocess.{unknown[0]} is not a known field; allowed: {', '.join(_FIELDS)}"
+    rules = [key for key in _INTENSITY_FIELDS if key in preprocess]
+    if len(rules) > 1:
+        return f"preprocess has both {rules[0]} and {rules[1]}; keep one intensity rule"
+    problems = (
+        _range_problem(preprocess["range"]) if "range" in preprocess else None,
+        _window_problem(preprocess["window"]) if "window" in preprocess else None,
+        _positive_problem(preprocess["scale"], "scale") if "scale" in preprocess else None,
+        _list_problem(preprocess.get("mean", [0.0] * channels), "mean", channels, positive=False),
+        _list_problem(preprocess.get("std", [1.0] * channels), "std", channels, positive=True),
+        _resize_problem(preprocess.get("resize", "none"), "preprocess.resize"),
+    )
+    return next((p for p in problems if p is not None), None)
+
+
+def load_image(
+    source: str | Path | Any,
+    preprocess: dict[str, Any],
+    contract: InputContract,
+    resize: str | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Read an image file, PIL image or pydicom dataset as (1, C, H, W) float32: C from the
+    contract, resized by `resize` (default: the manifest's policy) or to `size` (H, W) exactly,
+    intensities to [0, 1] by the preprocess rule, then (x - mean) / std."""
+    if contract.channels not in (1, 3):
+        raise ConfigError(
+            f"image files give 1 or 3 channels; this model takes {contract.channels}: pass arrays"
+        )
+    problem = preprocess_problem(preprocess, contract.channels)
+    if problem is not None:
+        raise ConfigError(f"{problem}; fix the preprocess section or re-export the artifact")
+    policy = resize or preprocess.get("resize", "none")
+    resize_problem = _resize_problem(policy, "resize policy")
+    if resize_problem is not None:
+        raise ConfigError(resize_problem)
+    pixels = read_pixels(source, contract.channels)
+    to_unit = _intensity(pixels, preprocess)  # from the whole image, before any resize
+    if size is None and policy == "fit":
+        size = _fit_size(pixels.values.shape[0], pixels.values.shape[1], contract)
+    values = pixels.values if size is None else _resize(pixels.values, size)
+    x = to_unit(values)
+    mean = np.asarray(preprocess.get("mean", [0.0] * contract.channels), dtype=np.float32)
+    std = np.asarray(preprocess.get("std", [1.0] * contract.channels), dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def read_pixels(source: str | Path | Any, channels: int) -> Pixels:
+    """The raw values of an image file, PIL image or pydicom dataset, refusing what Pillow or
+    pydicom cannot give faithfully; grayscale is repeated for a 3-channel model."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        pixels = _read_dicom(path) if _is_dicom(path) else _read_pil_file(path, channels)
+    elif type(source).__module__.startswith("pydicom."):
+        pixels = _from_dicom(source, str(getattr(source, "filename", None) or "DICOM dataset"))
+    else:
+        pixels = _from_pil(source, channels, "the PIL image")
+    if pixels.values.shape[2] != channels:
+        values = np.repeat(pixels.values, channels, axis=2)
+        return Pixels(values, pixels.full_range, pixels.name)
+    return pixels
+
+
+def _read_pil_file(path: Path, channels: int) -> Pixels:
+    image_mod = pil()
+    try:
+        with image_mod.open(path) as opened:
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1:
+                raise InputContractError(
+                    f"{path} holds {frames} frames; resfuse reads one 2-D image per file: "
+                    f"save each frame as its own file"
+                )
+            rawmode = _rawmode(opened)  # the file's sample format; gone once loaded
+            image = opened.copy()
+    except OSError as exc:  # PIL's UnidentifiedImageError included
+        raise InputContractError(f"cannot read {path} as an image: {exc}") from exc
+    return _from_pil(image, channels, str(path), rawmode)
+
+
+def _rawmode(image: Any) -> str | None:
+    """How the file stores samples (e.g. "I;16B", "RGB;16B"), while Pillow has not loaded it."""
+    tile = getattr(image, "tile", None)
+    if not tile:
+        return None
+    args = tile[0].args
+    return args if isinstance(args, str) else str(args[0])
+
+
+def _from_pil(image: Any, channels: int, name: str, rawmode: str | None = None) -> Pixels:
+    """Pillow keeps 16-bit grayscale (mode I;16, or I from an I;16 file) and float32 (mode F);
+    it reads 16-bit colour as 8-bit, so that and 32-bit integers are refused."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or (mode == "I" and rawmode in _SIXTEEN_BIT):
+        return Pixels(np.asarray(image).astype(np.uint16)[..., None], (0.0, 65535.0), name)
+    if mode == "F":
+        return Pixels(np.asarray(image, dtype=np.float32)[..., None], None, name)
+    if mode == "I":
+        raise InputContractError(
+            f"{name} holds 32-bit or signed integers (Pillow mode I), which have no fixed "
+            f"range; save it as unsigned 16-bit PNG/TIFF or float32 TIFF"
+        )
+    if rawmode is not None and ";16" in rawmode:
+        raise InputContractError(
+            f"{name} is 16-bit {mode}, which Pillow reads only as 8-bit; save it as 16-bit "
+            f"grayscale or as one 16-bit file per channel"
+        )
+    converted = image.convert("L" if channels == 1 else "RGB")
+    eight_bit = np.asarray(converted, dtype=np.uint8).reshape(image.height, image.width, -1)
+    return Pixels(eight_bit, (0.0, 255.0), name)
+
+
+def _is_dicom(path: Path) -> bool:
+    """A .dcm/.dicom name, or the DICOM preamble ("DICM" at byte 128) in a file named otherwise."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as file:
+            file.seek(128)
+            return file.read(4) == b"DICM"
+    except OSError:
+        return False  # Pillow names the problem
+
+
+def _read_dicom(path: Path) -> Pixels:
+    module = pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = module.dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        raise InputContractError(f"cannot read {path} as DICOM: {exc}") from exc
+    return _from_dicom(dataset, str(path))
+
+
+def _from_dicom(dataset: Any, name: str) -> Pixels:
+    """Stored values times RescaleSlope plus RescaleIntercept (e.g. Hounsfield units for CT)."""
+    _check_dicom(dataset, name)
+    try:
+        stored = dataset.pixel_array
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError) as exc:
+        raise InputContractError(f"cannot decode the pixel data of {name}: {exc}") from exc
+    slope = float(dataset.get("RescaleSlope", None) or 1.0)
+    intercept = float(dataset.get("RescaleIntercept", None) or 0.0)
+    values = stored.astype(np.float64) * slope + intercept
+    bits = int(dataset.BitsStored)
+    signed = int(dataset.PixelRepresentation) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    ends = sorted((low * slope + intercept, high * slope + intercept))  # a slope may be negative
+    return Pixels(values[..., None], (ends[0], ends[1]), name)
+
+
+def _check_dicom(dataset: Any, name: str) -> None:
+    """One grayscale frame of integers, which a linear rescale maps to their meaning."""
+    if "PixelData" not in dataset:
+        raise InputContractError(
+            f"{name} holds no integer Pixel Data (a report or plan, or float pixel data); "
+            f"pass DICOM images"
+        )
+    photometric = str(dataset.get("PhotometricInterpretation", ""))
+    if photometric == "MONOCHROME1":
+        raise InputContractError(
+            f"{name} is MONOCHROME1 (white is low values); resfuse reads MONOCHROME2 only: "
+            f"invert it and set PhotometricInterpretation to MONOCHROME2"
+        )
+    if photometric != "MONOCHROME2":
+        raise InputContractError(
+            f"{name} is {photometric or 'of unknown colour'}; resfuse reads grayscale "
+            f"(MONOCHROME2) DICOM only: convert it to grayscale"
+        )
+    frames = int(dataset.get("NumberOfFrames", None) or 1)
+    if frames > 1:
+        raise InputContractError(
+            f"{name} holds {frames} frames; resfuse reads one 2-D image per file: save each "
+            f"frame as its own file"
+        )
+    if "ModalityLUTSequence" in dataset:
+        raise InputContractError(
+            f"{name} maps stored values by a Modality LUT; resfuse applies RescaleSlope and "
+            f"RescaleIntercept only: convert it to a rescaled image"
+        )
+
+
+def _intensity(pixels: Pixels, preprocess: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """The map from raw values to [0, 1] that the preprocess rule gives for this image."""
+    if "scale" in preprocess:
+        return _legacy_scale(pixels, float(preprocess["scale"]))
+    if "window" in preprocess:
+        center, width = float(preprocess["window"]["center"]), float(preprocess["window"]["width"])
+        low, high = center - width / 2, center + width / 2
+    else:
+        low, high = _range(pixels, preprocess.get("range", "dtype"))
+    return lambda values: _to_unit(values, low, high)
+
+
+def _legacy_scale(pixels: Pixels, scale: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Old manifests' `scale`: 8-bit values times it, exactly as read before 16-bit support."""
+    if pixels.values.dtype != np.uint8:
+        raise InputContractError(
+            f"{pixels.name} is not an 8-bit image, and this artifact's preprocess.scale (from "
+            f"before 16-bit support) reads 8-bit images only; re-export the artifact"
+        )
+    return lambda values: values.astype(np.float32) * np.float32(scale)
+
+
+def _range(pixels: Pixels, rule: str | Sequence[float]) -> tuple[float, float]:
+    if rule == "image":
+        return float(pixels.values.min()), float(pixels.values.max())
+    if rule != "dtype":
+        return float(rule[0]), float(rule[1])
+    if pixels.full_range is not None:
+        return pixels.full_range
+    low, high = float(pixels.values.min()), float(pixels.values.max())
+    if not (low >= 0.0 and high <= 1.0):  # NaN fails too
+        raise InputContractError(
+            f"{pixels.name} is a float image with values {low:g}..{high:g}, outside the 0..1 "
+            f'that preprocess.range "dtype" assumes for float images; record a range '
+            f'([low, high] or "image") in the preprocess section'
+        )
+    return 0.0, 1.0
+
+
+def _to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(values - low) / (high - low) clipped to [0, 1], rounded to float32 once."""
+    if high == low:  # only "image" on a flat image: no contrast to stretch
+        return np.zeros(values.shape, np.float32)
+    x = (values.astype(np.float64) - low) / (high - low)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def _fit_size(h: int, w: int, contract: InputContract) -> tuple[int, int]:
+    """(H, W) scaled, keeping the aspect ratio, into the contract's H and W range."""
+    factor = 1.0
+    hmax, wmax = contract.height.max, contract.width.max
+    if hmax is not None and wmax is not None and (h > hmax or w > wmax):
+        factor = min(hmax / h, wmax / w)
+    if h * factor < contract.height.min or w * factor < contract.width.min:
+        factor = max(contract.height.min / h, contract.width.min / w)
+    return max(1, round(h * factor)), max(1, round(w * factor))
+
+
+def _resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear to (H, W) with Pillow: 8-bit in Pillow's 8-bit modes, as resfuse always has
+    (INT8 calibrations stay reproducible); anything else per channel in float32, unrounded."""
+    h, w = size
+    if values.shape[:2] == (h, w):
+        return values
+    image_mod = pil()
+    bilinear = image_mod.Resampling.BILINEAR
+    if values.dtype == np.uint8:
+        image = image_mod.fromarray(values if values.shape[2] == 3 else values[..., 0])
+        return np.asarray(image.resize((w, h), bilinear)).reshape(h, w, -1)
+    planes = [
+        np.asarray(image_mod.fromarray(values[..., c].astype(np.float32)).resize((w, h), bilinear))
+        for c in range(values.shape[2])
+    ]
+    return np.stack(planes, axis=-1)
+
+
+def _number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _range_problem(rule: object) -> str | None:
+    if isinstance(rule, str):
+        if rule in RANGE_RULES:
+            return None
+        return f"preprocess.range must be 'dtype', 'image' or [low, high], got {_shown(rule)}"
+    if not isinstance(rule, (list, tuple)) or len(rule) != 2:
+        return f"preprocess.range must be 'dtype', 'image' or [low, high], got {_shown(rule)}"
+    for i, value in enumerate(rule):
+        if not _number(value):
+            return f"preprocess.range[{i}] must be a number, got {_shown(value)}"
+    if not rule[0] < rule[1]:
+        return f"preprocess.range must have low < high, got {_shown(rule)}"
+    return None
+
+
+def _window_problem(window: object) -> str | None:
+    if not isinstance(window, dict) or set(window) != {"center", "width"}:
+        return f'preprocess.window must be {{"center": c, "width": w}}, got {_shown(window)}'
+    if not _number(window["center"]):
+        return f"preprocess.window.center must be a number, got {_shown(window['center'])}"
+    return _positive_problem(window["width"], "window.width")
+
+
+def _positive_problem(value: object, field: str) -> str | None:
+    if _number(value) and value > 0:
+        return None
+    return f"preprocess.{field} must be a positive number, got {_shown(value)}"
+
+
+def _list_problem(values: object, field: str, channels: int, positive: bool) -> str | None:
+    if not isinstance(values, (list, tuple)) or len(values) != channels:
+        return f"preprocess.{field} must be a list of {channels} numbers, got {_shown(values)}"
+    for i, value in enumerate(values):
+        if positive:
+            problem = _positive_problem(value, f"{field}[{i}]")
+            if problem is not None:
+                return problem
+        elif not _number(value):
+            return f"preprocess.{field}[{i}] must be a number, got {_shown(value)}"
+    return None
+
+
+def _resize_problem(policy: object, field: str) -> str | None:
+    if isinstance(policy, str) and policy in RESIZE_POLICIES:
+        return None
+    return f"{field} must be one of {', '.join(RESIZE_POLICIES)}, got {_shown(policy)}"

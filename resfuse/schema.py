@@ -1,0 +1,202 @@
+"""Validation of a manifest, which is plain JSON anyone can write: every field resfuse reads is
+checked for type, range and allowed values before use, and a bad one is named in one line."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, NoReturn
+
+from resfuse.errors import ManifestError, ResfuseError
+
+PRECISIONS = ("float32", "int8")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_KEYS = ("onnx", "weights")  # no ONNX external data: one self-contained .onnx file
+_MODEL_KEYS = ("method", "backbone", "stage", "in_channels", "num_classes", "features", "levels")
+
+
+class _Fields:
+    """Typed lookups in one manifest; each failure names the manifest and the dotted field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, field: str, expected: str, got: object) -> NoReturn:
+        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+        raise ManifestError(
+            f"{self.path}: field {field!r} must be {expected}, got {shown}; re-export the "
+            f"artifact with resfuse-export rather than editing its manifest"
+        )
+
+    def section(self, data: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, dict):
+            self.fail(prefix + key, "an object", value)
+        return value
+
+    def integer(self, value: object, field: str, low: int = 0, high: int | None = None) -> int:
+        if type(value) is not int or value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            self.fail(field, f"an integer {span}", value)
+        return value
+
+    def number(self, value: object, field: str, positive: bool = False) -> float:
+        ok = type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+        if not ok or value < 0 or (positive and value == 0):  # type: ignore[operator]
+            self.fail(field, "a positive number" if positive else "a number >= 0", value)
+        return float(value)  # type: ignore[arg-type]
+
+    def text(self, value: object, field: str, choices: tuple[str, ...] = ()) -> str:
+        if not isinstance(value, str) or not value or (choices and value not in choices):
+            self.fail(field, f"one of {list(choices)}" if choices else "a non-empty string", value)
+        return value
+
+    def flag(self, value: object, field: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(field, "true or false", value)
+        return value
+
+
+def validate_manifest(data: object, path: Path) -> None:
+    """Raise ManifestError naming the first field that is missing, mistyped or out of range."""
+    from resfuse.artifacts import FORMAT, READABLE_VERSIONS
+
+    f = _Fields(path)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f'{path} is not a resfuse manifest (no "format": "{FORMAT}")')
+    version = data.get("format_version")
+    if version not in READABLE_VERSIONS or type(version) is not int:
+        raise ManifestError(
+            f"{path} has format version {version!r}, this resfuse reads {list(READABLE_VERSIONS)}; "
+            f"re-export the artifact with this version of resfuse"
+        )
+    config = _model(f, data)
+    _input(f, data, config)
+    _output(f, data, config)
+    _files(f, data)
+    _preprocess(f, data, config.in_channels)
+    f.text(data.get("precision"), "precision", PRECISIONS)
+    if "quantization" in data and not isinstance(data["quantization"], dict):
+        f.fail("quantization", "an object", data["quantization"])
+    if "parity" in data:
+        _parity(f, data)
+    for key in ("name", "created", "weights_source"):
+        if key in data:
+            f.text(data[key], key)
+    if "export_seconds" in data:
+        f.number(data["export_seconds"], "export_seconds")
+    versions = data.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        f.fail("versions", "an object of version strings", versions)
+
+
+def _model(f: _Fields, data: dict[str, Any]) -> Any:
+    from resfuse.models import ModelConfig
+
+    model = f.section(data, "model")
+    unknown = sorted(set(model) - set(_MODEL_KEYS))
+    if unknown:
+        f.fail(f"model.{unknown[0]}", f"absent (known fields: {', '.join(_MODEL_KEYS)})", "set")
+    for key in ("method", "backbone"):
+        f.text(model.get(key), f"model.{key}")
+    for key in ("stage", "in_channels", "features"):
+        f.integer(model.get(key), f"model.{key}", 1, 4096)
+    if model.get("num_classes") is not None:
+        f.integer(model["num_classes"], "model.num_classes", 1, 65536)
+    levels = model.get("levels", [1, 2, 4])
+    if not isinstance(levels, list) or not levels:
+        f.fail("model.levels", "a list of bin counts", levels)
+    for i, k in enumerate(levels):
+        f.integer(k, f"model.levels[{i}]", 1, 64)
+    try:
+        return ModelConfig.from_dict(model)
+    except ResfuseError as exc:  # an unknown method or backbone, an unsupported stage
+        raise ManifestError(
+            f"{f.path}: field 'model' is not a model resfuse builds: {exc}"
+        ) from None
+
+
+def _range(f: _Fields, contract: dict[str, Any], key: str, low: int) -> None:
+    span = f.section(contract, key, "input.contract.")
+    field = f"input.contract.{key}"
+    start = f.integer(span.get("min"), f"{field}.min", low)
+    if span.get("max") is not None:
+        f.integer(span["max"], f"{field}.max", start)
+    if set(span) - {"min", "max"}:
+        f.fail(field, "an object with min and max", span)
+
+
+def _input(f: _Fields, data: dict[str, Any], config: Any) -> None:
+    section = f.section(data, "input")
+    f.text(section.get("name"), "input.name")
+    f.text(section.get("layout"), "input.layout", ("NCHW",))
+    contract = f.section(section, "contract", "input.")
+    channels = f.integer(contract.get("channels"), "input.contract.channels", 1)
+    if channels != config.in_channels:
+        f.fail("input.contract.channels", f"model.in_channels ({config.in_channels})", channels)
+    f.text(contract.get("dtype"), "input.contract.dtype", ("float32",))
+    _range(f, contract, "height", config.stride)
+    _range(f, contract, "width", config.stride)
+    _range(f, contract, "batch", 1)
+
+
+def _output(f: _Fields, data: dict[str, Any], config: Any) -> None:
+    section = f.section(data, "output")
+    f.text(section.get("name"), "output.name", (config.output_name,))
+    channels = f.integer(section.get("channels"), "output.channels", 1)
+    if channels != config.out_channels:
+        f.fail("output.channels", f"{config.out_channels} for this model", channels)
+    f.text(section.get("layout"), "output.layout", ("NCHW",))
+
+
+def _files(f: _Fields, data: dict[str, Any]) -> None:
+    files = f.section(data, "files")
+    extra = sorted(set(files) - set(_FILE_KEYS))
+    if extra:
+        f.fail(f"files.{extra[0]}", f"absent: an artifact has exactly {list(_FILE_KEYS)}", "set")
+    for key in _FILE_KEYS:
+        record = f.section(files, key, "files.")
+        name = record.get("path")
+        if not isinstance(name, str) or not _plain(name):
+            f.fail(f"files.{key}.path", "a plain file name in the manifest's folder", name)
+        sha = record.get("sha256")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            f.fail(f"files.{key}.sha256", "64 lowercase hex digits", sha)
+        f.integer(record.get("bytes"), f"files.{key}.bytes", 1)
+    onnx = files["onnx"]
+    if "opset" in onnx:
+        f.integer(onnx["opset"], "files.onnx.opset", 7, 99)
+    if "simplified" in onnx:
+        f.flag(onnx["simplified"], "files.onnx.simplified")
+    if "simplify" in onnx:
+        f.text(onnx["simplify"], "files.onnx.simplify")
+
+
+def _plain(name: str) -> bool:
+    return (
+        name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and Path(name).name == name
+    )
+
+
+def _preprocess(f: _Fields, data: dict[str, Any], channels: int) -> None:
+    from resfuse.images import preprocess_problem
+
+    problem = preprocess_problem(data.get("preprocess"), channels)
+    if problem is not None:
+        raise ManifestError(f"{f.path}: {problem}; re-export the artifact")
+
+
+def _parity(f: _Fields, data: dict[str, Any]) -> None:
+    parity = f.section(data, "parity")
+    for key in ("atol", "rtol"):
+        if key in parity:
+            f.number(parity[key], f"parity.{key}")
+    if parity.get("max_rel_l2") is not None:
+        f.number(parity["max_rel_l2"], "parity.max_rel_l2")
+    if "results" in parity and not isinstance(parity["results"], list):
+        f.fail("parity.results", "a list", parity["results"])
