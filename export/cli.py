@@ -102,6 +102,18 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
     type=float,
     help="INT8 parity bound: relative L2 error against PyTorch.",
 )
+@click.option(
+    "--intensity-range",
+    default=None,
+    help="How image files' values map to [0, 1] at run time: dtype (the file type's full "
+    "range, the default), image (each image's min..max) or LOW,HIGH (e.g. 0,4095 for 12-bit).",
+)
+@click.option(
+    "--window",
+    default=None,
+    help="CENTER,WIDTH: an intensity window instead of a range (DICOM: in rescaled units, "
+    "e.g. 40,400 for soft tissue in Hounsfield units).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 def main(
     method: str,
@@ -127,6 +139,8 @@ def main(
     calib_count: int,
     calib_size: int,
     max_rel_l2: float,
+    intensity_range: str | None,
+    window: str | None,
     seed: int,
 ) -> None:
     """Export fusion models to ONNX with dynamic batch, H and W, verified against PyTorch.
@@ -151,6 +165,8 @@ def main(
             simplify=not no_simplify,
             calibration=calibration,
             max_rel_l2=max_rel_l2,
+            intensity_range=_intensity_range(intensity_range),
+            window=None if window is None else _pair(window, "--window", "CENTER,WIDTH"),
         )
         for m in methods:
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
@@ -177,6 +193,20 @@ def main(
     except ResfuseError as exc:
         fail(str(exc))
     out.print(_summary_table(results))
+
+
+def _pair(text: str, option: str, form: str) -> tuple[float, float]:
+    try:
+        first, second = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes {form}, two numbers, not {text!r}") from None
+    return first, second
+
+
+def _intensity_range(text: str | None) -> str | tuple[float, float] | None:
+    if text is None or text in ("dtype", "image"):
+        return text
+    return _pair(text, "--intensity-range", "dtype, image or LOW,HIGH")
 
 
 def _calibration(

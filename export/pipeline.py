@@ -49,6 +49,8 @@ class ExportOptions:
     simplify: bool = True
     calibration: Calibration | None = None  # given: quantize to INT8, calibrated on it
     max_rel_l2: float = 0.1  # the INT8 graph's parity bound (elementwise bounds do not fit int8)
+    intensity_range: str | tuple[float, float] | None = None  # resfuse.images: "dtype" default
+    window: tuple[float, float] | None = None  # (center, width), e.g. CT in Hounsfield units
 
     @property
     def precision(self) -> str:
@@ -64,6 +66,22 @@ class ExportOptions:
         if self.calibration is None:
             return self.float_tolerance
         return Tolerance(self.atol, self.rtol, self.max_rel_l2)
+
+    def preprocess(self, config: ModelConfig) -> dict[str, Any]:
+        """How the runtime turns image files into inputs (recorded in the manifest): the
+        intensity rule to [0, 1] (resfuse.images), then ImageNet's or a centring mean/std."""
+        channels = config.in_channels
+        norm = _IMAGENET if channels == 3 else {"mean": [0.5] * channels, "std": [0.5] * channels}
+        window = None
+        if self.window is not None:
+            window = {"center": self.window[0], "width": self.window[1]}
+        return preprocess_record(
+            channels,
+            mean=norm["mean"],
+            std=norm["std"],
+            value_range=self.intensity_range,
+            window=window,
+        )
 
     def contract(self, config: ModelConfig) -> InputContract:
         """The exported graph's input contract; raises ConfigError naming the bad option."""
@@ -86,6 +104,7 @@ class ExportOptions:
                 f"default (TensorRT 10 and ONNX Runtime read 17-20)"
             )
         Tolerance(self.atol, self.rtol, self.max_rel_l2)  # raises ConfigError if negative
+        self.preprocess(config)  # a bad intensity rule fails before the export, too
         size = Range(self.min_size, self.max_size)
         return InputContract(config.in_channels, size, size, Range(1, self.max_batch))
 
@@ -156,7 +175,8 @@ def export_artifact(
     raw = onnx_export.export_onnx(model, contract, options.opset)
     onnx_export.check_model(raw)
     shapes = parity_shapes(contract)
-    proto, results, note = raw, [], "off (--no-simplify)"
+    proto, note = raw, "off (--no-simplify)"
+    results: list[ParityResult] = []
     if options.simplify:
         proto, results, note = _simplified(model, raw, shapes, options, progress)
     if not results:
@@ -200,9 +220,13 @@ def _simplified(
     failed = [r for r in results if not r.stats.passed]
     if failed:
         bad = failed[0]
-        return raw, [], (
-            f"kept the raw graph: the simplified one failed parity at {bad.shape} "
-            f"(max |error| {bad.stats.max_abs:.3g})"
+        return (
+            raw,
+            [],
+            (
+                f"kept the raw graph: the simplified one failed parity at {bad.shape} "
+                f"(max |error| {bad.stats.max_abs:.3g})"
+            ),
         )
     return slim, results, "simplified"
 
@@ -229,7 +253,7 @@ def _quantize(
 ) -> tuple[onnx.ModelProto, list[ParityResult]]:
     """The verified float32 graph quantized to INT8, and its own parity sweep."""
     progress(f"calibrating on {calibration.count} inputs and quantizing to INT8")
-    preprocess = _preprocess(model.config)
+    preprocess = options.preprocess(model.config)
     batches = calibration.inputs(contract, preprocess, options.seed)
     quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches)
     onnx_export.check_model(quantized)
@@ -255,14 +279,6 @@ def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> N
             f"{failed[0].shape} max |error| {bad.max_abs:.3g}, rel L2 {bad.rel_l2:.3g}, NaN/Inf "
             f"{bad.nonfinite} ({tol.describe()}){hint}; nothing was written"
         )
-
-
-def _preprocess(config: ModelConfig) -> dict[str, Any]:
-    """How the runtime turns image files into inputs (recorded in the manifest): each file's
-    full range (8-bit /255, 16-bit /65535) to [0, 1], then ImageNet's or a centring mean/std."""
-    channels = config.in_channels
-    norm = _IMAGENET if channels == 3 else {"mean": [0.5] * channels, "std": [0.5] * channels}
-    return preprocess_record(channels, mean=norm["mean"], std=norm["std"])
 
 
 def _manifest(
@@ -298,7 +314,7 @@ def _manifest(
         "weights_source": str(weights)
         if weights
         else ("torchvision" if pretrained else f"random (seed {options.seed})"),
-        "preprocess": _preprocess(config),
+        "preprocess": options.preprocess(config),
         "precision": options.precision,
         **(
             {"quantization": quantization_record(options.calibration)}

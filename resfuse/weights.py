@@ -167,7 +167,7 @@ def _options_hint(state: dict[str, torch.Tensor], config: ModelConfig) -> str:
     return f"these look like weights of a model built with {' '.join(flags)}: pass {options}"
 
 
-_METHOD_KEYS = {"fusion.up.": "upsample", "fusion.branches.": "masked", "fusion.gate.": "spp"}
+_METHOD_KEYS = {"fusion.up.": "upsample", "fusion.branches.": "spp", "fusion.gate.": "masked"}
 # layer i's block b: encoder.layers.{i-1}.{b}. in a fusion model, layer{i}.{b}. in torchvision's
 _BLOCK_KEY = re.compile(r"(?:encoder\.layers\.(\d+)|layer(\d+))\.(\d+)\.")
 

@@ -23,12 +23,12 @@ def test_export_prints_parity_and_summary(out_dir: Path) -> None:
     assert "masked-resnet18 (float32): ONNX Runtime (CPU) vs PyTorch" in proc.stdout
     assert proc.stdout.count("pass") == 6 and "FAIL" not in proc.stdout
     assert "exported" in proc.stdout and "MiB" in proc.stdout
-    assert sorted(p.name for p in out_dir.iterdir()) == [
-        "masked-resnet18.json",
-        "masked-resnet18.onnx",
-        "masked-resnet18.safetensors",
-    ]
     manifest = json.loads((out_dir / "masked-resnet18.json").read_text())
+    onnx_file, weights_file = (manifest["files"][k]["path"] for k in ("onnx", "weights"))
+    assert onnx_file == f"masked-resnet18.{manifest['files']['onnx']['sha256'][:12]}.onnx"
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [".masked-resnet18.lock", "masked-resnet18.json", onnx_file, weights_file]
+    )
     assert manifest["input"]["contract"]["height"] == {"min": 32, "max": 512}
 
 
@@ -58,6 +58,10 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None
             "--calib-images /nonexistent is not a folder",
         ),
         (["--method", "spp", "--max-rel-l2", "-1"], "must not be negative"),
+        (["--method", "spp", "--window", "40"], "--window takes CENTER,WIDTH, two numbers"),
+        (["--method", "spp", "--window", "40,0"], "window"),
+        (["--method", "spp", "--intensity-range", "max"], "--intensity-range takes dtype"),
+        (["--method", "spp", "--name", "../x"], "--name '../x' is not a plain file name"),
     ],
 )
 def test_bad_input_is_one_clear_line(out_dir: Path, args: list[str], text: str) -> None:

@@ -1,4 +1,6 @@
+import errno
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ from hypothesis import strategies as st
 import resfuse
 from resfuse.artifacts import read_manifest, sha256_of
 from resfuse.contract import InputContract, Range
-from resfuse.errors import ConfigError, ExportError, ManifestError, ParityError
+from resfuse.errors import ArtifactWriteError, ConfigError, ExportError, ManifestError, ParityError
 from resfuse.export import onnx as onnx_export
+from resfuse.export import pipeline
 from resfuse.export.parity import parity_shapes
 from resfuse.export.pipeline import ExportOptions, export_artifact
 from resfuse.models import METHODS, ModelConfig
@@ -73,7 +76,7 @@ def test_graph_axes_are_symbolic(exported, method: str) -> None:
 def test_manifest_describes_and_pins_the_artifact(exported, method: str) -> None:
     result = exported[method]
     data = json.loads(result.manifest_path.read_text())
-    assert data["format"] == "resfuse-artifact" and data["format_version"] == 1
+    assert data["format"] == "resfuse-artifact" and data["format_version"] == 2
     assert data["model"] == {
         "method": method,
         "backbone": "resnet18",
@@ -123,7 +126,7 @@ def test_tampered_weights_are_refused(exported, tmp_path: Path) -> None:
         (tmp_path / path.name).write_bytes(path.read_bytes())
     weights = tmp_path / src.weights_path.name
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
-    with pytest.raises(ManifestError, match="does not match the sha256"):
+    with pytest.raises(ManifestError, match="does not match the size and sha256"):
         resfuse.load_original(str(tmp_path / src.manifest_path.name))
     weights.unlink()
     with pytest.raises(ManifestError, match="is missing"):
@@ -135,7 +138,7 @@ def test_tampered_weights_are_refused(exported, tmp_path: Path) -> None:
     [
         ("{", "cannot read manifest"),
         ('{"format": "other"}', "is not a resfuse manifest"),
-        ('{"format": "resfuse-artifact", "format_version": 1}', "lacks the fields"),
+        ('{"format": "resfuse-artifact", "format_version": 1}', "field 'model' must be an object"),
     ],
 )
 def test_bad_manifests(tmp_path: Path, content: str, message: str) -> None:
@@ -164,11 +167,40 @@ def test_variant_stage_head_grayscale_static_batch(out_dir: Path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_parity_failure_writes_nothing(out_dir: Path) -> None:
-    (out_dir / "keep.txt").write_text("earlier work")
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_parity_failure_leaves_the_earlier_artifact(exported, out_dir: Path) -> None:
+    earlier = exported["spp"]
+    for path in (earlier.manifest_path, earlier.onnx_path, earlier.weights_path):
+        shutil.copy(path, out_dir)
+    before = _snapshot(out_dir)
     with pytest.raises(ParityError, match="nothing was written"):
         export_artifact(ModelConfig("spp"), out_dir, ExportOptions(atol=0, rtol=0, max_size=512))
-    assert sorted(p.name for p in out_dir.iterdir()) == ["keep.txt"]
+    assert _snapshot(out_dir) == before
+
+
+def test_a_failure_while_writing_keeps_the_earlier_artifact(
+    exported, out_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure comes after the .onnx is in place and half the weights are written."""
+    earlier = exported["upsample"]
+    for path in (earlier.manifest_path, earlier.onnx_path, earlier.weights_path):
+        shutil.copy(path, out_dir)
+    before = _snapshot(out_dir)
+
+    def disk_full(model: torch.nn.Module, path: Path) -> None:
+        Path(path).write_bytes(b"\0" * 1_000_000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_weights", disk_full)
+    with pytest.raises(ArtifactWriteError, match="No space left on device.*was not changed"):
+        export_artifact(ModelConfig("upsample"), out_dir, ExportOptions(max_size=256, seed=3))
+    after = _snapshot(out_dir)
+    assert after.pop(".upsample-resnet18.lock") == b""
+    assert after == before
+    assert resfuse.load_original(str(out_dir / earlier.manifest_path.name)) is not None
 
 
 def test_a_specialised_graph_is_refused() -> None:

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from resfuse.contract import InputContract, Range
 from resfuse.errors import ConfigError, InputContractError
-from resfuse.export.pipeline import _preprocess
+from resfuse.export.pipeline import ExportOptions
 from resfuse.export.quantize import Calibration
 from resfuse.images import load_image, preprocess_problem, preprocess_record
 from resfuse.models import ModelConfig
@@ -278,10 +278,18 @@ def test_calibration_reads_sixteen_bit_images(tmp_path: Path) -> None:
         Calibration(tmp_path, count=2, size=32).inputs(contract, preprocess, seed=0)
 
 
-def test_export_records_the_full_range_rule() -> None:
-    record = _preprocess(ModelConfig("masked"))
+def test_export_records_the_full_range_rule_or_the_one_asked_for() -> None:
+    record = ExportOptions().preprocess(ModelConfig("masked"))
     assert record["range"] == "dtype" and "scale" not in record
     assert preprocess_problem(record, 3) is None
+    ct = ExportOptions(window=(40, 400)).preprocess(ModelConfig("masked", in_channels=1))
+    assert ct["window"] == {"center": 40, "width": 400} and "range" not in ct
+    twelve_bit = ExportOptions(intensity_range=(0, 4095)).preprocess(ModelConfig("masked"))
+    assert twelve_bit["range"] == [0, 4095]
+    with pytest.raises(ConfigError, match="not both"):
+        ExportOptions(window=(40, 400), intensity_range="image").contract(ModelConfig("masked"))
+    with pytest.raises(ConfigError, match="window"):
+        ExportOptions(window=(40, -1)).contract(ModelConfig("masked"))
 
 
 def test_preprocess_record() -> None:

@@ -154,7 +154,7 @@ def test_artifact_integrity_is_checked_before_loading(exported, tmp_path: Path) 
         shutil.copy(path, tmp_path)
     onnx_file = tmp_path / src.onnx_path.name
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
-    with pytest.raises(ManifestError, match="does not match the sha256"):
+    with pytest.raises(ManifestError, match="does not match the size and sha256"):
         runtime.load(tmp_path / src.manifest_path.name)
     manifest = json.loads((tmp_path / src.manifest_path.name).read_text())
     manifest["format_version"] = 99
