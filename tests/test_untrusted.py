@@ -35,6 +35,14 @@ def _copy(result: Any, folder: Path) -> tuple[Path, dict[str, Any]]:
     return manifest, json.loads(manifest.read_text())
 
 
+def _point_at(manifest: Path, data: dict[str, Any], key: str, target: Path) -> None:
+    """Rewrite the manifest so that file `key` is `target`, with a matching size and sha256."""
+    data["files"][key].update(
+        path=target.name, sha256=sha256_of(target), bytes=target.stat().st_size
+    )
+    manifest.write_text(json.dumps(data))
+
+
 def _set(data: dict[str, Any], dotted: str, value: object) -> dict[str, Any]:
     data = copy.deepcopy(data)
     *parents, last = dotted.split(".")
@@ -130,10 +138,7 @@ def test_external_data_is_refused(exported, tmp_path: Path) -> None:
     model = onnx.load(tmp_path / data["files"]["onnx"]["path"])
     external = tmp_path / "external.onnx"
     onnx.save_model(model, external, save_as_external_data=True, location="weights.bin")
-    data["files"]["onnx"].update(
-        path=external.name, sha256=sha256_of(external), bytes=external.stat().st_size
-    )
-    manifest.write_text(json.dumps(data))
+    _point_at(manifest, data, "onnx", external)
     with pytest.raises(ModelLoadError, match="external data files, which resfuse does not load"):
         runtime.load(manifest)
 
@@ -144,22 +149,15 @@ def test_a_graph_onnxruntime_rejects_is_a_typed_error(exported, tmp_path: Path) 
     model.graph.node[0].op_type = "NoSuchOperator"
     broken = tmp_path / "broken.onnx"
     onnx.save(model, broken)
-    data["files"]["onnx"].update(
-        path=broken.name, sha256=sha256_of(broken), bytes=broken.stat().st_size
-    )
-    manifest.write_text(json.dumps(data))
+    _point_at(manifest, data, "onnx", broken)
     with pytest.raises(ModelLoadError, match="ONNX Runtime refused broken.onnx: .*NoSuchOperator"):
         runtime.load(manifest)
 
 
 def test_weights_that_do_not_fit_the_manifest_are_a_typed_error(exported, tmp_path: Path) -> None:
     manifest, data = _copy(exported["masked"], tmp_path)
-    other = exported["spp"].weights_path
-    shutil.copy(other, tmp_path)
-    data["files"]["weights"].update(
-        path=other.name, sha256=sha256_of(other), bytes=other.stat().st_size
-    )
-    manifest.write_text(json.dumps(data))
+    other = Path(shutil.copy(exported["spp"].weights_path, tmp_path))
+    _point_at(manifest, data, "weights", other)
     with pytest.raises(ManifestError, match="does not hold the weights of the model"):
         runtime.load(manifest, backend="torch")
 
