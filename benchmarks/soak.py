@@ -10,7 +10,8 @@ Exports masked-resnet18 (inputs up to 1024x1024) into benchmarks/artifacts/, or 
 that memory, a plateau rather than a leak, so the baseline is taken once it has been reached.
 Then --calls calls, each on a new random shape (batch 1..4, H and W 32..160), with VmRSS from
 /proc/self/status sampled every --every calls. Target: RSS at the end within 10% of RSS after
-the warm-up. Writes benchmarks/results/soak.json (every sample, the settings, the machine).
+the warm-up. Last, one call at twice the largest side shows the arena's step up, and that it
+stays there. Writes benchmarks/results/soak.json (every sample, the settings, the machine).
 
 --mem-pattern is ONNX Runtime's enable_mem_pattern (resfuse's default: on). With it, each new
 input shape gets a memory plan that the session caches, keyed by the shapes, and never evicts:
@@ -30,13 +31,14 @@ from resfuse.artifacts import read_manifest, write_json
 from resfuse.errors import ResfuseError
 from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
 from resfuse.models import ModelConfig
-from resfuse.runtime import load
+from resfuse.runtime import Session, load
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
 
 HERE = Path(__file__).parent
 CONFIG = ModelConfig("masked")
 TARGET = 0.10  # end RSS at most 10% above the RSS after warm-up
+MAX_SIZE = 1024  # the export's largest H and W
 
 
 def rss_mib() -> float:
@@ -56,7 +58,7 @@ def artifact(folder: Path, reuse: bool) -> Path:
             print(f"not reusing: {exc}", flush=True)
     print(f"exporting {artifact_name(CONFIG)} into {folder}", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
-    return export_artifact(CONFIG, folder, ExportOptions(max_size=1024)).manifest_path
+    return export_artifact(CONFIG, folder, ExportOptions(max_size=MAX_SIZE)).manifest_path
 
 
 class Inputs:
@@ -99,13 +101,30 @@ def soak(manifest: Path, args: argparse.Namespace) -> dict[str, Any]:
                 seconds, rss = time.perf_counter() - start, rss_mib()
                 samples.append({"calls": done, "seconds": seconds, "rss_mib": rss})
                 print(f"{done:>7} calls {seconds:7.0f} s  RSS {rss:.1f} MiB", flush=True)
+        step = step_up(session, inputs, args)
     return {
         "settings": settings,
         "distinct_shapes": len(inputs.seen),
         "rss_loaded_mib": loaded,
         "samples": samples,
         "summary": summarise(samples),
+        "step_up": step,
     }
+
+
+def step_up(session: Session, inputs: Inputs, args: argparse.Namespace) -> dict[str, Any]:
+    """After the soak, one input larger than any before, --every small calls, then the large one
+    again: the arena takes memory for the new largest shape once, and keeps it."""
+    side = min(2 * args.max_side, MAX_SIZE)
+    big = inputs.make((args.max_batch, 3, side, side))
+    step = {"shape": list(big.shape), "before_mib": rss_mib()}
+    session.run(big)
+    step["after_it_mib"] = rss_mib()
+    for _ in range(args.every):
+        session.run(inputs.draw())
+    session.run(big)
+    step["after_more_calls_and_it_again_mib"] = rss_mib()
+    return step
 
 
 def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -145,7 +164,19 @@ def table(result: dict[str, Any]) -> str:
         f"{s['second_half_mib_per_1000_calls']:+.2f}",
         "met" if s["met"] else "MISSED",
     ]
-    return markdown_table(headers, [row])
+    step = result["step_up"]
+    grown = markdown_table(
+        ["then one call at", "RSS before MiB", "after it MiB", "after more calls and it again"],
+        [
+            [
+                "x".join(map(str, step["shape"])),
+                f"{step['before_mib']:.1f}",
+                f"{step['after_it_mib']:.1f}",
+                f"{step['after_more_calls_and_it_again_mib']:.1f}",
+            ]
+        ],
+    )
+    return markdown_table(headers, [row]) + "\n\n" + grown
 
 
 def main() -> None:

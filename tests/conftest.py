@@ -19,7 +19,7 @@ from resfuse.models import METHODS, ModelConfig
 _STORAGE = os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir(), "resfuse-hypothesis"))
 )
-_EXPLORE = settings(max_examples=10, deadline=None, derandomize=False, print_blob=True)
+_EXPLORE = settings(max_examples=8, deadline=None, derandomize=False, print_blob=True)
 _LOCAL_DB = DirectoryBasedExampleDatabase(Path(_STORAGE, "examples"))
 settings.register_profile("resfuse", _EXPLORE, database=_LOCAL_DB)
 settings.register_profile("ci", _EXPLORE, database=None)

@@ -332,6 +332,7 @@ def test_soak_script_runs_briefly(exported, tmp_path: Path) -> None:
     assert [s["calls"] for s in result["samples"]] == [0, 10, 20]
     assert result["distinct_shapes"] > 10 and result["settings"]["mem_pattern"] is True
     assert result["summary"]["rss_end_mib"] == result["samples"][-1]["rss_mib"] > 0
+    assert result["step_up"]["shape"] == [4, 3, 320, 320]
     assert "usable_cpus" in result["machine"]
 
 

@@ -103,7 +103,7 @@ class PyramidPoolingFusion(FusionMethod):
     """Spatial pyramid pooling (PSPNet style): context pooled over k x k bins per level, projected,
     joined with the features and projected again (1x1) on the feature grid, then brought to
     H x W by `to_image_grid`: resized to the stride-aligned grid and cropped, so each cell's
-    context stays over its own input block for every H, W. A 1x1 projection, not PSPNet's 3x3,
+    context stays centred on its own input block for every H, W. A 1x1 projection, not PSPNet's 3x3,
     which on resnet50 features costs about 1 GFLOP at 512x512 for little gain."""
 
     def __init__(
@@ -139,8 +139,8 @@ class PyramidPoolingFusion(FusionMethod):
 class MaskedFusion(FusionMethod):
     """Conditional concatenation: a gate m = sigmoid(1x1 conv(features)) gives
     cat([image * (1 - m), projected_features * m]). Gate and projection are computed on the
-    feature grid and brought to H x W by `to_image_grid` (aligned resize, then crop), so the
-    gate over each input pixel comes from the cell over it, for every H, W."""
+    feature grid and brought to H x W by `to_image_grid` (aligned resize, then crop), so each
+    cell's gate and features stay centred on its own input block, for every H, W."""
 
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)
