@@ -59,7 +59,12 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
     "--output", "-o", default="artifacts", show_default=True, type=click.Path(path_type=Path)
 )
 @click.option("--name", default=None, help="Base name of the files [default: METHOD-BACKBONE].")
-@click.option("--min-size", default=32, show_default=True, type=int, help="Smallest H and W.")
+@click.option(
+    "--min-size",
+    default=None,
+    type=int,
+    help="Smallest H and W [default: 32; with --int8, two feature cells: 64 at stride 32].",
+)
 @click.option("--max-size", default=2048, show_default=True, type=int, help="Largest H and W.")
 @click.option("--max-batch", default=32, show_default=True, type=int)
 @click.option(
@@ -127,7 +132,7 @@ def main(
     opset: int,
     output: Path,
     name: str | None,
-    min_size: int,
+    min_size: int | None,
     max_size: int,
     max_batch: int,
     atol: float,
