@@ -57,7 +57,7 @@ def export_all(folder: Path, backbones: list[str], reuse: bool) -> list[tuple[Pa
                 if not (reuse and manifest.exists()):
                     print(f"exporting {name}", flush=True)
                     export_artifact(config, folder, options)
-                read_manifest(manifest).file("onnx")  # verified before it is timed
+                read_manifest(manifest).read("onnx")  # verified before it is timed
                 pair.append(manifest)
             pairs.append((pair[0], pair[1]))
     return pairs
