@@ -22,6 +22,12 @@ def _onnxruntime(manifest: Manifest, device: str, **options: Any) -> Runner:
     return OnnxRuntimeRunner(manifest, device, **options)
 
 
+def _openvino(manifest: Manifest, device: str, **options: Any) -> Runner:
+    from resfuse.runtime.backends.openvino import OpenVinoRunner
+
+    return OpenVinoRunner(manifest, device, **options)
+
+
 def _tensorrt(manifest: Manifest, device: str, **options: Any) -> Runner:
     raise BackendUnavailableError(
         "the native TensorRT backend (engines built and cached by resfuse) is not in this "
@@ -33,6 +39,7 @@ def _tensorrt(manifest: Manifest, device: str, **options: Any) -> Runner:
 BACKENDS: dict[str, Callable[..., Runner]] = {
     "torch": _torch,
     "onnxruntime": _onnxruntime,
+    "openvino": _openvino,
     "tensorrt": _tensorrt,
 }
 
