@@ -1,9 +1,17 @@
-"""Latency: every backend on every shape in one run, warm-up excluded, compared with torch."""
+"""Latency and accuracy of every backend on every shape in one run, against the PyTorch original.
+
+The stopwatch times each backend in blocks of consecutive calls, never call by call: threads a
+backend leaves running after its call (ONNX Runtime's spinning) would slow the next backend's.
+Each round runs one block per backend, the order rotated round by round; the first call of a
+block re-warms caches after another backend ran and is not counted. Ratios to torch are taken
+round by round and summarised by their median and range.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -13,12 +21,29 @@ from typing import Any
 import numpy as np
 
 from resfuse.artifacts import read_manifest
+from resfuse.compare import ErrorStats, compare
 from resfuse.errors import ConfigError, ResfuseError
+from resfuse.runtime.backends import Phases
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import Shape, markdown_table, shape_str
 from resfuse.runtime.session import Session, load
 
 BENCH_FORMAT = "resfuse-bench"
+# Backends that run the PyTorch original (float32), not the artifact: never repeated for --also.
+ORIGINALS = ("torch", "torch-compile")
+# Options that keep a backend's idle threads from running between its calls, so that they take
+# no cores from the backend timed next; set whenever more than one session is timed.
+_QUIET = {"onnxruntime": {"spinning": False}}
+# Engines are compared within an accuracy class: a faster engine of a coarser class is a
+# different trade, not a better engine.
+ACCURACY_CLASSES = {
+    "float32": "float32",
+    "float16": "16-bit float",
+    "bfloat16": "16-bit float",
+    "int8": "int8",
+}
+_TAILS = (90, 95, 99)  # percentiles reported when enough samples lie above them
+_ABOVE = 5  # samples that must lie above a reported percentile
 
 
 @dataclass
@@ -26,125 +51,272 @@ class BenchRecord:
     artifact: str  # the manifest's stem
     backend: str
     device: str
+    precision: str  # the backend computes in: the originals float32, OpenVINO bf16 bfloat16
     shape: list[int]
-    iters: int
-    warmup: int
+    n: int  # timed calls behind every latency figure: rounds x iters
+    rounds: int
+    iters: int  # timed calls per block; each block runs one more first, not counted
+    warmup: int  # calls per shape before the first round
     p50_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
+    p90_ms: float | None  # None where fewer than 5 samples lie above it
+    p95_ms: float | None
+    p99_ms: float | None
     mean_ms: float
-    std_ms: float
+    std_ms: float | None  # sample standard deviation (ddof=1); None from a single call
     min_ms: float
+    first_call_ms: float  # the first call on this shape; torch-compile compiles in it
     throughput_ips: float  # images (batch items) per second at the mean latency
     h2d_ms: float  # mean host-to-device copy, 0 where the backend has none to report apart
     compute_ms: float
     d2h_ms: float
-    speedup_vs_torch: float | None = None  # torch p50 / this p50, same shape and run
-    precision: str = "float32"  # of the graph the backend runs; torch is the float32 original
+    round_p50_ms: list[float]  # each round's block median
+    rel_l2: float  # against torch (eager) on the timed input, from the first call's output
+    max_abs: float
+    within_tolerance: bool  # by the artifact's manifest tolerance, as resfuse-check judges
+    speedup_vs_torch: float | None = None  # median over rounds of torch p50 / this p50
+    speedup_rounds: list[float] | None = None  # those ratios, round by round
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def parse_backend(spec: str) -> tuple[str, dict[str, Any]]:
+    """'openvino:precision=bf16' -> ('openvino', {'precision': 'bf16'}): one backend with its
+    options, so that two settings of one engine can be timed in the same run. Values 'true' and
+    'false' are booleans, whole numbers are ints, anything else a string."""
+    name, *pairs = spec.split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(
+                f"backend {spec!r}: options go as NAME:KEY=VALUE[:KEY=VALUE], e.g. "
+                f"openvino:precision=bf16; got {pair!r}"
+            )
+        lowered = value.lower()
+        options[key] = (
+            lowered == "true"
+            if lowered in ("true", "false")
+            else int(value)
+            if value.isdigit()
+            else value
+        )
+    return name, options
+
+
+def tail_percentile(samples: np.ndarray, q: int) -> float | None:
+    """The q-th percentile where at least 5 samples lie above it (n * (100 - q) / 100 >= 5),
+    else None: the p99 of 8 calls is their maximum under another name."""
+    if samples.size * (100 - q) < _ABOVE * 100:  # integers: 50 * (1 - 0.9) is below 5 in floats
+        return None
+    return float(np.percentile(samples, q))
+
+
+def block_order(sessions: int, rounds: int) -> list[tuple[int, int]]:
+    """(session index, round) of every block, in the order they run: each round times every
+    session once, starting one session further on than the round before, so that no backend
+    keeps the same place in the rounds (first after the warm-up, or last)."""
+    return [((r + k) % sessions, r) for r in range(rounds) for k in range(sessions)]
+
+
 def _record(
-    session: Session, shape: Shape, times: np.ndarray, phases: np.ndarray, warmup: int
+    session: Session,
+    shape: Shape,
+    times: np.ndarray,
+    phases: np.ndarray,
+    *,
+    warmup: int,
+    first_call_ms: float,
+    error: ErrorStats,
+    label: str,
 ) -> BenchRecord:
-    p50, p90, p95, p99 = np.percentile(times, [50, 90, 95, 99])
-    mean = float(times.mean())
-    h2d, compute, d2h = phases.mean(axis=0)
+    """times: (rounds, iters) ms; phases: (rounds, iters, 3) ms of copy in, compute, copy out."""
+    flat = times.ravel()
+    mean = float(flat.mean())
+    h2d, compute, d2h = phases.reshape(-1, 3).mean(axis=0)
+    p90, p95, p99 = (tail_percentile(flat, q) for q in _TAILS)
     return BenchRecord(
-        session.manifest.path.stem,
-        session.backend,
-        session.runner.device,
-        list(shape),
-        len(times),
-        warmup,
-        float(p50),
-        float(p90),
-        float(p95),
-        float(p99),
-        mean,
-        float(times.std()),
-        float(times.min()),
-        shape[0] * 1e3 / mean,
-        float(h2d),
-        float(compute),
-        float(d2h),
-        precision="float32" if session.backend == "torch" else session.manifest.precision,
+        artifact=session.manifest.path.stem,
+        backend=label,
+        device=session.runner.device,
+        precision=session.runner.precision,
+        shape=list(shape),
+        n=flat.size,
+        rounds=times.shape[0],
+        iters=times.shape[1],
+        warmup=warmup,
+        p50_ms=float(np.median(flat)),
+        p90_ms=p90,
+        p95_ms=p95,
+        p99_ms=p99,
+        mean_ms=mean,
+        std_ms=float(flat.std(ddof=1)) if flat.size > 1 else None,
+        min_ms=float(flat.min()),
+        first_call_ms=first_call_ms,
+        throughput_ips=shape[0] * 1e3 / mean,
+        h2d_ms=float(h2d),
+        compute_ms=float(compute),
+        d2h_ms=float(d2h),
+        round_p50_ms=[float(np.median(block)) for block in times],
+        rel_l2=error.rel_l2,
+        max_abs=error.max_abs,
+        within_tolerance=error.passed,
         settings=session.runner.describe(),
     )
 
 
-def _timed_call(session: Session, x: np.ndarray) -> tuple[float, tuple[float, float, float]]:
-    """One call of the checked path (input check + backend): total ms and its phases."""
+def _timed_call(session: Session, x: np.ndarray) -> tuple[np.ndarray, float, Phases]:
+    """One call of the checked path (input check + backend): output, total ms, its phases."""
     start = time.perf_counter()
     session.check(x)
-    _, split = session.runner.infer_timed(x)
-    return (time.perf_counter() - start) * 1e3, (split.h2d_ms, split.compute_ms, split.d2h_ms)
+    out, split = session.runner.infer_timed(x)
+    return out, (time.perf_counter() - start) * 1e3, split
 
 
 def time_shape(
     sessions: list[Session],
     shape: Shape,
+    *,
     warmup: int,
     iters: int,
+    rounds: int,
+    reference: Session,
+    labels: list[str] | None = None,
     seed: int = 0,
     progress: Callable[[], None] = lambda: None,
 ) -> list[BenchRecord]:
-    """Time every session on one shape, calls interleaved round-robin: a shared, noisy machine
-    then slows all backends alike and their ratio stays fair."""
+    """Warm every session up (`warmup` >= 1 calls; the first is timed apart and its output
+    judged against `reference`, torch eager, on the same input), then time the sessions in
+    rotated blocks (see the module docstring). `labels` name the records (default: the
+    backends' names)."""
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(x)
-    times = np.empty((len(sessions), iters))
-    phases = np.empty((len(sessions), iters, 3))
-    for i in range(iters):
-        for k, session in enumerate(sessions):
-            times[k, i], phases[k, i] = _timed_call(session, x)
-            progress()
-    return [_record(s, shape, times[k], phases[k], warmup) for k, s in enumerate(sessions)]
+
+    def call(k: int) -> tuple[np.ndarray, float, Phases]:
+        progress()
+        return _timed_call(sessions[k], x)
+
+    expected = None if reference in sessions else reference.runner.infer(x)
+    first: dict[int, tuple[float, ErrorStats]] = {}  # first call's ms and error, by session
+    # A timed reference warms up first: its first output is then the expected one.
+    for k in sorted(range(len(sessions)), key=lambda k: sessions[k] is not reference):
+        out, ms, _ = call(k)
+        expected = out if expected is None else expected
+        first[k] = ms, compare(expected, out, sessions[k].manifest.tolerance)
+        for _ in range(warmup - 1):
+            call(k)
+    times = np.empty((len(sessions), rounds, iters))
+    phases = np.empty((len(sessions), rounds, iters, 3))
+    for k, r in block_order(len(sessions), rounds):
+        call(k)  # re-warms caches after another backend ran: not counted
+        for i in range(iters):
+            _, times[k, r, i], split = call(k)
+            phases[k, r, i] = split.h2d_ms, split.compute_ms, split.d2h_ms
+    return [
+        _record(
+            s,
+            shape,
+            times[k],
+            phases[k],
+            warmup=warmup,
+            first_call_ms=first[k][0],
+            error=first[k][1],
+            label=labels[k] if labels else s.backend,
+        )
+        for k, s in enumerate(sessions)
+    ]
 
 
 def benchmark(
     path: str | Path,
+    *,
     backends: Iterable[str] = ("torch", "onnxruntime"),
     shapes: Iterable[Shape] = ((1, 3, 224, 224), (1, 3, 512, 512)),
-    warmup: int = 3,
-    iters: int = 20,
+    warmup: int = 2,
+    iters: int = 4,
+    rounds: int = 5,
     threads: int | None = None,
     device: str = "cpu",
     progress: Callable[[], None] = lambda: None,
     also: Iterable[str | Path] = (),
 ) -> dict[str, Any]:
-    """{"machine", "artifact", "records"}: one record per artifact x backend x shape.
+    """{"format", "artifact", "machine", "records"}: one record per artifact x backend x shape.
 
-    `also`: other artifacts of the same PyTorch original (an INT8 export, another opset); their
-    deployed backends join the same interleaved run, so their ratios to torch stay fair."""
-    if warmup < 0 or iters < 1:
-        raise ConfigError(f"need --warmup >= 0 and --iters >= 1, got {warmup} and {iters}")
-    backends, others = list(backends), [Path(p) for p in also]
-    _require_same_original(path, others)
-    runs = [(Path(path), b) for b in backends]
-    runs += [(other, b) for other in others for b in backends if b != "torch"]
-    options = {"threads": threads} if threads else {}
+    `warmup` calls per session and shape (at least 1: the first call is reported apart, and
+    judged against torch), then `rounds` rounds of one block per session: one call not counted,
+    then `iters` timed calls. `also`: other artifacts of the same PyTorch original (an INT8
+    export, another opset); their deployed backends join the same rounds, so their ratios to
+    torch stay fair."""
+    if warmup < 1 or iters < 1 or rounds < 1:
+        raise ConfigError(
+            f"need --warmup, --iters and --rounds of at least 1, got {warmup}, {iters} and {rounds}"
+        )
+    backends, shapes = list(backends), list(shapes)
+    _require_same_original(path, [Path(p) for p in also])
+    if any(parse_backend(b)[0] == "torch-compile" for b in backends):
+        _require_compile_limit(len(shapes))
+    runs = timed_sessions(path, backends, also)
+    quiet = len(runs) > 1
     records: list[BenchRecord] = []
+    load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
-        sessions = [
-            # The reference runs on the GPU whenever the deployed backend does.
-            stack.enter_context(
-                load(p, b, "cuda" if b == "torch" and device != "cpu" else device, **options)
-            )
-            for p, b in runs
-        ]
+
+        def open_session(artifact: Path, spec: str) -> Session:
+            backend, asked = parse_backend(spec)
+            options: dict[str, Any] = {"threads": threads} if threads else {}
+            if quiet:
+                options |= _QUIET.get(backend, {})
+            # The original runs on the GPU whenever the deployed backend does.
+            on = "cuda" if backend in ORIGINALS and device != "cpu" else device
+            return stack.enter_context(load(artifact, backend, on, **options | asked))
+
+        sessions = [open_session(p, b) for p, b in runs]
+        torch_eager = [s for s in sessions if s.backend == "torch"]
+        reference = torch_eager[0] if torch_eager else open_session(Path(path), "torch")
         for shape in shapes:
-            records += time_shape(sessions, shape, warmup, iters, progress=progress)
+            records += time_shape(
+                sessions,
+                shape,
+                warmup=warmup,
+                iters=iters,
+                rounds=rounds,
+                reference=reference,
+                labels=[b for _, b in runs],
+                progress=progress,
+            )
     add_speedups(records)
+    rows = [asdict(r) for r in records]
     return {
         "format": BENCH_FORMAT,
         "artifact": str(path),
-        "machine": machine_info(),
-        "records": [asdict(r) for r in records],
+        # Other work on the machine slows every engine, not alike: the load says how quiet it was.
+        "machine": machine_info()
+        | {"load_average": {"before": load_before, "after": os.getloadavg()}},
+        "records": rows,
+        "fastest": fastest_per_class(rows),
     }
+
+
+def timed_sessions(
+    path: str | Path, backends: Iterable[str], also: Iterable[str | Path] = ()
+) -> list[tuple[Path, str]]:
+    """(artifact, backend) of every session a run times: each backend on `path`, then the
+    deployed backends on each of `also` (the originals are one model, timed once)."""
+    backends = list(backends)
+    runs = [(Path(path), b) for b in backends]
+    deployed = [b for b in backends if parse_backend(b)[0] not in ORIGINALS]
+    return runs + [(Path(p), b) for p in also for b in deployed]
+
+
+def _require_compile_limit(shapes: int) -> None:
+    """Past its recompile limit torch.compile runs the model eagerly, without a word: the
+    torch-compile figures would then be torch's."""
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    if shapes > limit:
+        raise ConfigError(
+            f"torch-compile on {shapes} shapes: torch.compile keeps {limit} graphs per model "
+            f"(torch._dynamo.config.recompile_limit) and runs eagerly after that; time at most "
+            f"{limit} shapes per run"
+        )
 
 
 def _require_same_original(path: str | Path, others: list[Path]) -> None:
@@ -164,10 +336,67 @@ def _require_same_original(path: str | Path, others: list[Path]) -> None:
 
 
 def add_speedups(records: list[BenchRecord]) -> None:
-    torch_p50 = {shape_str(r.shape): r.p50_ms for r in records if r.backend == "torch"}
+    """Round by round, torch's block median over this backend's on the same shape: blocks of
+    one round run close together, so a machine slower in one round slows both sides alike."""
+    torch_rounds = {shape_str(r.shape): r.round_p50_ms for r in records if r.backend == "torch"}
     for r in records:
-        base = torch_p50.get(shape_str(r.shape))
-        r.speedup_vs_torch = base / r.p50_ms if base else None
+        base = torch_rounds.get(shape_str(r.shape))
+        if base:
+            r.speedup_rounds = [t / p for t, p in zip(base, r.round_p50_ms, strict=True)]
+            r.speedup_vs_torch = float(np.median(r.speedup_rounds))
+
+
+def fastest_per_class(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape and accuracy class, the record with the lowest p50, in order of first
+    appearance: which engine to deploy for the error a user can accept."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in records:
+        key = shape_str(r["shape"]), ACCURACY_CLASSES.get(r["precision"], r["precision"])
+        if key not in best or r["p50_ms"] < best[key]["p50_ms"]:
+            best[key] = r
+    return [
+        {
+            "shape": shape,
+            "accuracy_class": cls,
+            "artifact": r["artifact"],
+            "backend": r["backend"],
+            "precision": r["precision"],
+            "p50_ms": r["p50_ms"],
+            "speedup_vs_torch": r["speedup_vs_torch"],
+            "rel_l2": r["rel_l2"],
+        }
+        for (shape, cls), r in best.items()
+    ]
+
+
+def fastest_markdown(result: dict[str, Any]) -> str:
+    rows = [
+        [
+            f["shape"],
+            f["accuracy_class"],
+            f["artifact"],
+            f["backend"],
+            f["precision"],
+            _ms(f["p50_ms"]),
+            "-" if f["speedup_vs_torch"] is None else f"{f['speedup_vs_torch']:.2f}x",
+            f"{f['rel_l2']:.1e}",
+        ]
+        for f in result["fastest"]
+    ]
+    headers = ["shape", "accuracy class", "artifact", "backend", "precision", "p50 ms"]
+    return markdown_table([*headers, "vs torch", "rel L2"], rows)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _vs_torch(record: dict[str, Any]) -> str:
+    """'1.85x (1.80..1.92)': the median ratio over rounds and its range."""
+    rounds = record["speedup_rounds"]
+    if not rounds:
+        return "-"
+    return f"{record['speedup_vs_torch']:.2f}x ({min(rounds):.2f}..{max(rounds):.2f})"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -176,17 +405,18 @@ def markdown(result: dict[str, Any]) -> str:
             r["artifact"],
             r["backend"],
             r["device"],
-            r.get("precision", "float32"),
+            r["precision"],
             shape_str(r["shape"]),
-            f"{r['p50_ms']:.2f}",
-            f"{r['p90_ms']:.2f}",
-            f"{r['p95_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-            f"{r['mean_ms']:.2f}",
-            f"{r['std_ms']:.2f}",
-            f"{r['min_ms']:.2f}",
+            r["n"],
+            *(_ms(r[f"p{q}_ms"]) for q in (50, *_TAILS)),
+            _ms(r["mean_ms"]),
+            _ms(r["std_ms"]),
+            _ms(r["min_ms"]),
+            _ms(r["first_call_ms"]),
             f"{r['throughput_ips']:.1f}",
-            f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-",
+            _vs_torch(r),
+            f"{r['rel_l2']:.1e}",
+            f"{r['max_abs']:.1e}",
         ]
         for r in result["records"]
     ]
@@ -196,6 +426,7 @@ def markdown(result: dict[str, Any]) -> str:
         "device",
         "precision",
         "shape",
+        "n",
         "p50 ms",
         "p90 ms",
         "p95 ms",
@@ -203,10 +434,29 @@ def markdown(result: dict[str, Any]) -> str:
         "mean ms",
         "std ms",
         "min ms",
+        "first call ms",
         "images/s",
-        "vs torch",
+        "vs torch (rounds)",
+        "rel L2",
+        "max abs",
     ]
     return markdown_table(headers, rows)
+
+
+def report(result: dict[str, Any]) -> str:
+    """Every record, then the fastest engine per accuracy class, then how the run was made."""
+    r = result["records"][0]
+    machine = result["machine"]
+    flags = [f for f in machine["cpu_flags"] if f.startswith(("avx", "amx", "fma", "sve", "asimd"))]
+    load = machine["load_average"]
+    return (
+        f"{markdown(result)}\n\nfastest per accuracy class:\n\n{fastest_markdown(result)}\n\n"
+        f"Latency figures: {r['rounds']} rounds x {r['iters']} timed calls per backend and shape "
+        f"(n), blocks rotated each round; 'vs torch': median ratio of the rounds' block medians "
+        f"(range). CPU: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, "
+        f"{' '.join(flags) or 'no vector flags reported'}; 1-minute load average "
+        f"{load['before'][0]:.2f} before, {load['after'][0]:.2f} after."
+    )
 
 
 def read_result(path: str | Path) -> dict[str, Any]:

@@ -175,14 +175,16 @@ _BASELINE_HEADERS = [
     "--backends",
     default="torch,onnxruntime",
     show_default=True,
-    help="Comma-separated: torch, onnxruntime.",
+    help=f"Comma-separated, from: {', '.join(BACKENDS)}; options as NAME:KEY=VALUE "
+    f"(openvino:precision=bf16), so one engine can run twice. torch-compile compiles on each "
+    f"shape's first call (tens of seconds on a CPU), reported as its first call.",
 )
 @click.option(
     "--device",
     default="cpu",
     show_default=True,
     type=_DEVICES,
-    help="cuda or tensorrt apply to onnxruntime; torch then runs on cuda.",
+    help="cuda or tensorrt apply to onnxruntime; torch and torch-compile then run on cuda.",
 )
 @click.option("--shapes", default="1x3x224x224,1x3x512x512,1x3x1024x1024", show_default=True)
 @click.option(
@@ -192,8 +194,27 @@ _BASELINE_HEADERS = [
     help="Another artifact of the same model (e.g. its INT8 export) timed in the same run; "
     "repeatable.",
 )
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
-@click.option("--iters", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--warmup",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Calls per backend and shape before the rounds; the first is reported apart.",
+)
+@click.option(
+    "--iters",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed calls per block, after one call per block that is not counted.",
+)
+@click.option(
+    "--rounds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rounds of one block per backend, the order rotated each round.",
+)
 @click.option(
     "--threads",
     default=None,
@@ -231,6 +252,7 @@ def bench_main(
     also: tuple[Path, ...],
     warmup: int,
     iters: int,
+    rounds: int,
     threads: int | None,
     json_path: Path | None,
     md_path: Path | None,
@@ -238,33 +260,36 @@ def bench_main(
     baseline: Path | None,
     max_regression: float,
 ) -> None:
-    """Time ARTIFACT on each backend and shape; p50/p90/p95/p99 and the ratio to PyTorch.
+    """Time ARTIFACT on each backend and shape, and its error against PyTorch on the timed input.
 
-    With --also, other exports of the same model (its INT8 artifact, say) run on the same
-    shapes, call by call in turn with the rest, so every ratio comes from one run."""
+    Backends are timed in blocks of --iters consecutive calls, one block each per round, the
+    order rotated over --rounds rounds; the ratio to PyTorch is taken round by round (median and
+    range). With --also, other exports of the same model (its INT8 artifact, say) join the same
+    rounds, so every ratio comes from one run."""
     names = [b.strip() for b in backends.split(",") if b.strip()]
     try:
-        unknown = [b for b in names if b not in BACKENDS]
+        unknown = [b for b in names if bench_lib.parse_backend(b)[0] not in BACKENDS]
         if unknown or not names:
             raise ResfuseError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
         grid = parse_shapes(shapes)
         old = bench_lib.read_result(baseline) if baseline else None
         with _progress() as bar:
-            deployed = [b for b in names if b != "torch"]
-            sessions = len(names) + len(also) * len(deployed)
-            task = bar.add_task("timing", total=sessions * len(grid) * iters)
+            sessions = len(bench_lib.timed_sessions(artifact, names, also))
+            calls = warmup + rounds * (iters + 1)  # each block runs one call not counted
+            task = bar.add_task("timing", total=sessions * len(grid) * calls)
             result = bench_lib.benchmark(
                 artifact,
-                names,
-                grid,
-                warmup,
-                iters,
-                threads,
-                device,
+                backends=names,
+                shapes=grid,
+                warmup=warmup,
+                iters=iters,
+                rounds=rounds,
+                threads=threads,
+                device=device,
                 progress=lambda: bar.advance(task),
                 also=also,
             )
-        table = bench_lib.markdown(result)
+        table = bench_lib.report(result)
         out.print(table, highlight=False, markup=False, soft_wrap=True)
         if json_path:
             _write_json(json_path, result)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from resfuse import runtime
 from resfuse.artifacts import sha256_of
+from resfuse.compare import ErrorStats, Tolerance, compare
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.runtime.bench import _record, add_speedups, benchmark, compare_baseline
 from resfuse.runtime.check import check_artifact
@@ -147,6 +148,7 @@ def test_benchmark_records(exported, three_threads) -> None:
         shapes=[(1, 3, 64, 64), (2, 3, 96, 80)],
         warmup=1,
         iters=3,
+        rounds=2,
         threads=1,
     )
     assert torch.get_num_threads() == 3
@@ -160,46 +162,79 @@ def test_benchmark_records(exported, three_threads) -> None:
         ("onnxruntime", [2, 3, 96, 80]),
     ]
     for r in records:
-        assert r["iters"] == 3 and r["warmup"] == 1 and r["settings"]["threads"] == 1
+        assert (r["n"], r["rounds"], r["iters"], r["warmup"]) == (6, 2, 3, 1)
+        assert r["settings"]["threads"] == 1 and r["first_call_ms"] > 0
         assert r["compute_ms"] > 0 and r["h2d_ms"] == r["d2h_ms"] == 0
-        assert r["speedup_vs_torch"] is not None
-    assert records[0]["speedup_vs_torch"] == records[2]["speedup_vs_torch"] == 1.0
+        assert r["speedup_vs_torch"] is not None and len(r["speedup_rounds"]) == 2
+    assert records[0]["speedup_rounds"] == records[2]["speedup_rounds"] == [1.0, 1.0]
+
+
+def _error(rel_l2: float = 0.0) -> ErrorStats:
+    """Real error statistics of an output off its reference by `rel_l2` (reference [3, 4])."""
+    return compare(np.array([3.0, 4.0]), np.array([3.0, 4.0 + 5 * rel_l2]), Tolerance())
 
 
 def test_record_statistics_by_hand(exported) -> None:
     """Known timings through the production record builder, against figures worked by hand."""
-    times = np.array([4.0, 1.0, 10.0, 3.0, 2.0])  # ms, unsorted as a run leaves them
-    phases = np.array([[1.0, 2.0, 3.0]] * 4 + [[6.0, 7.0, 8.0]])  # h2d, compute, d2h
+    times = np.array([[4.0, 1.0, 10.0], [3.0, 2.0, 4.0]])  # ms, 2 rounds of 3, as a run leaves
+    phases = np.array([[[1.0, 2.0, 3.0]] * 3, [[1.0, 2.0, 3.0]] * 2 + [[7.0, 8.0, 9.0]]])
     with runtime.load(exported["spp"].manifest_path, threads=1) as session:
-        r = _record(session, (2, 3, 64, 64), times, phases, warmup=7)
-    # Sorted 1 2 3 4 10; percentile p sits at rank p/100 * 4, linear between neighbours:
-    # p90 at 3.6 -> 4 + 0.6 * 6 = 7.6; p95 at 3.8 -> 8.8; p99 at 3.96 -> 9.76.
-    assert (r.p50_ms, r.min_ms, r.mean_ms) == (3.0, 1.0, 4.0)
-    assert (r.p90_ms, r.p95_ms, r.p99_ms) == pytest.approx((7.6, 8.8, 9.76))
-    assert r.std_ms == pytest.approx(10**0.5)  # squared deviations 9 4 1 0 36, mean 10
+        r = _record(
+            session,
+            (2, 3, 64, 64),
+            times,
+            phases,
+            warmup=7,
+            first_call_ms=123.0,
+            error=_error(0.1),
+        )
+    # Sorted 1 2 3 4 4 10: median (3 + 4) / 2; mean 24 / 6; too few calls for any tail.
+    assert (r.p50_ms, r.min_ms, r.mean_ms) == (3.5, 1.0, 4.0)
+    assert (r.p90_ms, r.p95_ms, r.p99_ms) == (None, None, None)
+    assert r.std_ms == pytest.approx(10**0.5)  # squared deviations 0 9 36 1 4 0: 50 / (6 - 1)
+    assert r.round_p50_ms == [4.0, 3.0]
     assert r.throughput_ips == 500.0  # 2 images every 4 ms
     assert (r.h2d_ms, r.compute_ms, r.d2h_ms) == (2.0, 3.0, 4.0)
-    assert (r.shape, r.iters, r.warmup, r.backend, r.device) == (
+    assert (r.shape, r.n, r.rounds, r.iters, r.warmup, r.backend, r.device) == (
         [2, 3, 64, 64],
-        5,
+        6,
+        2,
+        3,
         7,
         "onnxruntime",
         "cpu",
     )
+    assert r.first_call_ms == 123.0 and (r.rel_l2, r.max_abs) == pytest.approx((0.1, 0.5))
+    assert not r.within_tolerance  # 0.5 is far outside atol 1e-4
     assert r.precision == "float32" and r.settings["threads"] == 1
 
 
 def test_speedups_by_hand(exported) -> None:
+    """Ratios round by round (torch's block median over the backend's), then their median."""
     with runtime.load(exported["spp"].manifest_path, threads=1) as session:
-        base = _record(session, (1, 3, 64, 64), np.ones(3), np.zeros((3, 3)), warmup=0)
+        base = _record(
+            session,
+            (1, 3, 64, 64),
+            np.ones((3, 1)),
+            np.zeros((3, 1, 3)),
+            warmup=1,
+            first_call_ms=1.0,
+            error=_error(),
+        )
     other = [1, 3, 96, 96]
     records = [
-        replace(base, backend="torch", p50_ms=10.0),
-        replace(base, p50_ms=4.0),
-        replace(base, artifact="int8", p50_ms=5.0),
-        replace(base, shape=other, p50_ms=3.0),  # no torch record at this shape
+        replace(base, backend="torch", round_p50_ms=[10.0, 20.0, 30.0]),
+        replace(base, round_p50_ms=[4.0, 5.0, 20.0]),
+        replace(base, artifact="int8", round_p50_ms=[5.0, 10.0, 10.0]),
+        replace(base, shape=other, round_p50_ms=[3.0, 3.0, 3.0]),  # no torch at this shape
     ]
     add_speedups(records)
+    assert [r.speedup_rounds for r in records] == [
+        [1.0, 1.0, 1.0],
+        [2.5, 4.0, 1.5],
+        [2.0, 2.0, 3.0],
+        None,
+    ]
     assert [r.speedup_vs_torch for r in records] == [1.0, 2.5, 2.0, None]
 
 
@@ -280,10 +315,15 @@ def test_torch_threads_are_set_while_active_and_restored(exported, three_threads
         ),
         (
             bench_main,
-            ["--warmup", "-1"],
-            "Invalid value for '--warmup': -1 is not in the range x>=0",
+            ["--warmup", "0"],
+            "Invalid value for '--warmup': 0 is not in the range x>=1",
         ),
         (bench_main, ["--iters", "0"], "Invalid value for '--iters': 0 is not in the range x>=1"),
+        (
+            bench_main,
+            ["--rounds", "0"],
+            "Invalid value for '--rounds': 0 is not in the range x>=1",
+        ),
         (
             bench_main,
             ["--max-regression", "-0.1"],
@@ -338,7 +378,8 @@ def test_soak_script_runs_briefly(exported, tmp_path: Path) -> None:
 
 def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
     path = str(exported["masked"].manifest_path)
-    common = ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "3", "--threads", "1"]
+    common = ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "3", "--rounds", "2"]
+    common += ["--threads", "1"]
     proc = run(
         "resfuse-bench",
         path,
@@ -351,7 +392,11 @@ def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
         str(tmp_path / "b.png"),
     )
     assert proc.returncode == 0, proc.stderr
-    assert "| masked-resnet18 | onnxruntime |    cpu |" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if "| onnxruntime |" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:6] == ["masked-resnet18", "onnxruntime", "cpu", "float32", "1x3x64x64", "6"]
+    assert cells[7:10] == ["-", "-", "-"]  # no p90, p95 or p99 from 6 calls
+    assert re.fullmatch(r"[\d.]+x \([\d.]+\.\.[\d.]+\)", cells[15]), row  # median (range)
     assert (tmp_path / "b.md").read_text().startswith("|        artifact |     backend |")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "b.json").read_text())
@@ -366,7 +411,10 @@ def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
         "100",
     )
     assert ok.returncode == 0, ok.stderr
-    for record in result["records"]:  # a baseline 100x faster than anything real
+    old_fields = {"artifact", "backend", "device", "shape", "iters", "warmup", "p50_ms"}
+    for record in result["records"]:  # from before the blocked stopwatch, 100x faster
+        for key in set(record) - old_fields:
+            del record[key]
         record["p50_ms"] /= 100
     (tmp_path / "fast.json").write_text(json.dumps(result))
     slow = run("resfuse-bench", path, *common, "--baseline", str(tmp_path / "fast.json"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from resfuse.compare import Tolerance, compare
@@ -17,8 +18,9 @@ from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
 from resfuse.export.quantize import Calibration
 from resfuse.models import ModelConfig
 from resfuse.runtime import load
-from resfuse.runtime.bench import benchmark
+from resfuse.runtime.bench import _record, benchmark
 from resfuse.runtime.check import check_artifact
+from resfuse.runtime.cli import bench_main
 from resfuse.runtime.inputs import load_image
 
 EXE = Path(sys.executable).with_name("resfuse-export")
@@ -113,24 +115,82 @@ def test_check_uses_the_recorded_bound_and_fails_a_tighter_one(int8: ExportResul
 
 def test_bench_times_float32_and_int8_in_one_run(int8: ExportResult, exported) -> None:
     fp32 = exported["masked"].manifest_path
-    result = benchmark(fp32, shapes=[(1, 3, 64, 64)], warmup=1, iters=2, also=[int8.manifest_path])
+    result = benchmark(
+        fp32, shapes=[(1, 3, 64, 64)], warmup=1, iters=2, rounds=3, also=[int8.manifest_path]
+    )
     records = result["records"]
     assert [(r["artifact"], r["backend"], r["precision"]) for r in records] == [
         ("masked-resnet18", "torch", "float32"),
         ("masked-resnet18", "onnxruntime", "float32"),
         ("masked-resnet18-int8", "onnxruntime", "int8"),
     ]
-    assert records[2]["speedup_vs_torch"] == pytest.approx(
-        records[0]["p50_ms"] / records[2]["p50_ms"]
-    )
+    torch_rounds, int8_rounds = records[0]["round_p50_ms"], records[2]["round_p50_ms"]
+    ratios = [t / i for t, i in zip(torch_rounds, int8_rounds, strict=True)]
+    assert records[2]["speedup_rounds"] == pytest.approx(ratios)
+    assert records[2]["speedup_vs_torch"] == pytest.approx(np.median(ratios))
+    # Errors against torch on the timed input: none for torch itself, float32 rounding for
+    # ONNX Runtime, quantization for INT8, within the bound its manifest records (0.1).
+    assert records[0]["rel_l2"] == records[0]["max_abs"] == 0.0
+    assert records[1]["rel_l2"] < 1e-5 and records[1]["max_abs"] < 1e-4
+    assert 1e-4 < records[2]["rel_l2"] <= 0.1 and records[2]["max_abs"] > 1e-3
+    assert all(r["within_tolerance"] for r in records)
+    assert [r["settings"].get("spinning") for r in records] == [None, False, False]
     with pytest.raises(ConfigError, match="not an export of the same PyTorch model"):
         benchmark(fp32, shapes=[(1, 3, 64, 64)], also=[exported["spp"].manifest_path])
+
+
+def test_bench_records_the_originals_as_float32(int8: ExportResult) -> None:
+    """torch and torch-compile rebuild the float32 original, whatever the artifact holds
+    (torch.compile compiles on a first call, so nothing compiles here)."""
+    expected = {"torch": "float32", "torch-compile": "float32", "onnxruntime": "int8"}
+    for backend, precision in expected.items():
+        with load(int8.manifest_path, backend, threads=1) as session:
+            record = _record(
+                session,
+                (1, 3, 64, 64),
+                np.ones((1, 1)),
+                np.zeros((1, 1, 3)),
+                warmup=1,
+                first_call_ms=1.0,
+                error=compare(np.ones(2), np.ones(2), Tolerance()),
+                label=backend,
+            )
+        assert (record.backend, record.precision) == (backend, precision)
+
+
+def test_bench_times_option_variants_and_names_the_fastest_per_class(
+    int8: ExportResult, exported, tmp_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    args = [str(exported["masked"].manifest_path), "--also", str(int8.manifest_path)]
+    args += ["--backends", "torch,onnxruntime,onnxruntime:spinning=true", "--shapes", "1x3x64x64"]
+    args += ["--warmup", "1", "--iters", "2", "--rounds", "2", "--threads", "1", "--json", str(out)]
+    result = CliRunner().invoke(bench_main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    records = data["records"]
+    assert [(r["backend"], r["precision"], r["settings"].get("spinning")) for r in records] == [
+        ("torch", "float32", None),
+        ("onnxruntime", "float32", False),  # quiet while others are timed
+        ("onnxruntime:spinning=true", "float32", True),  # unless asked otherwise
+        ("onnxruntime", "int8", False),
+        ("onnxruntime:spinning=true", "int8", True),
+    ]
+    for precision in ("float32", "int8"):
+        fastest = min(
+            (r for r in records if r["precision"] == precision), key=lambda r: r["p50_ms"]
+        )
+        [named] = [f for f in data["fastest"] if f["accuracy_class"] == precision]
+        assert (named["artifact"], named["backend"]) == (fastest["artifact"], fastest["backend"])
+        assert named["p50_ms"] == fastest["p50_ms"]
+    assert "fastest per accuracy class:" in result.stdout
+    assert "2 rounds x 2 timed calls" in result.stdout and "load average" in result.stdout
 
 
 def test_bench_cli_also(int8: ExportResult, exported) -> None:
     bench = EXE.with_name("resfuse-bench")
     args = [str(exported["masked"].manifest_path), "--also", str(int8.manifest_path)]
-    args += ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "2"]
+    args += ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "2", "--rounds", "2"]
     proc = subprocess.run([str(bench), *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "| masked-resnet18-int8 | onnxruntime |    cpu |      int8 |" in proc.stdout

@@ -16,6 +16,12 @@ def _torch(manifest: Manifest, device: str, **options: Any) -> Runner:
     return TorchRunner(manifest, device, **options)
 
 
+def _torch_compile(manifest: Manifest, device: str, **options: Any) -> Runner:
+    from resfuse.runtime.backends.pyt import CompiledTorchRunner
+
+    return CompiledTorchRunner(manifest, device, **options)
+
+
 def _onnxruntime(manifest: Manifest, device: str, **options: Any) -> Runner:
     from resfuse.runtime.backends.onnxrt import OnnxRuntimeRunner
 
@@ -38,6 +44,7 @@ def _tensorrt(manifest: Manifest, device: str, **options: Any) -> Runner:
 
 BACKENDS: dict[str, Callable[..., Runner]] = {
     "torch": _torch,
+    "torch-compile": _torch_compile,
     "onnxruntime": _onnxruntime,
     "openvino": _openvino,
     "tensorrt": _tensorrt,

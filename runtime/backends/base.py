@@ -52,6 +52,12 @@ class Runner(ABC):
     def deactivate(self) -> None:
         """Release the model or session; `activate` may be called again afterwards."""
 
+    @property
+    def precision(self) -> str:
+        """The precision the backend computes in: the artifact's, unless the backend lowers it
+        (OpenVINO bf16, TensorRT fp16 engines) or runs the float32 original (torch)."""
+        return self.manifest.precision
+
     def describe(self) -> dict[str, Any]:
         """Settings that matter for reading its numbers (threads, providers...)."""
         return {"backend": self.name, "device": self.device}

@@ -28,6 +28,7 @@ OPTIONS = {
     "inter_op_threads": "inter-op threads (default 1: the graph is one chain)",
     "optimization": f"graph optimisation level, one of {_LEVELS} (default all)",
     "mem_pattern": "reuse a memory plan across calls (default True)",
+    "spinning": "idle threads spin for the next call instead of sleeping (default True, as ORT)",
     "fp16": "TensorRT EP: build float16 engines (default False)",
     "opt_shape": "TensorRT EP: (B, C, H, W) the kernels are tuned for (default 1 x C x 512 x 512)",
     "cache_dir": "TensorRT EP: engine and timing caches (default ~/.cache/resfuse/ort-trt)",
@@ -133,7 +134,7 @@ class OnnxRuntimeRunner(Runner):
                     f"onnxruntime option {key} must be a whole number >= 1, got {value!r}; "
                     f"leave it out for the default ({OPTIONS[key]})"
                 )
-        for key in ("mem_pattern", "fp16"):
+        for key in ("mem_pattern", "fp16", "spinning"):
             if not isinstance(options.get(key, False), bool):
                 raise ConfigError(f"onnxruntime option {key} must be True or False")
         super().__init__(manifest, device, **options)
@@ -160,6 +161,11 @@ class OnnxRuntimeRunner(Runner):
         so.intra_op_num_threads = int(self.options.get("threads") or physical_cores())
         so.inter_op_num_threads = int(self.options.get("inter_op_threads", 1))
         so.enable_mem_pattern = bool(self.options.get("mem_pattern", True))
+        # Spinning threads answer the next call sooner but keep their cores busy between calls,
+        # slowing whatever else runs there (another backend timed beside this one).
+        spinning = "1" if self.options.get("spinning", True) else "0"
+        for pool in ("intra_op", "inter_op"):
+            so.add_session_config_entry(f"session.{pool}.allow_spinning", spinning)
         so.log_severity_level = 3  # errors only: no per-shape warnings on the terminal
         return so
 
@@ -233,12 +239,20 @@ class OnnxRuntimeRunner(Runner):
     def deactivate(self) -> None:
         self.session = None
 
+    @property
+    def precision(self) -> str:
+        if self.device == "tensorrt" and self.options.get("fp16"):
+            return "float16"  # TensorRT picks float16 kernels where it finds them faster
+        return self.manifest.precision
+
     def describe(self) -> dict[str, Any]:
-        so = self.session_options()
+        # An active session reports the options ONNX Runtime holds, not the ones asked for.
+        so = self.session.get_session_options() if self.session else self.session_options()
         return {
             **super().describe(),
             "threads": so.intra_op_num_threads,
             "optimization": self.options.get("optimization", "all"),
             "mem_pattern": so.enable_mem_pattern,
+            "spinning": so.get_session_config_entry("session.intra_op.allow_spinning") == "1",
             "providers": self.session.get_providers() if self.session else _PROVIDERS[self.device],
         }

@@ -102,6 +102,13 @@ class OpenVinoRunner(Runner):
     def deactivate(self) -> None:
         self.compiled = None
 
+    @property
+    def precision(self) -> str:
+        # The hint governs float math; an INT8 artifact's quantized convolutions stay int8.
+        if self.manifest.precision == "float32" and self.options.get("precision") == "bf16":
+            return "bfloat16"
+        return self.manifest.precision
+
     def describe(self) -> dict[str, Any]:
         """The settings OpenVINO applied, read back from the compiled model; before activate()
         (or after deactivate()), the ones asked for."""
