@@ -455,7 +455,19 @@ def report(result: dict[str, Any]) -> str:
         f"(n), blocks rotated each round; 'vs torch': median ratio of the rounds' block medians "
         f"(range). CPU: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, "
         f"{' '.join(flags) or 'no vector flags reported'}; 1-minute load average "
-        f"{load['before'][0]:.2f} before, {load['after'][0]:.2f} after."
+        f"{load['before'][0]:.2f} before, {load['after'][0]:.2f} after.{_busy(machine)}"
+    )
+
+
+def _busy(machine: dict[str, Any]) -> str:
+    """A warning when other work held the CPUs as the run began: it slows engines unequally
+    (torch's OpenMP threads wait for descheduled peers far more than ONNX Runtime's)."""
+    before, cpus = machine["load_average"]["before"][0], machine["usable_cpus"]
+    if before <= cpus / 2:
+        return ""
+    return (
+        f"\nnote: other work was running (load {before:.2f} on {cpus} CPUs): these figures and "
+        f"ratios are not those of a quiet machine; rerun when it is idle."
     )
 
 

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from resfuse import runtime
 from resfuse.errors import ConfigError
 from resfuse.runtime.bench import (
+    _busy,
     benchmark,
     block_order,
     fastest_per_class,
@@ -206,3 +207,12 @@ def test_torch_compile_beside_eager_and_onnxruntime_in_one_command(
     assert compiled["n"] == 4 and len(compiled["speedup_rounds"]) == 2
     assert compiled["rel_l2"] < 1e-5 and compiled["within_tolerance"]
     assert compiled["settings"]["threads"] == 1
+
+
+@pytest.mark.parametrize("before,warned", [(0.4, False), (1.0, False), (1.01, True), (3.1, True)])
+def test_a_busy_machine_is_named_in_the_report(before: float, warned: bool) -> None:
+    machine = {"usable_cpus": 2, "load_average": {"before": [before, 0, 0], "after": [2, 0, 0]}}
+    note = _busy(machine)
+    assert bool(note) is warned
+    if warned:
+        assert f"load {before:.2f} on 2 CPUs" in note and "rerun when it is idle" in note
