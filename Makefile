@@ -14,12 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps 'tensorrt-stubs>=10.12'  # types only: see pyproject
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/resfuse-export --method masked --output artifacts
 	$(BIN)/resfuse-check artifacts/masked-resnet18.json
-	$(BIN)/resfuse-bench artifacts/masked-resnet18.json --shapes 1x3x512x512 --warmup 2 --iters 8
+	$(BIN)/resfuse-bench artifacts/masked-resnet18.json --shapes 1x3x512x512
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -110,3 +111,8 @@ def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 def save(proto: onnx.ModelProto, path: Path) -> None:
     """One self-contained file (the fusion models are far below ONNX's 2 GB limit)."""
     onnx.save_model(proto, str(path), save_as_external_data=False)
+
+
+def digest(proto: onnx.ModelProto) -> str:
+    """The sha256 of the file `save` writes (the serialised proto), without writing it."""
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()

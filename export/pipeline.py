@@ -19,6 +19,7 @@ from resfuse.contract import InputContract, Range
 from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ExportError, ParityError
 from resfuse.export import onnx as onnx_export
+from resfuse.export.float16 import to_float16
 from resfuse.export.parity import (
     ParityResult,
     Shape,
@@ -30,11 +31,20 @@ from resfuse.export.parity import (
 from resfuse.export.quantize import Calibration, quantization_record, quantize_int8
 from resfuse.images import preprocess_record
 from resfuse.models import FusionModel, ModelConfig, build_model
+from resfuse.schema import TARGETS
 from resfuse.weights import save_weights
 
 # Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
 _IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 MIN_OPSET, MAX_OPSET = 17, 23
+# Relative L2 bounds of the variants' parity sweeps against the float32 PyTorch original.
+# float16, measured on ONNX Runtime CPU (resnet18, random inputs 32x32 to 1024x1024): spp and
+# masked 4.6e-4 to 6.0e-4, about one float16 rounding; upsample 1e-5, its output being mostly
+# the exact image. 5e-3 leaves 8x for deeper backbones, trained weights and GPU kernels, and
+# fails gross faults (a wrong cast, overflow). Which parts stay float32 moves the error by only
+# 5-12% on random inputs, so tests/test_precision.py checks that on the graph itself.
+MAX_REL_L2 = {"float16": 5e-3, "int8": 0.1}
+INT8_TARGETS = ("cpu", "tensorrt")  # --target: which INT8 activation scheme (export/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -48,13 +58,32 @@ class ExportOptions:
     seed: int = 0
     simplify: bool = True
     calibration: Calibration | None = None  # given: quantize to INT8, calibrated on it
-    max_rel_l2: float = 0.1  # the INT8 graph's parity bound (elementwise bounds do not fit int8)
+    float16: bool = False  # convert to float16, sensitive parts kept float32 (export/float16.py)
+    target: str | None = None  # INT8 only: "cpu" (uint8 activations, default) or "tensorrt"
+    max_rel_l2: float | None = None  # a variant's parity bound; None: MAX_REL_L2[precision]
     intensity_range: str | tuple[float, float] | None = None  # resfuse.images: "dtype" default
     window: tuple[float, float] | None = None  # (center, width), e.g. CT in Hounsfield units
 
     @property
     def precision(self) -> str:
-        return "int8" if self.calibration else "float32"
+        if self.calibration is not None:
+            return "int8"
+        return "float16" if self.float16 else "float32"
+
+    @property
+    def symmetric(self) -> bool:
+        """INT8 activations with zero point 0 (TensorRT's form) rather than uint8 ones."""
+        return self.target == "tensorrt"
+
+    @property
+    def targets(self) -> list[str]:
+        """The devices the artifact is made for (the manifest's `targets`; runtimes refuse the
+        others). Every graph runs on ONNX Runtime's CPU, where its export was verified, so the
+        float16 and TensorRT INT8 graphs, made for GPUs, stay checkable without one. uint8
+        activations are an x86 CPU scheme, and TensorRT takes zero points 0 only."""
+        if self.precision == "int8" and not self.symmetric:
+            return ["cpu"]
+        return list(TARGETS)
 
     @property
     def float_tolerance(self) -> Tolerance:
@@ -63,9 +92,10 @@ class ExportOptions:
     @property
     def tolerance(self) -> Tolerance:
         """What the written artifact must meet against PyTorch."""
-        if self.calibration is None:
+        if self.precision == "float32":
             return self.float_tolerance
-        return Tolerance(self.atol, self.rtol, self.max_rel_l2)
+        bound = MAX_REL_L2[self.precision] if self.max_rel_l2 is None else self.max_rel_l2
+        return Tolerance(self.atol, self.rtol, bound)
 
     def preprocess(self, config: ModelConfig) -> dict[str, Any]:
         """How the runtime turns image files into inputs (recorded in the manifest): the
@@ -113,9 +143,33 @@ class ExportOptions:
                 f"default (TensorRT 10 and ONNX Runtime read 17-20)"
             )
         Tolerance(self.atol, self.rtol, self.max_rel_l2)  # raises ConfigError if negative
+        self._check_precision()
         self.preprocess(config)  # a bad intensity rule fails before the export, too
         size = Range(min_size, self.max_size)
         return InputContract(config.in_channels, size, size, Range(1, self.max_batch))
+
+    def _check_precision(self) -> None:
+        if self.float16 and self.calibration is not None:
+            raise ConfigError(
+                "float16=True and a calibration ask for two precisions at once; export one "
+                "artifact per precision (--precision fp16, --precision int8)"
+            )
+        if self.target is not None and self.target not in INT8_TARGETS:
+            raise ConfigError(
+                f"--target {self.target!r} is not one of {', '.join(INT8_TARGETS)}; use "
+                f"tensorrt for TensorRT's INT8, or leave it out for the CPU's"
+            )
+        if self.target is not None and self.precision != "int8":
+            raise ConfigError(
+                f"--target picks the INT8 activation scheme and applies to --precision int8 "
+                f"only; a {self.precision} artifact is the same graph for every target and "
+                f"suits {', '.join(self.targets)} as it is: drop --target {self.target}"
+            )
+        if self.max_rel_l2 is not None and self.precision == "float32":
+            raise ConfigError(
+                "--max-rel-l2 bounds the fp16 and int8 variants; a float32 export is judged "
+                "elementwise: use --atol/--rtol, or drop --max-rel-l2"
+            )
 
 
 @dataclass
@@ -152,9 +206,12 @@ class ExportResult:
         return worst(self.parity)
 
 
-def artifact_name(config: ModelConfig, precision: str = "float32") -> str:
-    base = f"{config.method}-{config.backbone}"
-    return base if precision == "float32" else f"{base}-{precision}"
+def artifact_name(
+    config: ModelConfig, precision: str = "float32", target: str | None = None
+) -> str:
+    """METHOD-BACKBONE, then -fp16, -int8 (the CPU's INT8) or -int8-trt (TensorRT's)."""
+    suffix = {"float32": "", "float16": "-fp16", "int8": "-int8"}[precision]
+    return f"{config.method}-{config.backbone}{suffix}{'-trt' if target == 'tensorrt' else ''}"
 
 
 def export_artifact(
@@ -173,7 +230,9 @@ def export_artifact(
     artifact in one step (resfuse.artifacts). Raises a ResfuseError subclass on any failure.
     """
     contract = options.contract(config)
-    name = check_name(artifact_name(config, options.precision) if name is None else name)
+    if name is None:
+        name = artifact_name(config, options.precision, options.target)
+    check_name(name)
     ensure_writable(output_dir, name)
     start = time.perf_counter()
     progress("building the PyTorch model")
@@ -192,9 +251,13 @@ def export_artifact(
         progress("parity sweep")
         results = _parity(model, raw, shapes, options.float_tolerance, options.seed)
     _require_parity(results, options.float_tolerance, "")
-    if options.calibration is not None:
-        calibration = options.calibration
-        proto, results = _quantize(model, proto, calibration, contract, shapes, options, progress)
+    source = None
+    if options.precision != "float32":
+        # The variant names the float32 graph it was made from. The export is deterministic:
+        # a float32 export with the same options and input range writes these very bytes
+        # (INT8's smallest input defaults to two cells, float32's to 32: pass --min-size).
+        source = {"name": artifact_name(config), "onnx_sha256": onnx_export.digest(proto)}
+        proto, results = _variant(model, proto, contract, shapes, options, progress)
 
     progress("writing the artifact")
     with write_artifact(output_dir, name) as writer:
@@ -205,7 +268,16 @@ def export_artifact(
         result = ExportResult(
             name, Path(output_dir), files, time.perf_counter() - start, note, results
         )
-        writer.commit(_manifest(config, contract, options, result, pretrained, weights))
+        record = _manifest(
+            config=config,
+            contract=contract,
+            options=options,
+            result=result,
+            pretrained=pretrained,
+            weights=weights,
+            source=source,
+        )
+        writer.commit(record)
     return result
 
 
@@ -251,32 +323,56 @@ def _parity(
     return run_parity(model, onnxruntime_cpu(proto), shapes, tol, seed, sample)
 
 
-def _quantize(
+def _variant(
     model: FusionModel,
     proto: onnx.ModelProto,
-    calibration: Calibration,
     contract: InputContract,
     shapes: list[Shape],
     options: ExportOptions,
     progress: Callable[[str], None],
 ) -> tuple[onnx.ModelProto, list[ParityResult]]:
-    """The verified float32 graph quantized to INT8, and its own parity sweep."""
+    """The verified float32 graph in the options' precision, with its own parity sweep, judged
+    by relative L2 against the float32 PyTorch original."""
+    sample = None
+    if options.calibration is None:
+        progress("converting to float16 (sensitive parts stay float32)")
+        variant, hint = to_float16(proto), _FLOAT16_HINT
+    else:
+        variant, sample = _quantized(model, proto, options.calibration, contract, options, progress)
+        hint = _INT8_HINT
+    onnx_export.check_model(variant)
+    onnx_export.check_dynamic_axes(variant, contract)
+    progress(f"parity sweep on the {options.precision} graph")
+    results = _parity(model, variant, shapes, options.tolerance, options.seed, sample)
+    _require_parity(results, options.tolerance, hint)
+    return variant, results
+
+
+_FLOAT16_HINT = (
+    "; NaN/Inf means values beyond float16's range (65504): deploy the float32 artifact; "
+    "otherwise accept a larger error with --max-rel-l2"
+)
+_INT8_HINT = (
+    "; calibrate on representative images (--calib-images DIR, more of them with "
+    "--calib-count), raise --min-size (inputs of one feature cell quantize worst) or "
+    "accept a larger error with --max-rel-l2"
+)
+
+
+def _quantized(
+    model: FusionModel,
+    proto: onnx.ModelProto,
+    calibration: Calibration,
+    contract: InputContract,
+    options: ExportOptions,
+    progress: Callable[[str], None],
+) -> tuple[onnx.ModelProto, Callable[[Shape, int], np.ndarray] | None]:
+    """The INT8 graph, and the sampler its parity sweep draws inputs from."""
     progress(f"calibrating on {calibration.count} inputs and quantizing to INT8")
     preprocess = options.preprocess(model.config)
     batches = calibration.inputs(contract, preprocess, options.seed)
-    quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches)
-    onnx_export.check_model(quantized)
-    progress("parity sweep on the INT8 graph")
-    sample = calibration.sampler(contract, preprocess)
-    results = _parity(model, quantized, shapes, options.tolerance, options.seed, sample)
-    _require_parity(
-        results,
-        options.tolerance,
-        "; calibrate on representative images (--calib-images DIR, more of them with "
-        "--calib-count), raise --min-size (inputs of one feature cell quantize worst) or "
-        "accept a larger error with --max-rel-l2",
-    )
-    return quantized, results
+    quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches, options.symmetric)
+    return quantized, calibration.sampler(contract, preprocess)
 
 
 def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> None:
@@ -291,12 +387,14 @@ def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> N
 
 
 def _manifest(
+    *,
     config: ModelConfig,
     contract: InputContract,
     options: ExportOptions,
     result: ExportResult,
     pretrained: bool,
     weights: str | Path | None,
+    source: dict[str, str] | None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -325,8 +423,10 @@ def _manifest(
         else ("torchvision" if pretrained else f"random (seed {options.seed})"),
         "preprocess": options.preprocess(config),
         "precision": options.precision,
+        "targets": options.targets,
+        **({"source": source} if source else {}),
         **(
-            {"quantization": quantization_record(options.calibration)}
+            {"quantization": quantization_record(options.calibration, options.symmetric)}
             if options.calibration
             else {}
         ),

@@ -1,9 +1,11 @@
 """Static INT8 quantization (QDQ) of an exported float32 graph with ONNX Runtime's tooling.
 
-Only convolutions are quantized: per-channel int8 weights, per-tensor uint8 activations (the
-u8s8 pair ONNX Runtime's x86 kernels run fastest), MinMax calibration. Everything else, the
-sigmoid gate, the pyramid's cumulative sums and the full-resolution resize and concatenation of
-each fusion method, stays float32: those are cheap in float and lossy in int8.
+Only convolutions are quantized: per-channel symmetric int8 weights, per-tensor activations,
+MinMax calibration. Activations come in two schemes: uint8 with a zero point (the u8s8 pair ONNX
+Runtime's x86 kernels run fastest; the default), or symmetric int8 with zero point 0, the only
+form TensorRT takes. Everything else, the sigmoid gate, the pyramid's cumulative sums and the
+full-resolution resize and concatenation of each fusion method, stays float32: those are cheap
+in float and lossy in int8.
 """
 
 from __future__ import annotations
@@ -92,13 +94,15 @@ def _resized(
         ) from exc
 
 
-def quantization_record(calibration: Calibration) -> dict[str, Any]:
+def quantization_record(calibration: Calibration, symmetric: bool = False) -> dict[str, Any]:
     """How quantize_int8 quantizes, for the manifest; keep it beside the call it describes."""
+    activations = "int8, symmetric (zero point 0)" if symmetric else "uint8, asymmetric"
     return {
         "format": "QDQ",
         "ops": list(QUANTIZED_OPS),
         "weights": "int8, symmetric, per output channel",
-        "activations": "uint8, asymmetric, per tensor",
+        "activations": f"{activations}, per tensor",
+        "biases": "float32" if symmetric else "int32",
         "calibration": calibration.describe(),
     }
 
@@ -126,9 +130,10 @@ def _inside(folder: str) -> Iterator[None]:
 
 
 def quantize_int8(
-    model: onnx.ModelProto, input_name: str, batches: list[np.ndarray]
+    model: onnx.ModelProto, input_name: str, batches: list[np.ndarray], symmetric: bool = False
 ) -> onnx.ModelProto:
-    """The QDQ INT8 form of `model`, calibrated on `batches`."""
+    """The QDQ INT8 form of `model`, calibrated on `batches`; `symmetric`: int8 activations with
+    zero point 0 (TensorRT), else uint8 ones (x86 CPUs)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -151,9 +156,16 @@ def quantize_int8(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANTIZED_OPS),
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                # TensorRT's parser takes int8 DequantizeLinear inputs only: its biases stay
+                # float (onnx/onnx-tensorrt#850); ONNX Runtime's CPU kernels want int32 ones.
+                extra_options={
+                    "ActivationSymmetric": symmetric,
+                    "WeightSymmetric": True,
+                    "QuantizeBias": not symmetric,
+                },
             )
         except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc

@@ -29,7 +29,7 @@ FORMAT = "resfuse-artifact"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: files named NAME.onnx; same fields otherwise
 TAG_LENGTH = 12
-SUFFIXES = (".onnx", ".safetensors")  # the data files an artifact may have
+SUFFIXES = (".onnx", ".safetensors", ".plan")  # data files of artifacts and of TensorRT engines
 
 
 def sha256_of(path: str | Path) -> str:
@@ -109,7 +109,8 @@ class ArtifactWriter:
     def _temporary(self, suffix: str) -> Path:
         return self.folder / f".{self.name}.{self._token}.tmp{suffix}"
 
-    def _written(self, temp: Path) -> None:
+    @staticmethod
+    def _written(temp: Path) -> None:
         with open(temp, "rb+") as fh:
             os.fsync(fh.fileno())
         umask = os.umask(0)
@@ -152,6 +153,19 @@ class ArtifactWriter:
             if (stale_temp or unused) and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write one file that belongs to no manifest (a TensorRT timing cache) by the same rule: a
+    hidden temporary beside it, fsynced, renamed over `path`. Callers lock if they share it."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        temp.write_bytes(data)
+        ArtifactWriter._written(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
 
 
 def named_files(manifest_path: Path) -> list[str]:
@@ -200,6 +214,13 @@ class Manifest:
     @property
     def precision(self) -> str:
         return str(self.data["precision"])
+
+    @property
+    def targets(self) -> list[str]:
+        """The devices the artifact is made for (cpu, cuda, tensorrt); runtimes refuse others."""
+        from resfuse.schema import default_targets
+
+        return list(self.data.get("targets") or default_targets(self.precision))
 
     @property
     def input_name(self) -> str:

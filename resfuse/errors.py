@@ -43,3 +43,7 @@ class ModelLoadError(ResfuseError):
 
 class SessionClosedError(ResfuseError, RuntimeError):
     """A runtime session was used after close()."""
+
+
+class EngineError(ResfuseError):
+    """A TensorRT engine does not fit this machine, or holds host code that was not trusted."""

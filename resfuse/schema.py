@@ -10,7 +10,8 @@ from typing import Any, NoReturn
 
 from resfuse.errors import ManifestError, ResfuseError
 
-PRECISIONS = ("float32", "int8")
+PRECISIONS = ("float32", "float16", "int8")
+TARGETS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime's devices; TensorRT also for resfuse-build
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_KEYS = ("onnx", "weights")  # no ONNX external data: one self-contained .onnx file
 _MODEL_KEYS = ("method", "backbone", "stage", "in_channels", "num_classes", "features", "levels")
@@ -76,7 +77,11 @@ def validate_manifest(data: object, path: Path) -> None:
     _output(f, data, config)
     _files(f, data)
     _preprocess(f, data, config.in_channels)
-    f.text(data.get("precision"), "precision", PRECISIONS)
+    precision = f.text(data.get("precision"), "precision", PRECISIONS)
+    if "targets" in data:
+        _targets(f, data["targets"])
+    if "source" in data:
+        _source(f, data["source"], precision)
     if "quantization" in data and not isinstance(data["quantization"], dict):
         f.fail("quantization", "an object", data["quantization"])
     if "parity" in data:
@@ -89,6 +94,37 @@ def validate_manifest(data: object, path: Path) -> None:
     versions = data.get("versions", {})
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         f.fail("versions", "an object of version strings", versions)
+
+
+def default_targets(precision: str) -> list[str]:
+    """The targets of a manifest written before they were recorded: float32 runs everywhere,
+    and the INT8 artifacts of then had uint8 activations, a CPU scheme."""
+    return ["cpu"] if precision == "int8" else list(TARGETS)
+
+
+def _targets(f: _Fields, targets: object) -> None:
+    ok = (
+        isinstance(targets, list)
+        and bool(targets)
+        and all(isinstance(t, str) and t in TARGETS for t in targets)
+        and len(set(targets)) == len(targets)
+    )
+    if not ok:
+        f.fail("targets", f"a list of {', '.join(TARGETS)}, each at most once", targets)
+
+
+def _source(f: _Fields, source: object, precision: str) -> None:
+    """The float32 graph a variant was made from: its artifact's name and its ONNX sha256."""
+    if not isinstance(source, dict) or set(source) != {"name", "onnx_sha256"}:
+        f.fail("source", "an object with name and onnx_sha256", source)
+    name = f.text(source["name"], "source.name")
+    if not _plain(name):
+        f.fail("source.name", "a plain artifact name", name)
+    sha = source["onnx_sha256"]
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        f.fail("source.onnx_sha256", "64 lowercase hex digits", sha)
+    if precision == "float32":
+        f.fail("source", "absent for a float32 artifact (it is its own source)", source)
 
 
 def _model(f: _Fields, data: dict[str, Any]) -> Any:

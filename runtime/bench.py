@@ -34,6 +34,8 @@ ORIGINALS = ("torch", "torch-compile")
 # Options that keep a backend's idle threads from running between its calls, so that they take
 # no cores from the backend timed next; set whenever more than one session is timed.
 _QUIET = {"onnxruntime": {"spinning": False}}
+# Backends that take a CPU thread count (--threads); TensorRT has none to set.
+_THREADED = ("torch", "torch-compile", "onnxruntime", "openvino")
 # Engines are compared within an accuracy class: a faster engine of a coarser class is a
 # different trade, not a better engine.
 ACCURACY_CLASSES = {
@@ -260,7 +262,9 @@ def benchmark(
 
         def open_session(artifact: Path, spec: str) -> Session:
             backend, asked = parse_backend(spec)
-            options: dict[str, Any] = {"threads": threads} if threads else {}
+            options: dict[str, Any] = (
+                {"threads": threads} if threads and backend in _THREADED else {}
+            )
             if quiet:
                 options |= _QUIET.get(backend, {})
             # The original runs on the GPU whenever the deployed backend does.

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from resfuse.artifacts import Manifest, read_manifest
-from resfuse.errors import SessionClosedError
+from resfuse.errors import ConfigError, SessionClosedError
 from resfuse.runtime.backends import Runner, create_runner
 from resfuse.runtime.inputs import check_finite, is_image, load_image
 
@@ -91,11 +91,23 @@ def load(
     resize: str | None = None,
     **options: Any,
 ) -> Session:
-    """Open an artifact by its manifest (or its .onnx with the manifest beside it).
+    """Open an artifact by its manifest (or its .onnx with the manifest beside it), or, on the
+    tensorrt backend, an engine by its sidecar manifest (or its .plan) with its artifact beside it.
 
     The manifest is validated and the artifact's sha256 checked before any backend reads it.
     `options` go to the backend (onnxruntime: threads, optimization, mem_pattern, fp16, ...).
     """
+    from resfuse.runtime.backends.tensorrt import engine_artifact
+
+    engine = engine_artifact(path)  # the artifact's manifest holds the contract the Session checks
+    if engine is not None:
+        sidecar, source = engine
+        if backend != "tensorrt":
+            raise ConfigError(
+                f"{sidecar.name} is a TensorRT engine, which only backend 'tensorrt' runs, not "
+                f"{backend!r}; load it with backend='tensorrt', or load {source.name} instead"
+            )
+        path, options = source, {**options, "engine": sidecar}
     manifest = read_manifest(path)
     runner = create_runner(backend, manifest, device, **options)
     runner.activate()

@@ -124,7 +124,7 @@ def test_check_cli_json_and_errors(exported, images, tmp_path: Path) -> None:
         (["--shapes", "1x3x224"], "is not BxCxHxW"),
         (["--shapes", "1x3x2000x64"], "height 2000 is outside the allowed range 32..1024"),
         (["--images", str(tmp_path / "none")], "is not a folder"),
-        (["--backend", "tensorrt"], "not in this release"),
+        (["--backend", "tensorrt"], "runs on device 'cuda'"),
     ]:
         bad = run("resfuse-check", path, *args)
         assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -103,6 +103,8 @@ def test_manifest_describes_and_pins_the_artifact(exported, method: str) -> None
         assert data["files"][key]["sha256"] == sha256_of(path)
         assert data["files"][key]["bytes"] == path.stat().st_size
     assert data["files"]["onnx"]["opset"] == 18
+    assert data["precision"] == "float32" and "source" not in data  # it is its own source
+    assert data["targets"] == ["cpu", "cuda", "tensorrt"]
     assert {"torch", "onnx", "onnxruntime"} <= set(data["versions"])
     shapes = [tuple(r["shape"]) for r in data["parity"]["results"]]
     assert shapes == parity_shapes(read_manifest(result.manifest_path).contract)

@@ -89,6 +89,11 @@ def test_int8_artifact_is_quantized_dynamic_and_recorded(int8: ExportResult, exp
     assert int8.onnx_bytes < 0.4 * exported["masked"].onnx_bytes
     manifest = json.loads(int8.manifest_path.read_text())
     assert int8.name == "masked-resnet18-int8" and manifest["precision"] == "int8"
+    assert manifest["targets"] == ["cpu"]  # uint8 activations: see test_precision.py for TensorRT
+    # made from the float32 graph of its own input range (min 64): not `exported`'s (min 32)
+    source = manifest["source"]
+    assert source["name"] == "masked-resnet18" and len(source["onnx_sha256"]) == 64
+    assert source["onnx_sha256"] != exported["masked"].files["onnx"]["sha256"]
     assert manifest["quantization"]["calibration"]["count"] == 4
     assert manifest["parity"]["max_rel_l2"] == 0.1
     shapes = [tuple(r["shape"]) for r in manifest["parity"]["results"]]

@@ -85,6 +85,9 @@ def _set(data: dict[str, Any], dotted: str, value: object) -> dict[str, Any]:
         ("output.name", "logits"),
         ("precision", "int4"),
         ("precision", _DELETE),
+        ("targets", ["gpu"]),
+        ("targets", "cpu"),
+        ("source", {"name": "masked-resnet18", "onnx_sha256": "0" * 64}),  # float32's is itself
         ("parity.atol", -1),
         ("parity.max_rel_l2", "big"),
         ("parity.rtol", float("nan")),

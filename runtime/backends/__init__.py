@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from resfuse.artifacts import Manifest
-from resfuse.errors import BackendUnavailableError, ConfigError
+from resfuse.errors import ConfigError
 from resfuse.runtime.backends.base import Phases, Runner
 
 
@@ -35,11 +35,9 @@ def _openvino(manifest: Manifest, device: str, **options: Any) -> Runner:
 
 
 def _tensorrt(manifest: Manifest, device: str, **options: Any) -> Runner:
-    raise BackendUnavailableError(
-        "the native TensorRT backend (engines built and cached by resfuse) is not in this "
-        "release; meanwhile use backend='onnxruntime' with device='tensorrt' (ONNX Runtime's "
-        "TensorRT execution provider, onnxruntime-gpu)"
-    )
+    from resfuse.runtime.backends.tensorrt import TensorRTRunner
+
+    return TensorRTRunner(manifest, device, **options)
 
 
 BACKENDS: dict[str, Callable[..., Runner]] = {

@@ -104,6 +104,22 @@ def _tensors(graph: Any) -> Iterator[Any]:
                 yield from _tensors(sub)
 
 
+def _off_target(manifest: Manifest, device: str) -> str:
+    """Why an artifact does not run on `device`, and what does."""
+    made_for = ", ".join(manifest.targets)
+    if manifest.precision == "int8" and "tensorrt" not in manifest.targets:  # uint8 INT8
+        return (
+            f"{manifest.path.name} is made for {made_for}, not {device!r}: its INT8 activations "
+            f"are uint8 (asymmetric), a CPU scheme, and TensorRT does not take them; export the "
+            f"GPU variant with resfuse-export --precision int8 --target tensorrt, or run this "
+            f"one with device='cpu'"
+        )
+    return (
+        f"{manifest.path.name} ({manifest.precision}) is made for {made_for}, not "
+        f"{device!r}; run it with device={manifest.targets[0]!r}, or export one for {device}"
+    )
+
+
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
@@ -117,12 +133,8 @@ class OnnxRuntimeRunner(Runner):
             raise ConfigError(
                 f"onnxruntime device must be one of {', '.join(_PROVIDERS)}, not {device!r}"
             )
-        if device == "tensorrt" and manifest.precision == "int8":
-            raise ConfigError(
-                f"{manifest.path.name} is INT8 with uint8 (asymmetric) activations, which "
-                f"TensorRT does not take; deploy the float32 artifact on TensorRT (fp16=True), "
-                f"or run this one with device='cpu'"
-            )
+        if device not in manifest.targets:
+            raise ConfigError(_off_target(manifest, device))
         if options.get("optimization", "all") not in _LEVELS:
             raise ConfigError(
                 f"optimization must be one of {_LEVELS}, not {options['optimization']!r}"

@@ -1,0 +1,471 @@
+"""GPU latency: PyTorch eager (float32, and float16 under autocast), ONNX Runtime's CUDA EP and
+resfuse's TensorRT engines (float32, float16, int8) at 512x512 and 1024x1024, batch 1 and 8.
+
+    python benchmarks/gpu_latency.py [--methods masked] [--output benchmarks/results]
+
+benchmarks/gpu.sh runs it after the GPU tests. Every engine gets the same CUDA tensor and leaves
+its output on the GPU (ONNX Runtime through IO binding), so no row holds a host copy. Each call
+sits between two torch.cuda.synchronize(); engines are timed in blocks of consecutive calls, one
+block each per round, the order rotated over the rounds (resfuse.runtime.bench.block_order), the
+first call of a block not counted. Ratios are taken round by round: median and range.
+
+Targets it reports on:
+- TensorRT float16 at least 5x faster (p50) than PyTorch eager float32 at 1024x1024, batch 1;
+- resfuse's TensorRT runner (infer_tensor) within 5% of the same engine's bare
+  execute_async_v3 + synchronize loop, timed in the same rounds.
+
+PyTorch runs with its defaults (TF32 convolutions on Ampere and later, cudnn.benchmark off), as
+recorded in the results. Accuracy (relative L2) is against PyTorch float32 on the GPU with TF32
+off. The int8 engines are calibrated on random inputs: their latency is real, their accuracy is
+not that of a model calibrated on images. Each engine is built once (minutes at builder level 3)
+and cached under WORK/engines. Without a CUDA device it prints one line and exits 1, having
+written nothing. Writes OUTPUT/gpu.json (every record, the machine) and OUTPUT/gpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+SHAPES = [(1, 3, 512, 512), (8, 3, 512, 512), (1, 3, 1024, 1024), (8, 3, 1024, 1024)]
+VARIANTS = {  # artifact variant -> (name suffix, resfuse-export options)
+    "fp32": ("", []),
+    "fp16": ("-fp16", ["--precision", "fp16"]),
+    "int8": (
+        "-int8-trt",
+        # random calibration: latency only; its error bound widened as in cpu_latency.py
+        ["--precision", "int8", "--target", "tensorrt", "--calib-random", "--max-rel-l2", "0.2"],
+    ),
+}
+# One profile over the timed shapes, its kernels tuned for the target's shape.
+PROFILE = "1x3x512x512:1x3x1024x1024:8x3x1024x1024"
+TARGET_SHAPE = [1, 3, 1024, 1024]
+TARGET_SPEEDUP = 5.0
+TARGET_OVERHEAD = 0.05
+Call = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One engine on one artifact; `bind(x)` prepares it for the CUDA tensor x and returns the
+    call to repeat (returning the output, left on the GPU)."""
+
+    artifact: Path
+    variant: str
+    backend: str
+    precision: str
+    bind: Callable[[torch.Tensor], Call]
+
+
+def main() -> int:
+    args = _arguments()
+    if not torch.cuda.is_available():
+        print(
+            f"gpu_latency.py: torch {torch.__version__} sees no CUDA device; run it on a machine "
+            f"with an NVIDIA GPU (benchmarks/gpu.sh); nothing was measured or written",
+            file=sys.stderr,
+        )
+        return 1
+    from resfuse.artifacts import write_json
+    from resfuse.runtime.machine import machine_info
+
+    skipped: list[str] = []
+    records: list[dict[str, Any]] = []
+    for method in args.methods:
+        artifacts = _export(method, args.work, args.reuse)
+        with _candidates(artifacts, args.work / "engines", skipped) as candidates:
+            for shape in SHAPES:
+                print(f"timing {method}-resnet18 at {'x'.join(map(str, shape))}", flush=True)
+                records += time_shape(
+                    method, candidates, shape, args.warmup, args.iters, args.rounds
+                )
+    result = {
+        "format": "resfuse-gpu-bench",
+        "machine": machine_info() | _gpu_info(),
+        "profile": PROFILE,
+        "protocol": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds},
+        "records": records,
+        "targets": targets(records),
+        "skipped": skipped,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json(args.output / "gpu.json", result)
+    (args.output / "gpu.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["upsample", "spp", "masked"])
+    parser.add_argument("--output", type=Path, default=HERE / "results")
+    parser.add_argument("--work", type=Path, default=HERE / "artifacts" / "gpu")
+    parser.add_argument("--reuse", action="store_true", help="keep artifacts already exported")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    return parser.parse_args()
+
+
+def _gpu_info() -> dict[str, Any]:
+    return {
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "torch_tf32_conv": torch.backends.cudnn.allow_tf32,
+        "torch_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    }
+
+
+def _export(method: str, work: Path, reuse: bool) -> dict[str, Path]:
+    """The float32, float16 and int8-for-TensorRT artifacts of one method, by resfuse-export."""
+    exe = Path(sys.executable).with_name("resfuse-export")
+    found = {}
+    for variant, (suffix, options) in VARIANTS.items():
+        name = f"{method}-resnet18{suffix}"
+        if not (reuse and (work / f"{name}.json").exists()):
+            print(f"exporting {name}", flush=True)
+            command = [str(exe), "--method", method, "--output", str(work), "--name", name]
+            subprocess.run(
+                [*command, "--max-size", "1024", "--max-batch", "8", *options], check=True
+            )
+        found[variant] = work / f"{name}.json"
+    return found
+
+
+@contextlib.contextmanager
+def _candidates(
+    artifacts: dict[str, Path], cache: Path, skipped: list[str]
+) -> Iterator[list[Candidate]]:
+    """Everything timed on one model; its sessions close when the model is done. A backend
+    that is not installed is skipped, and why is added to `skipped`."""
+    from resfuse.artifacts import load_original
+    from resfuse.errors import BackendUnavailableError
+    from resfuse.runtime import load
+
+    fp32 = artifacts["fp32"]
+    with contextlib.ExitStack() as stack:
+        eager = stack.enter_context(load(fp32, "torch", "cuda")).runner
+        original = load_original(fp32).cuda()
+        found = [
+            Candidate(fp32, "fp32", "torch", "float32", partial(_repeat, eager)),
+            Candidate(
+                fp32, "fp32", "torch (autocast fp16)", "float16", partial(_autocast, original)
+            ),
+        ]
+        try:
+            ort = stack.enter_context(load(fp32, "onnxruntime", "cuda"))
+            found.append(Candidate(fp32, "fp32", "onnxruntime (cuda)", "float32", _io_bound(ort)))
+        except BackendUnavailableError as exc:
+            _skip(skipped, exc)
+        try:
+            for variant, artifact in artifacts.items():
+                session = load(artifact, "tensorrt", "cuda", cache_dir=cache, profiles=[PROFILE])
+                runner = stack.enter_context(session).runner
+                precision = session.manifest.precision
+                found += [
+                    Candidate(artifact, variant, "tensorrt", precision, partial(_repeat, runner)),
+                    Candidate(artifact, variant, "tensorrt (bare)", precision, _bare(runner)),
+                ]
+        except BackendUnavailableError as exc:
+            _skip(skipped, exc)
+        yield found
+
+
+def _skip(skipped: list[str], reason: Exception) -> None:
+    if str(reason) not in skipped:
+        print(f"gpu_latency.py: skipped: {reason}", file=sys.stderr)
+        skipped.append(str(reason))
+
+
+def _repeat(runner: Any, x: torch.Tensor) -> Call:
+    return lambda: runner.infer_tensor(x)
+
+
+def _autocast(model: torch.nn.Module, x: torch.Tensor) -> Call:
+    def call() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            return model(x)
+
+    return call
+
+
+def _io_bound(session: Any) -> Callable[[torch.Tensor], Call]:
+    """ONNX Runtime with its input bound to the tensor's GPU memory and its output on the GPU."""
+    ort = session.runner.session
+    name, out_name = ort.get_inputs()[0].name, ort.get_outputs()[0].name
+
+    def bind(x: torch.Tensor) -> Call:
+        binding = ort.io_binding()
+        binding.bind_input(
+            name, "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr()
+        )
+        binding.bind_output(out_name, "cuda")
+
+        def call() -> Any:
+            ort.run_with_iobinding(binding)
+            return binding.get_outputs()[0]
+
+        return call
+
+    return bind
+
+
+def _bare(runner: Any) -> Callable[[torch.Tensor], Call]:
+    """The runner's engine with nothing of resfuse around it: its own context and stream, shape
+    and tensor addresses set once, then one execute_async_v3 per call."""
+
+    def bind(x: torch.Tensor) -> Call:
+        context = runner.engine.create_execution_context()
+        stream = torch.cuda.Stream()
+        context.set_optimization_profile_async(0, stream.cuda_stream)
+        name, output = runner.manifest.input_name, runner.manifest.data["output"]["name"]
+        context.set_input_shape(name, tuple(x.shape))
+        out = torch.empty(tuple(context.get_tensor_shape(output)), device=x.device)
+        context.set_tensor_address(name, x.data_ptr())
+        context.set_tensor_address(output, out.data_ptr())
+        stream.synchronize()
+
+        def call() -> torch.Tensor:
+            context.execute_async_v3(stream.cuda_stream)
+            return out
+
+        return call
+
+    return bind
+
+
+def _timed(call: Call) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _host(out: Any) -> np.ndarray:
+    if isinstance(out, torch.Tensor):
+        return out.float().cpu().numpy()
+    return np.asarray(out.numpy(), dtype=np.float32)  # an ONNX Runtime OrtValue
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def time_shape(
+    method: str,
+    candidates: list[Candidate],
+    shape: tuple[int, int, int, int],
+    warmup: int,
+    iters: int,
+    rounds: int,
+) -> list[dict[str, Any]]:
+    """One record per candidate: first call (judged against float32), warm-up, rotated blocks."""
+    from resfuse.compare import Tolerance, compare
+    from resfuse.runtime.bench import block_order
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=generator)
+    calls = [c.bind(x) for c in candidates]
+    with _no_tf32():
+        reference = _host(calls[0]())  # candidates[0] is torch eager float32
+    first = []
+    for call in calls:
+        start = time.perf_counter()
+        out = _host(call())
+        first.append(((time.perf_counter() - start) * 1e3, compare(reference, out, Tolerance())))
+        for _ in range(warmup):
+            _timed(call)
+    times = np.empty((len(calls), rounds, iters))
+    for k, r in block_order(len(calls), rounds):
+        _timed(calls[k])  # re-warms after another engine ran: not counted
+        times[k, r] = [_timed(calls[k]) for _ in range(iters)]
+    records = [
+        _record(method, c, shape, times[k], first=first[k], warmup=warmup)
+        for k, c in enumerate(candidates)
+    ]
+    _add_speedups(records)
+    return records
+
+
+def _record(
+    method: str,
+    candidate: Candidate,
+    shape: tuple[int, ...],
+    times: np.ndarray,
+    *,
+    first: tuple[float, Any],
+    warmup: int,
+) -> dict[str, Any]:
+    """resfuse-bench's record fields where they apply; times: (rounds, iters) ms."""
+    from resfuse.runtime.bench import tail_percentile
+
+    flat = times.ravel()
+    mean = float(flat.mean())
+    first_ms, error = first
+    return {
+        "method": method,
+        "artifact": candidate.artifact.stem,
+        "variant": candidate.variant,
+        "backend": candidate.backend,
+        "device": "cuda",
+        "precision": candidate.precision,
+        "shape": list(shape),
+        "n": flat.size,
+        "rounds": times.shape[0],
+        "iters": times.shape[1],
+        "warmup": warmup,
+        "p50_ms": float(np.median(flat)),
+        **{f"p{q}_ms": tail_percentile(flat, q) for q in (90, 95, 99)},
+        "mean_ms": mean,
+        "std_ms": float(flat.std(ddof=1)) if flat.size > 1 else None,
+        "min_ms": float(flat.min()),
+        "first_call_ms": first_ms,
+        "throughput_ips": shape[0] * 1e3 / mean,
+        "round_p50_ms": [float(np.median(block)) for block in times],
+        "rel_l2": error.rel_l2,
+        "max_abs": error.max_abs,
+    }
+
+
+def _ratio_rounds(slow: dict[str, Any], fast: dict[str, Any]) -> list[float]:
+    return [s / f for s, f in zip(slow["round_p50_ms"], fast["round_p50_ms"], strict=True)]
+
+
+def _add_speedups(records: list[dict[str, Any]]) -> None:
+    """Round by round, PyTorch eager float32's block median over each engine's."""
+    torch_fp32 = next(r for r in records if r["backend"] == "torch")
+    for r in records:
+        r["speedup_rounds"] = _ratio_rounds(torch_fp32, r)
+        r["speedup_vs_torch"] = float(np.median(r["speedup_rounds"]))
+
+
+def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The two targets of the module docstring, one row per model (speed-up) and per engine
+    and shape (runner overhead); a target whose rows were not measured is absent."""
+    rows = []
+    for r in records:
+        if r["backend"] == "tensorrt" and r["variant"] == "fp16" and r["shape"] == TARGET_SHAPE:
+            rounds = r["speedup_rounds"]
+            rows.append(
+                _target(r, f"TensorRT fp16 >= {TARGET_SPEEDUP:g}x torch eager fp32", rounds)
+                | {"met": r["speedup_vs_torch"] >= TARGET_SPEEDUP}
+            )
+    bare = {
+        (r["artifact"], str(r["shape"])): r for r in records if r["backend"] == "tensorrt (bare)"
+    }
+    for r in records:
+        if r["backend"] == "tensorrt":
+            rounds = [x - 1 for x in _ratio_rounds(r, bare[(r["artifact"], str(r["shape"]))])]
+            overhead = float(np.median(rounds))
+            rows.append(
+                _target(r, f"runner within {TARGET_OVERHEAD:.0%} of the bare engine", rounds)
+                | {"met": overhead <= TARGET_OVERHEAD}
+            )
+    return rows
+
+
+def _target(record: dict[str, Any], name: str, rounds: list[float]) -> dict[str, Any]:
+    return {
+        "target": name,
+        "artifact": record["artifact"],
+        "shape": record["shape"],
+        "value": float(np.median(rounds)),
+        "rounds": rounds,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from resfuse.runtime.report import markdown_table, shape_str
+
+    machine = result["machine"]
+    versions = machine["versions"]
+    lines = [
+        f"# GPU latency: {machine['gpu']} (compute capability {machine['compute_capability']})",
+        "",
+        f"CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, torch {versions.get('torch')}, "
+        f"TensorRT {versions.get('tensorrt', 'absent')}, ONNX Runtime GPU "
+        f"{versions.get('onnxruntime-gpu', 'absent')}; torch TF32 convolutions "
+        f"{machine['torch_tf32_conv']}, cudnn.benchmark {machine['cudnn_benchmark']}. "
+        f"TensorRT profile {result['profile']}. Protocol: {result['protocol']} (blocks, order "
+        f"rotated per round, each call synchronised). rel L2 against torch float32, TF32 off.",
+        "",
+        *(f"Skipped: {reason}" for reason in result["skipped"]),
+        "",
+        "## Targets",
+        "",
+        markdown_table(
+            ["target", "artifact", "shape", "median", "rounds", "met"],
+            [
+                [
+                    t["target"],
+                    t["artifact"],
+                    shape_str(t["shape"]),
+                    f"{t['value']:.3f}",
+                    " ".join(f"{v:.3f}" for v in t["rounds"]),
+                    "yes" if t["met"] else "NO",
+                ]
+                for t in result["targets"]
+            ],
+        ),
+        "",
+        "## Every engine",
+        "",
+        markdown_table(
+            [
+                "artifact",
+                "backend",
+                "precision",
+                "shape",
+                "p50 ms",
+                "p90 ms",
+                "min ms",
+                "first call ms",
+                "images/s",
+                "vs torch fp32",
+                "rel L2",
+            ],
+            [
+                [
+                    r["artifact"],
+                    r["backend"],
+                    r["precision"],
+                    shape_str(r["shape"]),
+                    f"{r['p50_ms']:.3f}",
+                    "-" if r["p90_ms"] is None else f"{r['p90_ms']:.3f}",
+                    f"{r['min_ms']:.3f}",
+                    f"{r['first_call_ms']:.1f}",
+                    f"{r['throughput_ips']:.1f}",
+                    f"{r['speedup_vs_torch']:.2f}x ({min(r['speedup_rounds']):.2f}.."
+                    f"{max(r['speedup_rounds']):.2f})",
+                    f"{r['rel_l2']:.1e}",
+                ]
+                for r in result["records"]
+            ],
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""float16 variant of a verified float32 graph, with its numerically sensitive parts kept float32.
+
+onnxconverter-common's converter does the rewriting (float16 initializers and activations, Casts
+at the borders, float32 graph inputs and outputs); this module decides which nodes it leaves
+alone. They are found by op type and position in the graph, not by name (the dynamo exporter
+names nodes after ATen ops, node_cumsum_1, not after modules):
+- shape and index arithmetic: every node that image data never reaches (it only follows Shape);
+  it works on a few scalars, and float16 counts exactly only up to 2048;
+- from each CumSum to the next learned layer: `spp`'s integral image, its corner lookups and the
+  division by the bin area. Its running sums exceed float16's 65504 on large inputs, and their
+  corner differences cancel. Measured at 1024x1024 (resnet18, ONNX Runtime CPU): rel L2 6.6e-4
+  with these nodes float16 against 5.9e-4 float32, and CPU kernels round only the sums' results:
+  a GPU summing in float16 loses more;
+- from each Sigmoid to the next learned layer: `masked`'s gate, its resize and the blend
+  image * (1 - m) | features * m (rel L2 5.1e-4 with them float16, 4.8e-4 float32, 257x311);
+- each Concat that joins the image input to the features, up to the next learned layer. Measured
+  (resnet18, 97x131 to 1024x1024): a float16 concat moves the image channels by up to 2e-3, so
+  they no longer pass through exactly (resfuse-check's test for `upsample` and `spp`), and
+  saves nothing, as the output is float32 anyway: it stays float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import onnx
+
+# Where a float32 region ends: the next learned layer runs in float16 again.
+_LEARNED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_SENSITIVE = frozenset({"CumSum", "Sigmoid"})
+_METADATA = frozenset({"Shape", "Size"})  # their outputs are sizes, not image data
+_FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+_WRAPPED = "__resfuse_output"
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float16 form of `model`: float16 weights and activations, float32 inputs and outputs,
+    and the nodes `float32_nodes` names kept float32."""
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    named = _named(model)
+    keep = float32_nodes(named.graph)
+    _wrap_outputs(named.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight clipping warnings: the parity sweep judges
+        half = convert_float_to_float16(
+            named,
+            keep_io_types=True,
+            op_block_list=[],  # its default keeps every Resize float32; TensorRT needs none
+            node_block_list=sorted(keep),
+        )
+    _unwrap_outputs(half.graph)
+    _drop_round_trips(half.graph)
+    del half.graph.value_info[:]  # stale after the rewrite (even duplicated): infer afresh
+    return onnx.shape_inference.infer_shapes(half)
+
+
+def float32_nodes(graph: onnx.GraphProto) -> set[str]:
+    """Names of the nodes that stay float32 (see the module docstring)."""
+    data = _data_nodes(graph)
+    inputs = {i.name for i in graph.input}
+    starts = [n for n in data.values() if n.op_type in _SENSITIVE]
+    starts += [n for n in data.values() if n.op_type == "Concat" and inputs & set(n.input)]
+    sensitive = _downstream(graph, starts)
+    return {n.name for n in graph.node if n.name not in data} | sensitive
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have distinct names: the converter blocks nodes by name."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    seen: set[str] = set()
+    for i, node in enumerate(copy.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}_{node.name}"
+        seen.add(node.name)
+    return copy
+
+
+def _wrap_outputs(graph: onnx.GraphProto) -> None:
+    """Put an Identity before each graph output. The converter mistypes, or fails on, a kept
+    node that writes a graph output itself; behind an Identity it casts that node's output to
+    float16 and back like any other, and _drop_round_trips removes the pair."""
+    for output in graph.output:
+        inner = output.name + _WRAPPED
+        for node in graph.node:
+            node.output[:] = [inner if name == output.name else name for name in node.output]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name], inner))
+
+
+def _unwrap_outputs(graph: onnx.GraphProto) -> None:
+    wrappers = [n for n in graph.node if n.op_type == "Identity" and n.name.endswith(_WRAPPED)]
+    for wrapper in wrappers:
+        _replace_uses(graph, wrapper.output[0], wrapper.input[0])
+        graph.node.remove(wrapper)
+
+
+def _replace_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _data_nodes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Nodes that image data reaches from the graph inputs (not through Shape or Size)."""
+    users = _consumers(graph)
+    found: dict[str, onnx.NodeProto] = {}
+    frontier = [i.name for i in graph.input]
+    while frontier:
+        for node in users.get(frontier.pop(), []):
+            if node.name not in found:
+                found[node.name] = node
+                if node.op_type not in _METADATA:
+                    frontier.extend(node.output)
+    return found
+
+
+def _downstream(graph: onnx.GraphProto, starts: Iterable[onnx.NodeProto]) -> set[str]:
+    """The start nodes and the data nodes after them, up to (not including) a learned layer."""
+    users = _consumers(graph)
+    region: set[str] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node.name in region or node.op_type in _LEARNED:
+            continue
+        region.add(node.name)
+        if node.op_type not in _METADATA:
+            stack.extend(user for out in node.output for user in users.get(out, []))
+    return region
+
+
+def _drop_round_trips(graph: onnx.GraphProto) -> None:
+    """Remove float32 -> float16 -> float32 Cast pairs. The converter casts every kept node's
+    output to float16 and the next kept node's input back, and clears the pair only when the
+    output has one consumer, so the integral image would pass through float16 where it fans
+    out to its corner lookups; at a graph output it leaves the pair."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]}
+    outputs = {o.name for o in graph.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in list(graph.node):
+        first = producer.get(node.input[0]) if node.op_type == "Cast" else None
+        if first is None or first.op_type != "Cast" or _cast_to(first) != _FLOAT16:
+            continue
+        source = first.input[0]
+        if _cast_to(node) != _FLOAT or types.get(source) != _FLOAT:
+            continue
+        if node.output[0] in outputs:  # the graph output keeps its name: its writer takes it
+            writer = producer.get(source)
+            if writer is None or source in outputs:
+                continue
+            writer.output[:] = [node.output[0] if o == source else o for o in writer.output]
+            _replace_uses(graph, source, node.output[0])
+        else:
+            _replace_uses(graph, node.output[0], source)
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | outputs
+    live = [n for n in graph.node if n.op_type != "Cast" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(live)
+
+
+def _cast_to(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "to"), -1)

@@ -1,0 +1,368 @@
+"""TensorRT: an engine that resfuse built and cached (resfuse.export.engines), run on a CUDA GPU.
+
+An artifact is built into an engine on first use, or found in the engine cache; an engine's
+sidecar manifest loads as it is. Only plan bytes that read_engine verified are deserialised, and
+a plan with host code only when trusted. Each call picks the first profile whose range holds
+the input; each profile has its own execution context and CUDA stream, made on first use and
+used by one call at a time. torch CUDA tensors go in and come out without a copy: their
+addresses are bound and execute_async_v3 runs on the context's stream after the work queued on
+the caller's stream, which then waits for it (no host synchronisation). torch does the CUDA
+work (memory, streams, graphs): no pycuda or cuda-python.
+
+With cuda_graphs=True every input shape gets its own context and a CUDA graph, captured after
+one warm call and replayed; the input is copied into the graph's fixed buffer and the output
+out of it (two device copies). Every context holds activation memory for the largest input of
+any profile (TensorRT's default allocation): size profiles to the inputs served, and capture a
+few shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from resfuse.artifacts import Manifest, manifest_path_for
+from resfuse.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    EngineError,
+    ManifestError,
+    ModelLoadError,
+)
+from resfuse.export import engines
+from resfuse.export.profiles import Profile, parse_profile, profile_for, validate_profiles
+from resfuse.runtime.backends.base import Phases, Runner
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+OPTIONS = {
+    "profiles": "Profiles or 'MIN:OPT:MAX' strings (default: the manifest's ranges, opt 512x512)",
+    "builder_level": "builder optimisation level 0-5 (default 3)",
+    "cache_dir": "engine cache folder (default ~/.cache/resfuse/engines)",
+    "rebuild": "build when no cached engine runs here (default True; False refuses instead)",
+    "cuda_graphs": "capture a CUDA graph per input shape and replay it (default False)",
+    "trust_host_code": "build and run version-compatible plans, with host code (default False)",
+    "engine": "an engine's sidecar manifest to run, built from this artifact (load() sets it)",
+}
+_BUILD_OPTIONS = ("profiles", "builder_level", "cache_dir", "rebuild")
+_FLAGS = ("rebuild", "cuda_graphs", "trust_host_code")
+DEVICE = "cuda"
+
+
+@dataclass
+class _Slot:
+    """An execution context and its stream; with `graph`, also its fixed input and output."""
+
+    context: trt.IExecutionContext
+    stream: torch.cuda.Stream
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    graph: torch.cuda.CUDAGraph | None = None
+    input: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+
+
+class TensorRTRunner(Runner):
+    """Options: see OPTIONS. Device: "cuda", torch's current CUDA device when activated (pick
+    the GPU with CUDA_VISIBLE_DEVICES)."""
+
+    name = "tensorrt"
+
+    def __init__(self, manifest: Manifest, device: str = DEVICE, **options: Any) -> None:
+        _check_options(options, device)
+        engines.check_tensorrt_target(manifest)
+        profiles = options.get("profiles")
+        self.profiles = None if profiles is None else _profiles(profiles)
+        if self.profiles is not None:
+            validate_profiles(self.profiles, manifest)
+        self.settings = engines.BuildSettings(
+            builder_level=options.get("builder_level", 3),
+            trust_host_code=options.get("trust_host_code", False),
+        )
+        self.settings.validate()
+        super().__init__(manifest, device, **options)
+        self.record: engines.EngineRecord | None = None
+        self.engine: trt.ICudaEngine | None = None
+        self._runtime: trt.Runtime | None = None
+        self._slots: dict[tuple[int, tuple[int, ...] | None], _Slot] = {}
+        self._slots_lock = threading.Lock()
+        self._device = torch.device(DEVICE)
+        self._io = (manifest.input_name, manifest.data["output"]["name"])
+
+    def activate(self) -> None:
+        lib = engines.import_tensorrt()
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"the tensorrt backend needs a CUDA GPU, and torch {torch.__version__} sees none; "
+                f"install a CUDA build of torch and check nvidia-smi and CUDA_VISIBLE_DEVICES"
+            )
+        env = engines.current_environment()
+        sidecar = self.options.get("engine") or engines.find_or_build(
+            self.manifest.path,
+            self.profiles,
+            self.settings,
+            self.options.get("cache_dir"),
+            rebuild=self.options.get("rebuild", True),
+            env=env,
+        )
+        trusted = bool(self.options.get("trust_host_code", False))
+        record, plan = engines.read_engine(sidecar, env, allow_host_code=trusted)
+        _require_source(record, self.manifest)
+        runtime = lib.Runtime(lib.Logger(lib.Logger.WARNING))
+        runtime.engine_host_code_allowed = record.host_code  # read_engine refused it untrusted
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineError(
+                f"TensorRT could not deserialise {record.path.name} (its log above says why); "
+                f"rebuild it with resfuse-build {record.source_manifest}"
+            )
+        self._io = self._io_names(lib, engine, record)
+        self._device = torch.device(DEVICE, torch.cuda.current_device())
+        self.record, self.engine, self._runtime = record, engine, runtime
+
+    def _io_names(
+        self, lib: Any, engine: trt.ICudaEngine, record: engines.EngineRecord
+    ) -> tuple[str, str]:
+        """(input, output): one float32 input named as in the manifest (the profiles were set
+        on it), one float32 output, and the profiles the sidecar records; anything else is not
+        an engine of this artifact."""
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == lib.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        typed = all(engine.get_tensor_dtype(n) == lib.float32 for n in names)
+        profiles = engine.num_optimization_profiles
+        expected = inputs == [self.manifest.input_name] and len(outputs) == 1
+        if not (expected and typed and profiles == len(record.profiles)):
+            raise ModelLoadError(
+                f"{record.path.name} has inputs {inputs}, outputs {outputs} (all float32: "
+                f"{typed}) and {profiles} profiles; resfuse expects one float32 input "
+                f"{self.manifest.input_name!r}, one float32 output and the "
+                f"{len(record.profiles)} profiles its manifest records; rebuild it with "
+                f"resfuse-build {record.source_manifest}"
+            )
+        return inputs[0], outputs[0]
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.infer_tensor(torch.from_numpy(x)).numpy()
+
+    def infer_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor already on the engine's GPU runs in place (no copy) and its output stays
+        there; one elsewhere is copied over and its output copied back to its device."""
+        with torch.cuda.device(self._device):
+            out = self._run(x.to(self._device).contiguous())
+        return out.to(x.device)
+
+    def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, Phases]:
+        """Host-to-device copy, compute and device-to-host copy, each timed between device
+        synchronisations."""
+        sync = torch.cuda.synchronize
+        with torch.cuda.device(self._device):
+            sync()
+            t0 = time.perf_counter()
+            xd = torch.from_numpy(x).to(self._device)
+            sync()
+            t1 = time.perf_counter()
+            yd = self._run(xd)
+            sync()
+            t2 = time.perf_counter()
+            y = yd.cpu().numpy()
+            t3 = time.perf_counter()
+        return y, Phases((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """x: contiguous float32 on the engine's GPU. The work is queued after what the caller's
+        stream has queued, and the caller's stream waits for it: no host synchronisation."""
+        if self.record is None:
+            raise RuntimeError("runner used before activate()")
+        shape = tuple(x.shape)
+        index = profile_for(self.record.profiles, shape)
+        graphs = self.options.get("cuda_graphs", False)
+        slot = self._slot(index, shape if graphs else None)
+        caller = torch.cuda.current_stream(self._device)
+        with slot.lock:
+            out = self._output(slot, shape)  # allocated in the caller's stream order
+            slot.stream.wait_stream(caller)
+            with torch.cuda.stream(slot.stream):
+                if slot.graph is not None:
+                    slot.input.copy_(x)  # type: ignore[union-attr]
+                    slot.graph.replay()
+                    out.copy_(slot.output)  # type: ignore[arg-type]
+                else:
+                    self._execute(slot, x, out)
+            # x and out were allocated in the caller's stream order, and that order now waits for
+            # the engine: the caching allocator cannot hand their blocks out too early.
+            caller.wait_stream(slot.stream)
+        return out
+
+    def _output(self, slot: _Slot, shape: tuple[int, ...]) -> torch.Tensor:
+        if slot.output is not None:
+            return torch.empty_like(slot.output)
+        if not slot.context.set_input_shape(self._io[0], shape):
+            raise EngineError(f"TensorRT refused input shape {shape} (its log above says why)")
+        dims = slot.context.get_tensor_shape(self._io[1])
+        out_shape = tuple(dims[i] for i in range(len(dims)))
+        return torch.empty(out_shape, dtype=torch.float32, device=self._device)
+
+    def _execute(self, slot: _Slot, x: torch.Tensor, out: torch.Tensor) -> None:
+        context = slot.context
+        context.set_tensor_address(self._io[0], x.data_ptr())
+        context.set_tensor_address(self._io[1], out.data_ptr())
+        if not context.execute_async_v3(slot.stream.cuda_stream):
+            raise EngineError(
+                f"TensorRT failed to run {self.record.path.name if self.record else 'the engine'} "
+                f"on shape {tuple(x.shape)} (its log above says why)"
+            )
+
+    def _slot(self, index: int, shape: tuple[int, ...] | None) -> _Slot:
+        """The context for profile `index` (and, with CUDA graphs, for `shape`), made once."""
+        key = (index, shape)
+        slot = self._slots.get(key)
+        if slot is None:
+            with self._slots_lock:
+                slot = self._slots.get(key) or self._new_slot(index, shape)
+                self._slots[key] = slot
+        return slot
+
+    def _new_slot(self, index: int, shape: tuple[int, ...] | None) -> _Slot:
+        if self.engine is None:
+            raise RuntimeError("runner used before activate()")
+        context = self.engine.create_execution_context()
+        stream = torch.cuda.Stream(self._device)
+        if context is None or not context.set_optimization_profile_async(index, stream.cuda_stream):
+            raise EngineError(
+                f"TensorRT could not make an execution context for profile {index} (its log "
+                f"above says why: often out of GPU memory)"
+            )
+        stream.synchronize()
+        slot = _Slot(context, stream)
+        if shape is not None:
+            self._capture(slot, shape)
+        return slot
+
+    def _capture(self, slot: _Slot, shape: tuple[int, ...]) -> None:
+        """Fixed buffers, one warm call (TensorRT finishes its set-up for a new shape in the
+        first enqueue, which must not be captured), then the captured call."""
+        x = torch.zeros(shape, dtype=torch.float32, device=self._device)
+        out = self._output(slot, shape)
+        with torch.cuda.stream(slot.stream):
+            self._execute(slot, x, out)
+        slot.stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=slot.stream, capture_error_mode="thread_local"):
+                self._execute(slot, x, out)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise EngineError(
+                f"this engine cannot be captured in a CUDA graph ({detail}); load it with "
+                f"cuda_graphs=False"
+            ) from exc
+        slot.graph, slot.input, slot.output = graph, x, out
+
+    def deactivate(self) -> None:
+        with self._slots_lock:
+            self._slots = {}  # contexts and graphs go before the engine they belong to
+        self.record = self.engine = self._runtime = None
+
+    def describe(self) -> dict[str, Any]:
+        """The engine's profiles, settings and environment once active; before, those asked."""
+        record, engine = self.record, self.options.get("engine")
+        profiles = record.profiles if record else self.profiles
+        settings = record.settings if record else self.settings
+        return {
+            **super().describe(),
+            "engine": record.path.name if record else engine and Path(engine).name,
+            "profiles": None if profiles is None else [p.describe() for p in profiles],
+            "cuda_graphs": bool(self.options.get("cuda_graphs", False)),
+            **settings.to_dict(),
+            **(record.environment.to_dict() if record else {}),
+        }
+
+
+def _check_options(options: dict[str, Any], device: str) -> None:
+    """ConfigError naming the first bad option; nothing here imports TensorRT."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown tensorrt options {unknown}; known: {', '.join(OPTIONS)}")
+    if device != DEVICE:
+        raise ConfigError(
+            f"the tensorrt backend runs on device 'cuda' (torch's current CUDA device; choose "
+            f"the GPU with CUDA_VISIBLE_DEVICES), not {device!r}; pass device='cuda' (--device "
+            f"cuda)"
+        )
+    for key in _FLAGS:
+        if not isinstance(options.get(key, False), bool):
+            raise ConfigError(f"tensorrt option {key} must be True or False, not {options[key]!r}")
+    for key in ("cache_dir", "engine"):
+        if not isinstance(options.get(key, ""), (str, os.PathLike)):
+            raise ConfigError(f"tensorrt option {key} must be a path, not {options[key]!r}")
+    given = sorted(k for k in _BUILD_OPTIONS if k in options)
+    if options.get("engine") is not None and given:
+        raise ConfigError(
+            f"tensorrt options {given} choose how an engine is built, but a built engine was "
+            f"given ({options['engine']}); load the artifact to build with them, or leave them out"
+        )
+
+
+def _profiles(value: object) -> list[Profile]:
+    """A list of Profile objects or MIN:OPT:MAX strings; their shapes are checked against the
+    manifest by validate_profiles."""
+    if isinstance(value, (str, Profile)) or not isinstance(value, Sequence):
+        raise ConfigError(
+            f"tensorrt option profiles must be a list of Profile objects or 'MIN:OPT:MAX' "
+            f"strings, such as ['1x3x64x64:1x3x512x512:8x3x1024x1024'], not {value!r}"
+        )
+    profiles = [parse_profile(p) if isinstance(p, str) else p for p in value]
+    wrong = [p for p in profiles if not isinstance(p, Profile)]
+    if wrong:
+        raise ConfigError(
+            f"tensorrt option profiles holds {wrong[0]!r}; give Profile objects or 'MIN:OPT:MAX' "
+            f"strings"
+        )
+    return profiles
+
+
+def _require_source(record: engines.EngineRecord, manifest: Manifest) -> None:
+    """An engine runs under an artifact's contract only if it was built from that ONNX file."""
+    onnx_sha256 = manifest.record("onnx")["sha256"]
+    if record.onnx_sha256 != onnx_sha256:
+        raise EngineError(
+            f"{record.path.name} was built from ONNX sha256 {record.onnx_sha256[:12]}..., not "
+            f"from {manifest.path.name} ({onnx_sha256[:12]}...); load the artifact it was built "
+            f"from, or build one from this artifact with resfuse-build"
+        )
+
+
+def engine_artifact(path: str | Path) -> tuple[Path, Path] | None:
+    """(engine sidecar, artifact manifest) when `path` is an engine's sidecar or plan: the
+    artifact it was built from must lie beside it, for its contract and preprocessing. None
+    when `path` is not an engine's."""
+    sidecar = manifest_path_for(path)
+    if not _is_engine_manifest(sidecar):
+        return None
+    record = engines.read_record(sidecar)
+    source = sidecar.parent / record.source_manifest
+    if not source.is_file():
+        raise ManifestError(
+            f"{sidecar.name} was built from {record.source_manifest}, which is not beside it in "
+            f"{sidecar.parent}; copy the artifact (its .json and files) there, or load the "
+            f"artifact itself with backend='tensorrt'"
+        )
+    return sidecar, source
+
+
+def _is_engine_manifest(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False  # read_manifest reports what is wrong with it
+    return isinstance(data, dict) and data.get("format") == engines.ENGINE_FORMAT

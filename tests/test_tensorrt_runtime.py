@@ -1,0 +1,374 @@
+"""The tensorrt backend: options, engine manifests and the missing-TensorRT path here; engines
+built and run on a GPU where TensorRT and CUDA are present (marked gpu and tensorrt)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resfuse import runtime
+from resfuse.artifacts import named_files, read_manifest
+from resfuse.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    EngineError,
+    InputContractError,
+    ManifestError,
+)
+from resfuse.export import engines
+from resfuse.export.profiles import default_profiles
+from resfuse.runtime.backends.tensorrt import engine_artifact
+from resfuse.runtime.check import check_artifact
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).parent.parent
+ODD_SHAPES = [(1, 3, 97, 131), (2, 3, 129, 65), (1, 3, 257, 311)]
+FAST_BUILD = {"builder_level": 1}  # parity does not depend on how long tactics were searched
+
+
+def _without_tensorrt() -> str | None:
+    """Why TensorRT cannot be imported here, or None."""
+    try:
+        engines.import_tensorrt()
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+NO_TENSORRT = _without_tensorrt()
+NO_GPU = NO_TENSORRT or (None if torch.cuda.is_available() else "torch sees no CUDA device")
+
+
+def on_gpu(test):
+    """Marks a test that builds and runs engines: gpu, tensorrt, skipped with the reason."""
+    skip = pytest.mark.skipif(NO_GPU is not None, reason=f"needs TensorRT on a GPU: {NO_GPU}")
+    return pytest.mark.gpu(pytest.mark.tensorrt(skip(test)))
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+# --- here: no TensorRT needed ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device,options,message",
+    [
+        ("cpu", {}, "runs on device 'cuda' .* not 'cpu'; pass device='cuda'"),
+        ("tensorrt", {}, "not 'tensorrt'"),
+        ("cuda", {"workspace": 4}, r"unknown tensorrt options \['workspace'\]"),
+        ("cuda", {"cuda_graphs": "yes"}, "cuda_graphs must be True or False, not 'yes'"),
+        ("cuda", {"rebuild": 1}, "rebuild must be True or False"),
+        ("cuda", {"cache_dir": 3}, "cache_dir must be a path, not 3"),
+        ("cuda", {"builder_level": 7}, "builder-level 7 is outside 0..5"),
+        ("cuda", {"profiles": "1x3x64x64:1x3x64x64:1x3x64x64"}, "must be a list of Profile"),
+        ("cuda", {"profiles": ["1x3x64x64"]}, "is not MIN:OPT:MAX"),
+        ("cuda", {"profiles": [(1, 3, 64, 64)]}, r"holds \(1, 3, 64, 64\)"),
+        (
+            "cuda",
+            {"profiles": ["1x3x64x64:1x3x512x512:1x3x2048x2048"]},
+            "max height 2048 is outside masked-resnet18.json's height range 32..1024",
+        ),
+        ("cuda", {"profiles": ["1x3x64x64:1x3x32x32:1x3x128x128"]}, "min <= opt <= max"),
+        (
+            "cuda",
+            {"engine": "e.json", "builder_level": 1},
+            r"options \['builder_level'\] choose how an engine is built",
+        ),
+    ],
+)
+def test_options_are_refused_in_one_line(exported, device, options, message) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        runtime.load(exported["masked"].manifest_path, "tensorrt", device, **options)
+    assert "\n" not in str(caught.value)
+
+
+def test_options_and_artifact_are_checked_before_tensorrt_is_imported(exported) -> None:
+    path = exported["masked"].manifest_path
+    script = (
+        "import sys\n"
+        "from resfuse import runtime\n"
+        "from resfuse.errors import ConfigError\n"
+        "try:\n"
+        f"    runtime.load({str(path)!r}, 'tensorrt', 'cuda', builder_level=1,\n"
+        "                 profiles=['1x3x8x8:1x3x8x8:2x3x8x8'], cache_dir='unused')\n"
+        "except ConfigError:\n"
+        "    print('tensorrt' in sys.modules)\n"
+    )
+    proc = run(sys.executable, "-c", script)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here")
+def test_missing_tensorrt_through_load(exported) -> None:
+    with pytest.raises(BackendUnavailableError, match="TensorRT is not installed") as caught:
+        runtime.load(exported["spp"].manifest_path, "tensorrt", "cuda")
+    assert "pip install 'resfuse[gpu]'" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here")
+def test_missing_tensorrt_through_resfuse_check(exported) -> None:
+    path = str(exported["spp"].manifest_path)
+    proc = run(str(BIN / "resfuse-check"), path, "--backend", "tensorrt", "--device", "cuda")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not installed"), lines
+
+
+@pytest.fixture
+def artifact_copy(exported, tmp_path: Path) -> Path:
+    """The masked artifact copied into tmp_path (its manifest there)."""
+    source = exported["masked"].manifest_path
+    for name in [source.name, *named_files(source)]:
+        shutil.copy(source.parent / name, tmp_path / name)
+    return tmp_path / source.name
+
+
+@pytest.mark.parametrize("targets", [None, ["cpu"]])
+def test_an_int8_artifact_for_the_cpu_is_refused(artifact_copy: Path, targets) -> None:
+    """INT8 with uint8 activations (resfuse-export --int8, whose older manifests name no
+    targets) is not for TensorRT: refused before anything is imported or built."""
+    data = json.loads(artifact_copy.read_text())
+    data["precision"] = "int8"
+    data.pop("targets", None)
+    if targets:
+        data["targets"] = targets
+    artifact_copy.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"made for .* not TensorRT.*--target tensorrt"):
+        runtime.load(artifact_copy, "tensorrt", "cuda")
+
+
+@pytest.fixture
+def engine_beside_artifact(artifact_copy: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the masked artifact and, beside it, an engine entry of it written by
+    resfuse.export.engines for another machine (its plan bytes are no plan: nothing may
+    deserialise them, since the recorded GPU is not this one)."""
+    manifest = read_manifest(artifact_copy)
+    elsewhere = engines.BuildEnvironment("10.13.0", "12.9", "NVIDIA Imaginary GPU", "8.6")
+    sidecar = engines.store_engine(
+        tmp_path, manifest, default_profiles(manifest), engines.BuildSettings(), elsewhere,
+        b"not a plan", 1.0,
+    )  # fmt: skip
+    return sidecar, manifest.path
+
+
+def test_an_engine_loads_with_the_artifact_beside_it(engine_beside_artifact) -> None:
+    sidecar, artifact = engine_beside_artifact
+    plan = next(sidecar.parent.glob("*.plan"))
+    assert engine_artifact(sidecar) == engine_artifact(plan) == (sidecar, artifact)
+    assert engine_artifact(artifact) is None
+    with pytest.raises(ConfigError, match="is a TensorRT engine, which only backend 'tensorrt'"):
+        runtime.load(sidecar, "onnxruntime")
+    with pytest.raises(ConfigError, match=r"options \['profiles'\] choose how an engine is built"):
+        runtime.load(sidecar, "tensorrt", "cuda", profiles=["1x3x64x64:1x3x64x64:1x3x64x64"])
+    # Routed to the tensorrt runner with the artifact's contract: without TensorRT it stops at
+    # the import; with it, at the recorded GPU, before the plan is deserialised.
+    expected, text = (
+        (BackendUnavailableError, "not installed|no CUDA")
+        if NO_GPU
+        else (EngineError, "engine built for GPU NVIDIA Imaginary GPU")
+    )
+    with pytest.raises(expected, match=text):
+        runtime.load(plan, "tensorrt", "cuda")
+
+
+def test_an_engine_without_its_artifact_is_refused(engine_beside_artifact, tmp_path) -> None:
+    sidecar, artifact = engine_beside_artifact
+    artifact.unlink()
+    with pytest.raises(ManifestError, match=f"built from {artifact.name}, which is not beside it"):
+        runtime.load(sidecar, "tensorrt", "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_benchmark_without_cuda_says_why_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = run(sys.executable, "benchmarks/gpu_latency.py", "--output", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "sees no CUDA device" in proc.stderr
+    assert not out.exists() and proc.stdout == ""
+
+
+# --- on a GPU with TensorRT --------------------------------------------------------------------
+
+# Random calibration puts INT8 at 0.09-0.14 relative L2 on ONNX Runtime (spp, 64-311 px): the
+# bound is widened as benchmarks/cpu_latency.py does, and the engine is judged by the same one.
+VARIANTS = {
+    "fp32": [],
+    "fp16": ["--precision", "fp16"],
+    "int8": ["--precision", "int8", "--target", "tensorrt", "--calib-random", "--calib-count", "8",
+             "--calib-size", "256", "--max-rel-l2", "0.2"],
+}  # fmt: skip
+
+
+def _export(folder: Path, method: str, variant: str, *extra: str) -> Path:
+    name = f"{method}-{variant}"
+    proc = run(
+        str(BIN / "resfuse-export"), "--method", method, "--output", str(folder), "--name", name,
+        "--max-size", "512", "--max-batch", "4", *VARIANTS[variant], *extra,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return folder / f"{name}.json"
+
+
+@pytest.fixture(scope="module")
+def trt_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """Each method's float32, float16 and int8-for-TensorRT artifacts, by resfuse-export."""
+    folder = tmp_path_factory.mktemp("trt-artifacts")
+    return {
+        (method, variant): _export(folder, method, variant)
+        for method in ("upsample", "spp", "masked")
+        for variant in VARIANTS
+    }
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@on_gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method", ["upsample", "spp", "masked"])
+def test_engine_matches_pytorch_at_odd_sizes(trt_exports, cache, method, variant) -> None:
+    """float32 elementwise by the manifest's tolerance, float16 and int8 by their recorded
+    relative L2 bound; the image channels as resfuse-check requires."""
+    path = trt_exports[(method, variant)]
+    report = check_artifact(path, "tensorrt", "cuda", ODD_SHAPES, cache_dir=cache, **FAST_BUILD)
+    assert report.tolerance == read_manifest(path).tolerance
+    assert report.passed, report.markdown()
+
+
+@on_gpu
+def test_profiles_pick_a_context_each_and_name_all_ranges(trt_exports, cache) -> None:
+    path = trt_exports[("masked", "fp32")]
+    buckets = ["1x3x64x64:1x3x128x128:2x3x256x256", "1x3x257x257:1x3x384x384:1x3x512x512"]
+    with (
+        runtime.load(
+            path, "tensorrt", "cuda", cache_dir=cache, profiles=buckets, **FAST_BUILD
+        ) as engine,
+        runtime.load(path, "torch", "cpu") as original,
+    ):
+        for shape in [(2, 3, 97, 131), (1, 3, 300, 511), (1, 3, 64, 256)]:
+            x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+            np.testing.assert_allclose(engine.run(x), original.run(x), atol=1e-4, rtol=1e-4)
+        message = r"2x3x300x300 .* \(0: 1x3x64x64\.\.2x3x256x256, 1: 1x3x257x257\.\.1x3x512x512\)"
+        with pytest.raises(InputContractError, match=message):
+            engine.run(np.ones((2, 3, 300, 300), np.float32))
+        assert engine.runner.describe()["profiles"] == buckets
+
+
+@on_gpu
+def test_cached_engine_is_found_fast_and_loads_by_its_manifest(trt_exports, cache) -> None:
+    path = trt_exports[("spp", "fp32")]
+    settings = engines.BuildSettings(**FAST_BUILD)
+    sidecar = engines.find_or_build(path, settings=settings, cache_dir=cache)
+    start = time.perf_counter()
+    assert engines.find_or_build(path, settings=settings, cache_dir=cache) == sidecar
+    assert time.perf_counter() - start < 1.0
+    beside = engines.export_engine(sidecar, path.parent)  # as resfuse-build --output does
+    x = np.random.default_rng(1).standard_normal((1, 3, 97, 131), dtype=np.float32)
+    with (
+        runtime.load(beside, "tensorrt", "cuda") as by_engine,
+        runtime.load(path, "tensorrt", "cuda", cache_dir=cache, **FAST_BUILD) as by_artifact,
+    ):
+        assert by_engine.runner.describe()["engine"] == beside.name == sidecar.name
+        assert by_engine.manifest.path == path
+        np.testing.assert_allclose(by_engine.run(x), by_artifact.run(x), atol=1e-6, rtol=1e-6)
+
+
+@on_gpu
+@pytest.mark.slow
+def test_a_changed_onnx_builds_a_new_engine(tmp_path: Path, cache) -> None:
+    first = _export(tmp_path, "upsample", "fp32")
+    old = engines.find_or_build(
+        first, cache_dir=cache, settings=engines.BuildSettings(**FAST_BUILD)
+    )
+    second = _export(tmp_path, "upsample", "fp32", "--seed", "1")  # same name, new weights
+    assert second == first
+    with (
+        runtime.load(second, "tensorrt", "cuda", cache_dir=cache, **FAST_BUILD) as engine,
+        runtime.load(second, "torch", "cpu") as original,
+    ):
+        assert engine.runner.describe()["engine"] != old.name
+        x = np.random.default_rng(2).standard_normal((1, 3, 97, 131), dtype=np.float32)
+        np.testing.assert_allclose(engine.run(x), original.run(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def masked_engine(trt_exports, cache):
+    path = trt_exports[("masked", "fp32")]
+    with runtime.load(
+        path, "tensorrt", "cuda", cache_dir=cache, finite_check=False, **FAST_BUILD
+    ) as s:
+        yield s
+
+
+@on_gpu
+def test_cuda_tensors_stay_on_the_gpu_without_copies(masked_engine) -> None:
+    x = torch.randn(2, 3, 97, 131, device="cuda")
+    masked_engine.run(x)  # the context is made on the first call
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = masked_engine.run(x)
+    copies = [e.name for e in profile.events() if "copy" in e.name]  # aten::copy_, _to_copy
+    assert copies == [] and out.device == x.device and out.shape == (2, 67, 97, 131)
+    expected = masked_engine.run(x.cpu().numpy())
+    np.testing.assert_allclose(out.cpu().numpy(), expected, atol=1e-6, rtol=1e-6)
+
+
+@on_gpu
+def test_calls_from_many_threads_get_their_own_results(masked_engine) -> None:
+    inputs = [torch.randn(1, 3, 64 + 32 * k, 96, device="cuda") for k in range(4)]
+    expected = [masked_engine.run(x).cpu() for x in inputs]
+    results: dict[int, torch.Tensor] = {}
+
+    def call(k: int) -> None:
+        for _ in range(3):
+            results[k] = masked_engine.run(inputs[k]).cpu()
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, want in enumerate(expected):
+        torch.testing.assert_close(results[k], want, atol=1e-5, rtol=1e-5)
+
+
+@on_gpu
+def test_cuda_graphs_give_the_same_output(trt_exports, cache, masked_engine) -> None:
+    path = trt_exports[("masked", "fp32")]
+    with runtime.load(
+        path, "tensorrt", "cuda", cache_dir=cache, cuda_graphs=True, **FAST_BUILD
+    ) as graphs:
+        assert graphs.runner.describe()["cuda_graphs"] is True
+        for shape in [(1, 3, 97, 131), (2, 3, 64, 64)]:
+            for seed in range(3):  # new data each call: the graph reads the input every replay
+                x = torch.randn(
+                    shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
+                )
+                torch.testing.assert_close(
+                    graphs.run(x), masked_engine.run(x), atol=1e-5, rtol=1e-5
+                )
+
+
+@on_gpu
+def test_polygraphy_runs_the_verified_plan_to_the_same_output(masked_engine) -> None:
+    """A runner resfuse did not write, Polygraphy's TrtRunner, on the same verified plan bytes:
+    binding, profile choice and copies in resfuse's runner change nothing in the result."""
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    record = masked_engine.runner.record
+    _, plan = engines.read_engine(record.path)
+    x = np.random.default_rng(3).standard_normal((1, 3, 97, 131), dtype=np.float32)
+    with TrtRunner(EngineFromBytes(plan)) as runner:
+        [theirs] = runner.infer({"image": x}).values()
+    np.testing.assert_allclose(masked_engine.run(x), np.asarray(theirs), atol=1e-6, rtol=1e-6)
