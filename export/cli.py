@@ -9,9 +9,18 @@ from rich.table import Table
 
 from resfuse.console import err, fail, out
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
+from resfuse.export.pipeline import (
+    INT8_TARGETS,
+    MAX_REL_L2,
+    ExportOptions,
+    ExportResult,
+    export_artifact,
+)
 from resfuse.export.quantize import Calibration
+from resfuse.export.triton import KINDS, TritonOptions, require_schema, write_triton_repo
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
+
+PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, float16, int8
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,7 +72,7 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
     "--min-size",
     default=None,
     type=int,
-    help="Smallest H and W [default: 32; with --int8, two feature cells: 64 at stride 32].",
+    help="Smallest H and W [default: 32; for int8, two feature cells: 64 at stride 32].",
 )
 @click.option("--max-size", default=2048, show_default=True, type=int, help="Largest H and W.")
 @click.option("--max-batch", default=32, show_default=True, type=int)
@@ -75,16 +84,26 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
 )
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option(
-    "--int8",
-    is_flag=True,
-    help="Quantize the convolutions to INT8 (static, QDQ) after the float32 graph is verified; "
-    "needs --calib-images or --calib-random.",
+    "--precision",
+    type=click.Choice(list(PRECISIONS)),
+    default=None,
+    help="The artifact's precision, made from the verified float32 graph: fp16 (sensitive parts "
+    "stay float32) or int8 (convolutions, static QDQ; needs --calib-images or --calib-random) "
+    "[default: fp32].",
 )
+@click.option(
+    "--target",
+    type=click.Choice(list(INT8_TARGETS)),
+    default=None,
+    help="INT8 activations for: cpu (uint8, fastest on x86) or tensorrt (symmetric int8, zero "
+    "point 0) [default: cpu].",
+)
+@click.option("--int8", is_flag=True, help="Alias of --precision int8.")
 @click.option(
     "--calib-images",
     type=click.Path(path_type=Path),
     default=None,
-    help="INT8 calibration: a folder of representative PNG/JPEG images.",
+    help="INT8 calibration: a folder of representative images.",
 )
 @click.option(
     "--calib-random",
@@ -102,10 +121,10 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
 )
 @click.option(
     "--max-rel-l2",
-    default=0.1,
-    show_default=True,
+    default=None,
     type=float,
-    help="INT8 parity bound: relative L2 error against PyTorch.",
+    help="fp16/int8 parity bound: relative L2 error against PyTorch "
+    f"[default: {MAX_REL_L2['float16']:g} for fp16, {MAX_REL_L2['int8']:g} for int8].",
 )
 @click.option(
     "--intensity-range",
@@ -118,6 +137,28 @@ from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
     default=None,
     help="CENTER,WIDTH: an intensity window instead of a range (DICOM: in rescaled units, "
     "e.g. 40,400 for soft tissue in Hounsfield units).",
+)
+@click.option(
+    "--triton-repo",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write a Triton Inference Server model repository here (DIR/NAME/config.pbtxt, "
+    "DIR/NAME/1/model.onnx).",
+)
+@click.option(
+    "--triton-kind",
+    default="cpu",
+    show_default=True,
+    type=click.Choice(KINDS),
+    help="Triton instance group: KIND_CPU or KIND_GPU.",
+)
+@click.option("--triton-instances", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--triton-tensorrt",
+    type=click.Choice(["fp32", "fp16"]),
+    default=None,
+    help="GPU instances: run the ONNX model through ONNX Runtime's TensorRT accelerator inside "
+    "Triton, at this precision (opt-in).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 def main(
@@ -138,27 +179,48 @@ def main(
     atol: float,
     rtol: float,
     no_simplify: bool,
+    precision: str | None,
+    target: str | None,
     int8: bool,
     calib_images: Path | None,
     calib_random: bool,
     calib_count: int,
     calib_size: int,
-    max_rel_l2: float,
+    max_rel_l2: float | None,
     intensity_range: str | None,
     window: str | None,
+    triton_repo: Path | None,
+    triton_kind: str,
+    triton_instances: int,
+    triton_tensorrt: str | None,
     seed: int,
 ) -> None:
     """Export fusion models to ONNX with dynamic batch, H and W, verified against PyTorch.
 
     Writes the manifest METHOD-BACKBONE.json and the files it names (the .onnx model and the
-    PyTorch weights as .safetensors) into --output, only once every check has passed.
+    PyTorch weights as .safetensors) into --output, only once every check has passed. Other
+    precisions are artifacts of their own: METHOD-BACKBONE-fp16, -int8, -int8-trt.
     """
     methods = list(METHODS) if method == "all" else [method]
     if name is not None and len(methods) > 1:
         fail("--name names one artifact; drop it with --method all")
     results = []
     try:
-        calibration = _calibration(int8, calib_images, calib_random, calib_count, calib_size)
+        triton = TritonOptions(
+            kind=triton_kind,
+            instances=triton_instances,
+            tensorrt=triton_tensorrt is not None,
+            tensorrt_fp16=triton_tensorrt == "fp16",
+        )
+        if triton_repo is not None:  # before any export work
+            triton.validate()
+            require_schema()
+        elif triton != TritonOptions():
+            raise ConfigError(
+                "--triton-kind, --triton-instances and --triton-tensorrt need --triton-repo DIR"
+            )
+        precision = _precision(precision, int8)
+        calibration = _calibration(precision, calib_images, calib_random, calib_count, calib_size)
         options = ExportOptions(
             opset=opset,
             min_size=min_size,
@@ -169,6 +231,8 @@ def main(
             seed=seed,
             simplify=not no_simplify,
             calibration=calibration,
+            float16=precision == "fp16",
+            target=target,
             max_rel_l2=max_rel_l2,
             intensity_range=_intensity_range(intensity_range),
             window=None if window is None else _pair(window, "--window", "CENTER,WIDTH"),
@@ -194,6 +258,9 @@ def main(
             out.print(_parity_table(result, options))
             if options.simplify and not result.simplified:
                 err.print(f"note: onnxslim {result.simplify_note}", highlight=False, markup=False)
+            if triton_repo is not None:
+                model = write_triton_repo(result.manifest_path, triton_repo, triton)
+                out.print(f"Triton model: {model}", highlight=False, soft_wrap=True)
             results.append(result)
     except ResfuseError as exc:
         fail(str(exc))
@@ -214,12 +281,23 @@ def _intensity_range(text: str | None) -> str | tuple[float, float] | None:
     return _pair(text, "--intensity-range", "dtype, image or LOW,HIGH")
 
 
+def _precision(precision: str | None, int8: bool) -> str:
+    if int8 and precision not in (None, "int8"):
+        raise ConfigError(
+            f"--int8 means --precision int8 and contradicts --precision {precision}; keep one"
+        )
+    return "int8" if int8 else precision or "fp32"
+
+
 def _calibration(
-    int8: bool, images: Path | None, random: bool, count: int, size: int
+    precision: str, images: Path | None, random: bool, count: int, size: int
 ) -> Calibration | None:
-    if not int8:
+    if precision != "int8":
         if images or random:
-            raise ConfigError("--calib-images and --calib-random calibrate --int8; add --int8")
+            raise ConfigError(
+                "--calib-images and --calib-random calibrate INT8; add --int8 (--precision "
+                "int8) or drop them"
+            )
         return None
     if bool(images) == random:
         raise ConfigError(

@@ -1,6 +1,7 @@
 """A Triton Inference Server model repository from an artifact, checked against Triton's own schema.
 
-Layout (what a stock server loads): REPO/<model>/config.pbtxt and REPO/<model>/1/model.onnx.
+Layout (what a stock server loads): REPO/<model>/config.pbtxt and REPO/<model>/1/model.onnx, or
+1/model.plan for a TensorRT engine that resfuse-build made from the artifact.
 The config is parsed back into Triton's `ModelConfig` protobuf message (shipped by
 `tritonclient[grpc]`) before anything is written, so a field Triton does not know fails here.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 from resfuse.artifacts import Manifest, check_name, read_manifest
 from resfuse.errors import ArtifactWriteError, BackendUnavailableError, ConfigError
+from resfuse.export.engines import EngineRecord, read_engine
 
 KINDS = ("cpu", "gpu")
 
@@ -45,16 +47,22 @@ class TritonOptions:
             raise ConfigError("TensorRT fp16 is an option of the TensorRT accelerator; add it")
 
 
-def model_config(manifest: Manifest, name: str, options: TritonOptions) -> str:
-    """config.pbtxt for the artifact's ONNX graph: batch from the manifest, H and W dynamic."""
+def model_config(
+    manifest: Manifest, name: str, options: TritonOptions, engine: EngineRecord | None = None
+) -> str:
+    """config.pbtxt for the artifact's ONNX graph, or for its TensorRT engine: batch from the
+    manifest (the engine: its profiles' largest batch), H and W dynamic."""
     data = manifest.data
     contract = data["input"]["contract"]
     batch_max = contract["batch"]["max"]
+    if engine is not None:
+        batch_max = max(profile.max[0] for profile in engine.profiles)
     dynamic_batch = batch_max > 1  # a batch range of 1..1 is exported static: Triton sees it
     lead = [] if dynamic_batch else [1]
+    platform = "onnxruntime_onnx" if engine is None else "tensorrt_plan"
     lines = [
         f'name: "{name}"',
-        'platform: "onnxruntime_onnx"',
+        f'platform: "{platform}"',
         f"max_batch_size: {batch_max if dynamic_batch else 0}",
         _tensor("input", data["input"]["name"], [*lead, contract["channels"], -1, -1]),
         _tensor("output", data["output"]["name"], [*lead, data["output"]["channels"], -1, -1]),
@@ -79,33 +87,51 @@ def _tensor(kind: str, name: str, dims: list[int]) -> str:
     return f'{kind} [ {{ name: "{name}" data_type: TYPE_FP32 dims: [ {shape} ] }} ]'
 
 
-def parse_config(text: str) -> Any:
-    """The config as Triton's ModelConfig message; a field or value Triton rejects raises."""
+def require_schema() -> Any:
+    """Triton's ModelConfig message class, or a one-line error naming the extra to install."""
     try:
-        from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2
     except ImportError as exc:
         raise BackendUnavailableError(
             f"checking a Triton config needs tritonclient ({exc.name} is missing): "
             "pip install 'resfuse[triton]'"
         ) from exc
+    return model_config_pb2.ModelConfig
+
+
+def parse_config(text: str) -> Any:
+    """The config as Triton's ModelConfig message; a field or value Triton rejects raises."""
+    from google.protobuf import text_format
+
+    model_config_class = require_schema()
     try:
-        return text_format.Parse(text, model_config_pb2.ModelConfig())
+        return text_format.Parse(text, model_config_class())
     except text_format.ParseError as exc:
         raise ConfigError(f"Triton would reject this config.pbtxt: {exc}") from exc
 
 
 def write_triton_repo(
-    path: str | Path, repo: str | Path, options: TritonOptions = TritonOptions(), name: str = ""
+    path: str | Path,
+    repo: str | Path,
+    options: TritonOptions = TritonOptions(),
+    name: str = "",
+    engine: str | Path | None = None,
 ) -> Path:
-    """REPO/<name>/ for the artifact at `path` (name: the manifest's), written whole or not at
-    all: built in a temporary folder beside it, then renamed over any earlier version."""
+    """REPO/<name>/ for the artifact at `path` (name: the manifest's), serving its ONNX model or,
+    given `engine` (an engine sidecar resfuse-build wrote for this artifact), that plan. Written
+    whole or not at all: built in a temporary folder beside it, then renamed over any earlier
+    version."""
     options.validate()
     manifest = read_manifest(path)
     name = check_name(name or manifest.path.stem)
-    text = model_config(manifest, name, options)
+    record, model, filename = None, b"", "model.onnx"
+    if engine is None:
+        model = manifest.read("onnx")  # size and sha256 verified
+    else:
+        record, model = _plan_for(manifest, engine, options)
+        filename = "model.plan"
+    text = model_config(manifest, name, options, record)
     parse_config(text)
-    onnx_bytes = manifest.read("onnx")  # size and sha256 verified
     repo = Path(repo)
     target = repo / name
     try:
@@ -113,7 +139,7 @@ def write_triton_repo(
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
         try:
             (staging / "1").mkdir()
-            (staging / "1" / "model.onnx").write_bytes(onnx_bytes)
+            (staging / "1" / filename).write_bytes(model)
             (staging / "config.pbtxt").write_text(text)
             _replace(staging, target)
         finally:
@@ -124,6 +150,24 @@ def write_triton_repo(
             f"is a writable folder"
         ) from exc
     return target
+
+
+def _plan_for(
+    manifest: Manifest, engine: str | Path, options: TritonOptions
+) -> tuple[EngineRecord, bytes]:
+    """The engine's verified plan, if it was built from this artifact and Triton can load it:
+    GPU instances, no accelerator on top, no host code (Triton would run it unasked)."""
+    if options.kind != "gpu":
+        raise ConfigError("a TensorRT engine runs on GPU instances only; use --triton-kind gpu")
+    if options.tensorrt:
+        raise ConfigError("the TensorRT accelerator applies to ONNX models, not to an engine")
+    record, plan = read_engine(engine)
+    if record.onnx_sha256 != manifest.record("onnx")["sha256"]:
+        raise ConfigError(
+            f"{record.path.name} was built from another ONNX model than {manifest.path.name}; "
+            f"pass the artifact it was built from ({record.source_manifest})"
+        )
+    return record, plan
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -6,9 +6,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 
 from resfuse.artifacts import read_manifest
-from resfuse.errors import ArtifactWriteError, ConfigError
+from resfuse.errors import ArtifactWriteError, ConfigError, EngineError
+from resfuse.export.cli import main
+from resfuse.export.engines import BuildEnvironment, BuildSettings, store_engine
+from resfuse.export.profiles import Profile
 from resfuse.export.triton import TritonOptions, model_config, parse_config, write_triton_repo
 
 
@@ -104,3 +108,77 @@ def test_a_file_where_the_repository_should_be_is_an_error(exported, tmp_path: P
     with pytest.raises(ArtifactWriteError, match="check that .*repo is a writable folder"):
         write_triton_repo(exported["masked"].manifest_path, blocker)
     assert blocker.read_text() == "not a folder"
+
+
+def test_export_writes_the_repository_beside_the_artifact(tmp_path: Path) -> None:
+    args = ["--method", "upsample", "--max-size", "128", "--max-batch", "4"]
+    args += ["--output", str(tmp_path / "art"), "--triton-repo", str(tmp_path / "repo")]
+    result = CliRunner().invoke(main, [*args, "--triton-instances", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"Triton model: {tmp_path / 'repo' / 'upsample-resnet18'}" in result.stdout
+    config = parse_config((tmp_path / "repo" / "upsample-resnet18" / "config.pbtxt").read_text())
+    assert config.max_batch_size == 4 and config.instance_group[0].count == 2
+    model = (tmp_path / "repo" / "upsample-resnet18" / "1" / "model.onnx").read_bytes()
+    manifest = read_manifest(tmp_path / "art" / "upsample-resnet18.json")
+    assert model == manifest.read("onnx")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--triton-tensorrt", "fp16"], "need --triton-repo DIR"),
+        (["--triton-repo", "REPO", "--triton-tensorrt", "fp16"], "add --triton-kind gpu"),
+    ],
+)
+def test_triton_options_are_checked_before_the_export(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    args = [a.replace("REPO", str(tmp_path / "repo")) for a in args]
+    result = CliRunner().invoke(main, ["--method", "masked", "--output", str(tmp_path), *args])
+    assert result.exit_code != 0 and message in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing exported, no repository
+
+
+H200 = BuildEnvironment("10.13.0.35", "12.9", "NVIDIA H200", "9.0")
+PLAN = bytes(range(256)) * 16  # stands in for a plan: nothing here deserialises it
+
+
+def _engine(artifact: Path, cache: Path, max_batch: int = 8, **settings) -> Path:
+    profiles = [
+        Profile((1, 3, 64, 64), (1, 3, 256, 256), (4, 3, 512, 512)),
+        Profile((1, 3, 512, 512), (1, 3, 1024, 1024), (max_batch, 3, 1024, 1024)),
+    ]
+    manifest = read_manifest(artifact)
+    return store_engine(cache, manifest, profiles, BuildSettings(**settings), H200, PLAN, 1.0)
+
+
+def test_an_engine_is_served_as_a_tensorrt_plan(exported, tmp_path: Path) -> None:
+    artifact = exported["masked"].manifest_path
+    engine = _engine(artifact, tmp_path / "cache")
+    options = TritonOptions(kind="gpu", instances=2)
+    model = write_triton_repo(artifact, tmp_path / "repo", options, engine=engine)
+    assert (model / "1" / "model.plan").read_bytes() == PLAN
+    assert not (model / "1" / "model.onnx").exists()
+    config = parse_config((model / "config.pbtxt").read_text())
+    assert config.platform == "tensorrt_plan"
+    assert config.max_batch_size == 8  # the profiles' largest batch, not the manifest's 32
+    assert list(config.input[0].dims) == [3, -1, -1]
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+
+
+def test_an_engine_is_refused_where_triton_could_not_load_it(exported, tmp_path: Path) -> None:
+    artifact = exported["masked"].manifest_path
+    engine = _engine(artifact, tmp_path / "cache")
+    repo = tmp_path / "repo"
+    with pytest.raises(ConfigError, match="GPU instances only; use --triton-kind gpu"):
+        write_triton_repo(artifact, repo, TritonOptions(), engine=engine)
+    gpu_trt = TritonOptions(kind="gpu", tensorrt=True)
+    with pytest.raises(ConfigError, match="applies to ONNX models, not to an engine"):
+        write_triton_repo(artifact, repo, gpu_trt, engine=engine)
+    other = _engine(exported["spp"].manifest_path, tmp_path / "cache")
+    with pytest.raises(ConfigError, match="built from another ONNX model .* spp-resnet18.json"):
+        write_triton_repo(artifact, repo, TritonOptions(kind="gpu"), engine=other)
+    host = _engine(artifact, tmp_path / "cache", trust_host_code=True)
+    with pytest.raises(EngineError, match="carries host code"):
+        write_triton_repo(artifact, repo, TritonOptions(kind="gpu"), engine=host)
+    assert not repo.exists() or list(repo.iterdir()) == []

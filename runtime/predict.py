@@ -1,0 +1,334 @@
+"""Batch inference over a folder of images: one output file per image, resumable.
+
+Each image under INPUT_DIR (recursively) gives OUT_DIR/<its relative path>.npy, or, for a model
+with a segmentation head, OUT_DIR/<its relative path>.mask.png (the argmax class per pixel). The
+image's own suffix stays in the output name, so `a.png` and `a.jpg` never write the same file.
+
+Every output is written to a hidden temporary name and renamed (resfuse.artifacts.replace_file),
+so an output that exists is complete: a rerun skips it, and a killed run leaves no half file.
+Images of the same H x W run as one batch. An image that cannot be read, or breaks the input
+contract, is reported and skipped; the run goes on.
+
+Locally everything runs in this process; `ray=True` runs the same work as a Ray Data pipeline
+(`map_batches` with one Session per actor), on this machine or an existing cluster.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resfuse.artifacts import Manifest, read_manifest, replace_file
+from resfuse.errors import ConfigError, ResfuseError
+from resfuse.images import IMAGE_SUFFIXES, pil
+from resfuse.runtime.session import Session, load
+
+MASK_SUFFIX = ".mask.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image and the file its output goes to."""
+
+    source: Path
+    output: Path
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    done: int = 0
+    skipped: int = 0  # outputs already complete from an earlier run
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.done} written, {self.skipped} already done, {len(self.failures)} failed, "
+            f"of {self.total} images in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)"
+        )
+
+
+# Outputs: shared with resfuse.runtime.serve, so a file and an HTTP answer are the same bytes.
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def mask_png(logits: np.ndarray) -> bytes:
+    """The argmax class of each pixel of one (1, classes, H, W) output, as a grayscale PNG
+    (8-bit up to 256 classes, 16-bit above)."""
+    classes = logits.shape[1]
+    mask = logits[0].argmax(axis=0).astype(np.uint8 if classes <= 256 else np.uint16)
+    buffer = io.BytesIO()
+    pil().fromarray(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def has_head(session: Session) -> bool:
+    return session.manifest.config.num_classes is not None
+
+
+# Planning
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, recursively, sorted; hidden files and folders skipped."""
+    if not folder.is_dir():
+        raise ConfigError(f"INPUT_DIR {folder} is not a folder; pass a folder of images")
+    found = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    return sorted(found)
+
+
+def plan(input_dir: Path, output_dir: Path, head: bool) -> tuple[list[Job], int]:
+    """The jobs whose output does not exist yet, and how many images there are in all."""
+    if output_dir.resolve().is_relative_to(input_dir.resolve()):
+        raise ConfigError(
+            f"--output {output_dir} is inside INPUT_DIR {input_dir}, so outputs would be read "
+            f"as inputs on the next run; choose an output folder outside it"
+        )
+    suffix = MASK_SUFFIX if head else ".npy"
+    images = find_images(input_dir)
+    jobs = [Job(p, output_dir / f"{p.relative_to(input_dir)}{suffix}") for p in images]
+    return [j for j in jobs if not j.output.is_file()], len(images)
+
+
+def check_batch_size(batch_size: int, manifest: Manifest) -> None:
+    allowed = manifest.contract.batch
+    if batch_size not in allowed:
+        raise ConfigError(
+            f"--batch-size {batch_size} is outside the artifact's batch range "
+            f"{allowed.describe()}; choose a batch size in that range"
+        )
+
+
+# The work, shared by the local loop and the Ray actors
+
+
+def run_groups(session: Session, arrays: list[np.ndarray], limit: int) -> list[np.ndarray]:
+    """Run (n, C, H, W) inputs of any sizes: same H x W together, at most `limit` images per
+    call; the outputs come back one per input, in order."""
+    outputs: list[np.ndarray | None] = [None] * len(arrays)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(arrays):
+        groups.setdefault(tuple(x.shape[1:]), []).append(i)
+    for members in groups.values():
+        for chunk in _chunks(members, arrays, limit):
+            batch = np.concatenate([arrays[i] for i in chunk])
+            result = np.asarray(session.run(batch))
+            start = 0
+            for i in chunk:
+                n = arrays[i].shape[0]
+                outputs[i] = result[start : start + n]
+                start += n
+    return [o for o in outputs if o is not None]
+
+
+def _chunks(members: list[int], arrays: list[np.ndarray], limit: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    count = 0
+    for i in members:
+        n = arrays[i].shape[0]
+        if chunk and count + n > limit:
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(i)
+        count += n
+    if chunk:
+        yield chunk
+
+
+def write_output(job: Job, output: np.ndarray, head: bool) -> None:
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(job.output, mask_png(output) if head else npy_bytes(output))
+
+
+def process(session: Session, jobs: list[Job], limit: int) -> list[tuple[Job, str | None]]:
+    """Read, run and write `jobs`; (job, None) when written, (job, reason) when it failed."""
+    head = has_head(session)
+    results: list[tuple[Job, str | None]] = []
+    ready: list[tuple[Job, np.ndarray]] = []
+    for job in jobs:
+        try:
+            x = session.preprocess(job.source)
+            session.check(x)  # alone: an image out of the size range fails by itself
+            ready.append((job, x))
+        except Exception as exc:  # noqa: BLE001 - no one file (a decompression bomb) aborts
+            results.append((job, str(exc)))
+    try:
+        outputs = run_groups(session, [x for _, x in ready], limit)
+    except (ResfuseError, RuntimeError, ValueError) as exc:  # a backend failure: this batch only
+        return results + [(job, f"inference failed: {exc}") for job, _ in ready]
+    for (job, _), output in zip(ready, outputs, strict=True):
+        try:
+            write_output(job, output, head)
+            results.append((job, None))
+        except OSError as exc:
+            results.append((job, f"cannot write {job.output}: {exc}"))
+    return results
+
+
+def _record(summary: Summary, results: Iterable[tuple[Job, str | None]]) -> None:
+    for job, reason in results:
+        if reason is None:
+            summary.done += 1
+        else:
+            summary.failures.append((str(job.source), reason))
+
+
+# Drivers
+
+
+def predict(
+    artifact: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    backend: str = "onnxruntime",
+    device: str = "cpu",
+    batch_size: int = 8,
+    use_ray: bool = False,
+    address: str | None = None,
+    workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> Summary:
+    """Write every missing output; `on_plan(n)` is told how many images are to be done, and
+    `progress(k)` after each k of them (written or failed)."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    manifest = read_manifest(artifact)
+    check_batch_size(batch_size, manifest)
+    jobs, total = plan(input_dir, output_dir, manifest.config.num_classes is not None)
+    summary = Summary(total=total, skipped=total - len(jobs))
+    if on_plan is not None:
+        on_plan(len(jobs))
+    tick = progress or (lambda _k: None)
+    start = time.perf_counter()
+    if jobs:
+        run = _predict_ray if use_ray else _predict_local
+        for results in run(artifact, jobs, backend, device, batch_size, address, workers):
+            _record(summary, results)
+            tick(len(results))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _predict_local(
+    artifact: str | Path,
+    jobs: list[Job],
+    backend: str,
+    device: str,
+    batch_size: int,
+    address: str | None,
+    workers: int,
+) -> Iterator[list[tuple[Job, str | None]]]:
+    """Jobs sorted by image size (read from headers), so same-size images share batches."""
+    if address is not None:
+        raise ConfigError("--address needs --ray (it names the Ray cluster to run on); add --ray")
+    with load(artifact, backend, device) as session:
+        ordered = sorted(jobs, key=lambda job: _size_key(job.source))
+        for i in range(0, len(ordered), batch_size):
+            yield process(session, ordered[i : i + batch_size], batch_size)
+
+
+def _size_key(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header without decoding it; unknown sizes sort first
+    (they mostly fail to read, and are reported early)."""
+    try:
+        with pil().open(path) as image:
+            width, height = image.size
+            return width, height
+    except Exception:  # noqa: BLE001 - any unreadable file: its failure is reported when read
+        return (0, 0)
+
+
+class Predictor:
+    """A Ray Data actor: one Session for its life, a batch of jobs per call."""
+
+    def __init__(self, artifact: str, backend: str, device: str, batch_size: int) -> None:
+        self.session = load(artifact, backend, device)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        jobs = [
+            Job(Path(s), Path(o)) for s, o in zip(batch["source"], batch["output"], strict=True)
+        ]
+        results = process(self.session, jobs, self.batch_size)
+        return {
+            "source": np.array([str(job.source) for job, _ in results]),
+            "output": np.array([str(job.output) for job, _ in results]),
+            "error": np.array([reason or "" for _, reason in results]),
+        }
+
+
+def _predict_ray(
+    artifact: str | Path,
+    jobs: list[Job],
+    backend: str,
+    device: str,
+    batch_size: int,
+    address: str | None,
+    workers: int,
+) -> Iterator[list[tuple[Job, str | None]]]:
+    """Paths travel, not pixels: on a cluster, INPUT_DIR, OUT_DIR and the artifact must be at
+    the same paths on every node (a shared file system)."""
+    ray, data = _ray_data()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        context = data.DataContext.get_current()
+        context.enable_progress_bars = False  # resfuse's bar counts images instead
+        ordered = sorted(jobs, key=lambda job: _size_key(job.source))
+        items = [
+            {"source": str(j.source.resolve()), "output": str(j.output.resolve())} for j in ordered
+        ]
+        dataset = data.from_items(items).map_batches(
+            Predictor,
+            fn_constructor_kwargs={
+                "artifact": str(Path(artifact).resolve()),
+                "backend": backend,
+                "device": device,
+                "batch_size": batch_size,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=workers,
+            num_gpus=1 if device != "cpu" else 0,
+        )
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            yield [
+                (Job(Path(s), Path(o)), e or None)
+                for s, o, e in zip(batch["source"], batch["output"], batch["error"], strict=True)
+            ]
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_data() -> tuple[Any, Any]:
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ConfigError("--ray needs Ray Data: pip install 'resfuse[serve]'") from exc
+    return ray, ray.data

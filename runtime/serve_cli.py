@@ -1,0 +1,175 @@
+"""`resfuse-serve` and `resfuse-predict`: thin command lines over resfuse.runtime.serve and
+resfuse.runtime.predict (Ray is imported only when a command needs it)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from resfuse.console import err, fail, out
+from resfuse.errors import ResfuseError
+from resfuse.runtime.backends import BACKENDS
+from resfuse.runtime.cli import _progress
+
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+_BACKENDS = click.Choice([b for b in BACKENDS if b not in ("torch", "torch-compile")])
+_DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@click.command(context_settings=_CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", default="onnxruntime", show_default=True, type=_BACKENDS)
+@click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--max-replicas",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Autoscale between --replicas and this many replicas, on ongoing requests.",
+)
+@click.option(
+    "--max-batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images one batch gathers (each H x W then runs as its own call).",
+)
+@click.option(
+    "--batch-wait-ms",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0, max=10_000),
+    help="How long a batch waits for more requests.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; loopback only unless you name another (0.0.0.0: every one).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--address",
+    default=None,
+    help="An existing Ray cluster (auto, HOST:6379 or ray://HOST:10001) [default: start Ray "
+    "here]. The artifact must be at the same path on its nodes.",
+)
+@click.option(
+    "--max-body-mb",
+    default=64.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True, max=4096),
+    help="Largest request body; larger ones get 413.",
+)
+def serve_main(
+    artifact: Path,
+    backend: str,
+    device: str,
+    replicas: int,
+    max_replicas: int | None,
+    max_batch: int,
+    batch_wait_ms: float,
+    host: str,
+    port: int,
+    address: str | None,
+    max_body_mb: float,
+) -> None:
+    """Serve ARTIFACT over HTTP on Ray Serve until SIGINT or SIGTERM.
+
+    POST /predict (PNG/JPEG/TIFF, or .npy as application/octet-stream; ?format=png for a
+    class mask), GET /healthz, GET /metadata."""
+    from resfuse.runtime.serve import ServeOptions, connect, deploy, stop
+
+    options = ServeOptions(
+        artifact=artifact,
+        backend=backend,
+        device=device,
+        replicas=replicas,
+        max_replicas=max_replicas,
+        max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms,
+        host=host,
+        port=port,
+        address=address,
+        max_body_mb=max_body_mb,
+    )
+    try:
+        started = connect(options)
+    except ResfuseError as exc:
+        fail(str(exc))
+    # after ray.init, which installs a SIGTERM handler that aborts the process
+    stopping = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stopping.set()) for s in _STOP_SIGNALS}
+    try:
+        deploy(options)
+        out.print(f"serving {artifact} at {options.url} (SIGINT or SIGTERM stops)", highlight=False)
+        stopping.wait()
+    finally:
+        err.print("stopping: shutting Serve down", highlight=False)
+        stop(started, local=address is None)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@click.command(context_settings=_CONTEXT)
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("input_dir", type=click.Path(path_type=Path))
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--backend", default="onnxruntime", show_default=True, type=_BACKENDS)
+@click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Data pipeline.")
+@click.option("--address", default=None, help="An existing Ray cluster (with --ray).")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Ray actors, one Session each (with --ray).",
+)
+def predict_main(
+    artifact: Path,
+    input_dir: Path,
+    output_dir: Path,
+    backend: str,
+    device: str,
+    batch_size: int,
+    use_ray: bool,
+    address: str | None,
+    workers: int,
+) -> None:
+    """Run ARTIFACT on every image under INPUT_DIR; write OUTPUT/<relative path>.npy (a model
+    with a head: .mask.png). Outputs that exist are complete and skipped, so a rerun resumes.
+    Exits 1 when any image failed (each is listed); the others are written."""
+    from resfuse.runtime.predict import predict
+
+    try:
+        with _progress() as bar:
+            task = bar.add_task("predicting", total=None)
+            summary = predict(
+                artifact,
+                input_dir,
+                output_dir,
+                backend=backend,
+                device=device,
+                batch_size=batch_size,
+                use_ray=use_ray,
+                address=address,
+                workers=workers,
+                on_plan=lambda n: bar.update(task, total=n),
+                progress=lambda k: bar.advance(task, k),
+            )
+    except ResfuseError as exc:
+        fail(str(exc))
+    for source, reason in summary.failures:
+        err.print(
+            f"[red]failed:[/] {escape(f'{source}: {reason}')}", highlight=False, soft_wrap=True
+        )
+    out.print(summary.describe(), highlight=False)
+    if summary.failures:
+        fail(f"{len(summary.failures)} of {summary.total} images failed; see above")

@@ -1,0 +1,295 @@
+"""resfuse-serve: a real Ray Serve on loopback, one instance for the module, real HTTP.
+
+Error codes under test: 400 a body that is not an image or .npy (or a bad query), 413 a body
+over the limit, 415 another Content-Type, 422 an input that breaks the contract, 404/405.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'resfuse[serve]'")
+Image = pytest.importorskip("PIL.Image", reason="needs Pillow")
+
+from resfuse.export.pipeline import ExportOptions, export_artifact  # noqa: E402
+from resfuse.models import ModelConfig  # noqa: E402
+from resfuse.runtime import load  # noqa: E402
+from resfuse.runtime.serve import ServeOptions, start, stop  # noqa: E402
+
+NPY = "application/octet-stream"
+LIMIT_MB = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def npy(x: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, x)
+    return buffer.getvalue()
+
+
+def png(h: int, w: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def request(
+    url: str, body: bytes | None = None, content_type: str | None = None, method: str = "POST"
+) -> tuple[int, bytes]:
+    """One HTTP exchange; http.client sends no Content-Type unless given (urllib would)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    headers = {"Content-Type": content_type} if content_type else {}
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def wait_healthy(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if request(f"{url}/healthz", method="GET")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {seconds} s")
+
+
+def head_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A masked resnet18 with a 3-class head, so masks have classes to give; exported once per
+    test run (tests/test_predict.py finds it in the run's base temp folder)."""
+    folder = tmp_path_factory.getbasetemp() / "head-artifact"
+    manifest = folder / "masked-resnet18.json"
+    if not manifest.exists():
+        config = ModelConfig("masked", num_classes=3)
+        export_artifact(config, folder, ExportOptions(max_size=256, max_batch=4))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def head_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return head_export(tmp_path_factory)
+
+
+class Server:
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.url = options.url
+        self.started = start(options)
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            stop(self.started)
+
+
+@pytest.fixture(scope="module")
+def server(head_artifact: Path) -> Iterator[Server]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    options = ServeOptions(
+        head_artifact, port=free_port(), max_batch=3, batch_wait_ms=50, max_body_mb=LIMIT_MB
+    )
+    try:
+        running = Server(options)
+        wait_healthy(running.url, 120)
+        yield running
+        running.stop()
+    finally:
+        ray.shutdown()
+
+
+def test_healthz_and_metadata(server: Server) -> None:
+    assert request(f"{server.url}/healthz", method="GET") == (200, b'{"status": "ok"}')
+    status, body = request(f"{server.url}/metadata", method="GET")
+    meta = json.loads(body)
+    assert status == 200
+    assert meta["method"] == "masked" and meta["precision"] == "float32"
+    assert meta["num_classes"] == 3 and meta["backend"] == "onnxruntime"
+    assert meta["contract"]["height"] == {"min": 32, "max": 256}
+    assert meta["contract"]["batch"] == {"min": 1, "max": 4}
+
+
+def test_concurrent_sizes_match_the_runtime(server: Server) -> None:
+    """Twelve requests of three sizes at once, batches of up to 3 images (--max-batch), so
+    batches gather several sizes: each answer equals a direct runtime call."""
+    rng = np.random.default_rng(0)
+    inputs = [
+        rng.standard_normal((n, 3, h, w), dtype=np.float32)
+        for h, w in ((64, 64), (96, 128), (33, 45))
+        for n in (1, 2, 1, 1)
+    ]
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        answers = list(pool.map(lambda x: request(f"{server.url}/predict", npy(x), NPY), inputs))
+    with load(server.options.artifact) as session:
+        tolerance = session.manifest.tolerance
+        for x, (status, body) in zip(inputs, answers, strict=True):
+            assert status == 200, body
+            got = np.load(io.BytesIO(body), allow_pickle=False)
+            np.testing.assert_allclose(
+                got, session.run(x), atol=tolerance.atol, rtol=tolerance.rtol
+            )
+
+
+def test_images_and_png_masks(server: Server, tmp_path: Path) -> None:
+    with load(server.options.artifact) as session:
+        for i, (h, w) in enumerate(((64, 80), (120, 72))):
+            path = tmp_path / f"{i}.png"
+            path.write_bytes(png(h, w, seed=i))
+            expected = session.run(path)
+            status, body = request(f"{server.url}/predict", path.read_bytes(), "image/png")
+            assert status == 200, body
+            np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, atol=1e-4, rtol=1e-4)
+            status, body = request(
+                f"{server.url}/predict?format=png", path.read_bytes(), "image/png"
+            )
+            assert status == 200, body
+            mask = np.asarray(Image.open(io.BytesIO(body)))
+            assert mask.shape == (h, w) and mask.dtype == np.uint8
+            np.testing.assert_array_equal(mask, expected[0].argmax(axis=0))
+
+
+BAD = [
+    ("empty body", b"", NPY, "", 400, "empty"),
+    ("not npy", b"hello", NPY, "", 400, "not .npy"),
+    ("pickled npy", "pickle", NPY, "", 400, "not .npy"),
+    ("corrupt png", b"\x89PNG\r\n\x1a\n garbage", "image/png", "", 400, "not a readable image"),
+    ("unknown format", (1, 3, 32, 32), NPY, "?format=gif", 400, "format='gif'"),
+    ("png of a batch", "batch2", NPY, "?format=png", 400, "one image"),
+    ("content type", b"{}", "application/json", "", 415, "application/json"),
+    ("no content type", b"abc", None, "", 415, "(none)"),
+    ("channels", (1, 2, 64, 64), NPY, "", 422, "expected 3 input channels"),
+    ("rank", (3, 64, 64), NPY, "", 422, "4-D"),
+    ("dtype", "float64", NPY, "", 422, "dtype float32"),
+    ("too small", (1, 3, 16, 64), NPY, "", 422, "height 16 is outside the allowed range 32..256"),
+    ("too large", (1, 3, 64, 300), NPY, "", 422, "width 300 is outside"),
+    ("batch", (5, 3, 32, 32), NPY, "", 422, "batch size 5"),
+    ("over max batch", (4, 3, 32, 32), NPY, "", 422, "over this server's --max-batch 3"),
+    ("nan", "nan", NPY, "", 422, "NaN"),
+    ("image too small", "small png", "image/png", "", 422, "outside the allowed range"),
+    ("over the limit", "big", NPY, "", 413, "limit"),
+]
+
+
+def _pickled() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _body(spec: object) -> bytes:
+    if isinstance(spec, bytes):
+        return spec
+    if isinstance(spec, tuple):
+        return npy(np.zeros(spec, np.float32))
+    made = {
+        "pickle": lambda: _pickled(),
+        "batch2": lambda: npy(np.zeros((2, 3, 32, 32), np.float32)),
+        "float64": lambda: npy(np.zeros((1, 3, 32, 32), np.float64)),
+        "nan": lambda: npy(np.full((1, 3, 32, 32), np.nan, np.float32)),
+        "small png": lambda: png(20, 40),
+        "big": lambda: npy(np.zeros((1, 3, 256, 256 * 3), np.float32)),  # 2.25 MiB
+    }
+    return made[str(spec)]()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "query", "code", "text"),
+    [case[1:] for case in BAD],
+    ids=[case[0] for case in BAD],
+)
+def test_bad_requests_get_a_json_error(
+    server: Server, body: object, content_type: str | None, query: str, code: int, text: str
+) -> None:
+    status, answer = request(f"{server.url}/predict{query}", _body(body), content_type)
+    assert status == code, answer
+    assert text in json.loads(answer)["error"]
+
+
+def test_unknown_route_and_method(server: Server) -> None:
+    assert request(f"{server.url}/nope", method="GET")[0] == 404
+    assert request(f"{server.url}/predict", method="GET")[0] == 405
+    assert request(f"{server.url}/healthz", b"x", NPY)[0] == 405
+
+
+def test_a_bad_request_never_fails_its_batch(server: Server) -> None:
+    good = np.zeros((1, 3, 32, 32), np.float32)
+    bodies = [npy(good), npy(np.zeros((1, 2, 32, 32), np.float32))] * 4
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        codes = [s for s, _ in pool.map(lambda b: request(f"{server.url}/predict", b, NPY), bodies)]
+    assert codes == [200, 422] * 4
+
+
+def test_stop_closes_the_port(server: Server) -> None:
+    server.stop()
+    with pytest.raises(OSError):
+        request(f"{server.url}/healthz", method="GET")
+
+
+def test_cli_stops_on_sigterm(head_artifact: Path) -> None:
+    """The command a user runs: serves, answers, and exits 0 on SIGTERM after shutting down."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("resfuse-serve")
+    env = {**os.environ, "RAY_ADDRESS": ""}  # a Ray of its own, not the module's
+    proc = subprocess.Popen(
+        [str(exe), str(head_artifact), "--port", str(port), "--max-batch", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 120)
+        status, _ = request(f"http://127.0.0.1:{port}/predict", png(40, 40), "image/png")
+        assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert f"serving {head_artifact} at http://127.0.0.1:{port}" in stdout
+    with pytest.raises(OSError):
+        request(f"http://127.0.0.1:{port}/healthz", method="GET")
+
+
+def test_cli_refuses_bad_options_in_one_line(tmp_path: Path, head_artifact: Path) -> None:
+    exe = Path(sys.executable).with_name("resfuse-serve")
+    missing = tmp_path / "missing.json"
+    for args, text in (
+        ([str(missing)], "missing.json"),
+        ([str(head_artifact), "--replicas", "2", "--max-replicas", "1"], "--max-replicas 1"),
+    ):
+        proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert text in proc.stderr, proc.stderr
