@@ -412,6 +412,28 @@ def profile_table(summary: dict[str, Any]) -> str:
     return markdown_table(["operator", *profiles], rows)
 
 
+def ratio_check_section() -> str:
+    """benchmarks/ratio_check.py's last result, where it has run: the stopwatch's own check."""
+    path = HERE / "results" / "ratio_check.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    bench = r["resfuse_bench"]
+    rounds = [x["ratio"] for x in r["independent_rounds"]]
+    side = r["shape"][2]
+    verdict = "agree within 10%" if r["agree_within_10pct"] else "DISAGREE by more than 10%"
+    return f"""## The stopwatch checked by an independent script
+
+`python benchmarks/ratio_check.py` ({Path(r["artifact"]).stem}, {side}x{side}, {r["threads"]}
+threads): PyTorch eager and a bare onnxruntime.InferenceSession, each block of calls in a
+process of its own, {len(rounds)} rounds bracketing one `resfuse-bench` run on the same artifact.
+Independent: {r["independent_ratio"]:.2f}x ({min(rounds):.2f}..{max(rounds):.2f});
+resfuse-bench: {bench["ratio"]:.2f}x ({min(bench["ratio_rounds"]):.2f}..\
+{max(bench["ratio_rounds"]):.2f}); difference {r["difference"]:+.1%}: {verdict}.
+
+"""
+
+
 def spinning_table(summary: dict[str, Any]) -> str:
     rows = [
         [
@@ -483,8 +505,9 @@ Percentiles are given only where 5 samples lie above them.
 
 Machine: {m["cpu"]}, {m["usable_cpus"]} usable CPUs ({m["physical_cores"]} physical cores),
 instruction-set flags: {" ".join(flags)}; {m["os"]};
-{", ".join(f"{k} {v}" for k, v in m["versions"].items())}. The machine was shared: the 1-minute
-load average reached {busiest:.1f} during the runs (each record carries its own). {bf16_note}
+{", ".join(f"{k} {v}" for k, v in m["versions"].items())}. The 1-minute load average reached
+{busiest:.1f} during the runs, the benchmark's own {summary["threads"]} threads included (each
+record carries its own). {bf16_note}
 
 ## The engines at {PEERS_AT}x{PEERS_AT} (p50 ms)
 
@@ -517,7 +540,7 @@ masked method's gating) stays float32 and memory-bound, and bounds what INT8 can
 
 {profile_table(summary)}
 
-## ONNX Runtime's spinning threads (masked model, ONNX Runtime alone)
+{ratio_check_section()}## ONNX Runtime's spinning threads (masked model, ONNX Runtime alone)
 
 {spinning_table(summary)}
 
