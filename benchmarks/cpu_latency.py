@@ -434,6 +434,38 @@ resfuse-bench: {bench["ratio"]:.2f}x ({min(bench["ratio_rounds"]):.2f}..\
 """
 
 
+def serve_section() -> str:
+    """benchmarks/serve_load.py's last result, where it has run."""
+    path = HERE / "results" / "serve.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    settings = data["settings"]
+    rows = [
+        [
+            r["path"],
+            r["clients"],
+            r["requests"],
+            f"{r['requests_per_s']:.1f}",
+            f"{r['p50_ms']:.1f}",
+            "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}",
+        ]
+        for r in data["results"]
+    ]
+    table = markdown_table(["path", "clients", "requests", "req/s", "p50 ms", "p99 ms"], rows)
+    return f"""## Serving: Ray Serve against the runtime in-process
+
+`python benchmarks/serve_load.py --artifact benchmarks/artifacts/masked-resnet18.json`
+({settings["size"]}x{settings["size"]} float32 `.npy` requests over loopback HTTP, each client
+sending one request after another on its own connection; {settings["replicas"]} replica,
+`--max-batch {settings["max_batch"]}`, `--batch-wait-ms {settings["batch_wait_ms"]}`; the
+in-process rows are threads calling one Session, before Ray started and after it stopped):
+
+{table}
+
+"""
+
+
 def spinning_table(summary: dict[str, Any]) -> str:
     rows = [
         [
@@ -564,7 +596,7 @@ over its p50, "of peak" its ratio to that rate (float32 rows only).
 
 {plots}
 
-"""
+{serve_section()}"""
     path = HERE / "RESULTS.md"
     old = path.read_text() if path.exists() else ""
     kept = old[old.index(ACCURACY_MARK) :] if ACCURACY_MARK in old else ""
