@@ -187,6 +187,7 @@ def test_record_statistics_by_hand(exported) -> None:
             warmup=7,
             first_call_ms=123.0,
             error=_error(0.1),
+            label="onnxruntime",
         )
     # Sorted 1 2 3 4 4 10: median (3 + 4) / 2; mean 24 / 6; too few calls for any tail.
     assert (r.p50_ms, r.min_ms, r.mean_ms) == (3.5, 1.0, 4.0)
@@ -220,6 +221,7 @@ def test_speedups_by_hand(exported) -> None:
             warmup=1,
             first_call_ms=1.0,
             error=_error(),
+            label="onnxruntime",
         )
     other = [1, 3, 96, 96]
     records = [
