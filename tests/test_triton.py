@@ -176,7 +176,7 @@ def test_an_engine_is_refused_where_triton_could_not_load_it(exported, tmp_path:
     with pytest.raises(ConfigError, match="applies to ONNX models, not to an engine"):
         write_triton_repo(artifact, repo, gpu_trt, engine=engine)
     other = _engine(exported["spp"].manifest_path, tmp_path / "cache")
-    with pytest.raises(ConfigError, match="built from another ONNX model .* spp-resnet18.json"):
+    with pytest.raises(ConfigError, match=r"built from another ONNX model .*\(spp-resnet18.json\)"):
         write_triton_repo(artifact, repo, TritonOptions(kind="gpu"), engine=other)
     host = _engine(artifact, tmp_path / "cache", trust_host_code=True)
     with pytest.raises(EngineError, match="carries host code"):

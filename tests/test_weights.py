@@ -60,8 +60,14 @@ def test_torchvision_backbone_state_dict_loads_into_encoder(
 
 
 class _Payload:
-    def __reduce__(self):  # what a malicious checkpoint would run on unpickling
-        return (print, ("unpickled!",))
+    """What a malicious checkpoint would run on unpickling. eval, not print: Ray's progress
+    bars replace builtins.print in a process that ran Ray Data, and pickle names the live one."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch()",))
 
 
 class _Touch:
@@ -78,13 +84,14 @@ class _Net(nn.Module):
         self.fc = nn.Linear(2, 2)
 
 
-def test_pickled_object_is_refused_without_running_it(tmp_path: Path, capsys) -> None:
-    torch.save({"weights": _Payload()}, tmp_path / "evil.pt")
+def test_pickled_object_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    torch.save({"weights": _Payload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(
-        WeightsError, match=r"pickled Python objects \(print\) that safe loading refuses"
+        WeightsError, match=r"pickled Python objects \(eval\) that safe loading refuses"
     ):
         resfuse.build_model("masked", weights=tmp_path / "evil.pt")
-    assert "unpickled!" not in capsys.readouterr().out
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
