@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from resfuse.artifacts import Manifest
+from resfuse.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,14 @@ class Phases:
     @property
     def total_ms(self) -> float:
         return self.h2d_ms + self.compute_ms + self.d2h_ms
+
+
+def reject_unknown(backend: str, options: dict[str, Any], known: Iterable[str]) -> None:
+    """One-line ConfigError naming options a backend does not take, and those it does."""
+    known = list(known)
+    unknown = set(options) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown {backend} options {sorted(unknown)}; known: {', '.join(known)}")
 
 
 class Runner(ABC):

@@ -13,7 +13,7 @@ import numpy as np
 from resfuse.artifacts import Manifest
 from resfuse.contract import InputContract
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from resfuse.runtime.backends.base import Phases, Runner
+from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
 from resfuse.runtime.machine import physical_cores
 
 _PROVIDERS = {
@@ -124,11 +124,7 @@ class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        unknown = set(options) - set(OPTIONS)
-        if unknown:
-            raise ConfigError(
-                f"unknown onnxruntime options {sorted(unknown)}; known: {', '.join(OPTIONS)}"
-            )
+        reject_unknown("onnxruntime", options, OPTIONS)
         if device not in _PROVIDERS:
             raise ConfigError(
                 f"onnxruntime device must be one of {', '.join(_PROVIDERS)}, not {device!r}"

@@ -9,7 +9,7 @@ import numpy as np
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from resfuse.runtime.backends.base import Runner
+from resfuse.runtime.backends.base import Runner, reject_unknown
 from resfuse.runtime.backends.onnxrt import refuse_external_data
 from resfuse.runtime.machine import physical_cores
 
@@ -36,11 +36,7 @@ class OpenVinoRunner(Runner):
     name = "openvino"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        unknown = set(options) - set(OPTIONS)
-        if unknown:
-            raise ConfigError(
-                f"unknown openvino options {sorted(unknown)}; known: {', '.join(OPTIONS)}"
-            )
+        reject_unknown("openvino", options, OPTIONS)
         if device not in _DEVICES:
             raise ConfigError(
                 f"openvino device must be one of {', '.join(_DEVICES)}, not {device!r}; its "

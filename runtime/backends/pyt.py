@@ -11,7 +11,7 @@ import torch
 
 from resfuse.artifacts import Manifest, load_original
 from resfuse.errors import BackendUnavailableError, ConfigError
-from resfuse.runtime.backends.base import Phases, Runner
+from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
 
 
 class TorchRunner(Runner):
@@ -22,9 +22,7 @@ class TorchRunner(Runner):
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        unknown = set(options) - {"threads"}
-        if unknown:
-            raise ConfigError(f"unknown torch backend options {sorted(unknown)}; known: threads")
+        reject_unknown("torch backend", options, ["threads"])
         threads = options.get("threads")
         # bool is an int to Python, but threads=True is a mistake, not 1 thread.
         if threads is not None and (
