@@ -26,8 +26,10 @@ from collections.abc import Iterable
 
 import onnx
 
-# Where a float32 region ends: the next learned layer runs in float16 again.
-_LEARNED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Where a float32 region ends: the next learned layer runs in float16 again. A MatMul is one
+# only with a weight (an initializer): the models' resize to H x W is a MatMul of computed
+# interpolation weights, part of the region it sits in.
+_LEARNED = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _SENSITIVE = frozenset({"CumSum", "Sigmoid"})
 _METADATA = frozenset({"Shape", "Size"})  # their outputs are sizes, not image data
 _FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
@@ -126,11 +128,13 @@ def _data_nodes(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _downstream(graph: onnx.GraphProto, starts: Iterable[onnx.NodeProto]) -> set[str]:
     """The start nodes and the data nodes after them, up to (not including) a learned layer."""
     users = _consumers(graph)
+    weights = {t.name for t in graph.initializer}
     region: set[str] = set()
     stack = list(starts)
     while stack:
         node = stack.pop()
-        if node.name in region or node.op_type in _LEARNED:
+        learned = node.op_type == "MatMul" and weights & set(node.input)
+        if node.name in region or node.op_type in _LEARNED or learned:
             continue
         region.add(node.name)
         if node.op_type not in _METADATA:

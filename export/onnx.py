@@ -7,7 +7,9 @@ import hashlib
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -105,7 +107,85 @@ def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
         raise ExportError(f"onnxslim failed ({type(exc).__name__}: {first})") from exc
     if not isinstance(slim, onnx.ModelProto):
         raise ExportError("onnxslim returned no model")
-    return slim
+    return merge_slices(slim)
+
+
+def merge_slices(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Join each Slice that only feeds another Slice on other axes into one Slice.
+
+    The exporter crops `x[:, :, :H, :W]` as one Slice per axis, and ONNX Runtime copies the
+    whole tensor in each: at full resolution that was a third of an INT8 call. Axes must be
+    constants (to know they differ); starts, ends and steps may be computed (a Concat joins
+    them). Edits `proto` in place and returns it."""
+    graph = proto.graph
+    typed = onnx.shape_inference.infer_shapes(proto)
+    elem = {v.name: v.type.tensor_type.elem_type for v in (*typed.graph.value_info, *graph.input)}
+    elem |= {t.name: t.data_type for t in graph.initializer}
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    while pair := _slice_pair(graph, consts, elem):
+        first, second = pair
+        at = list(graph.node).index(second)
+        for k in range(1, len(second.input)):
+            name = f"{second.output[0]}_joined_{k}"
+            parts = [first.input[k], second.input[k]]
+            elem[name] = elem[parts[1]]
+            if all(p in consts for p in parts):  # constant axes stay constant
+                consts[name] = np.concatenate([consts[p] for p in parts])
+                graph.initializer.append(onnx.numpy_helper.from_array(consts[name], name))
+            else:
+                graph.node.insert(at, onnx.helper.make_node("Concat", parts, [name], axis=0))
+                at += 1
+            second.input[k] = name
+        second.input[0] = first.input[0]
+        graph.node.remove(first)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for unused in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(unused)
+    return proto
+
+
+def _slice_pair(
+    graph: onnx.GraphProto, consts: dict[str, Any], elem: dict[str, int]
+) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """A Slice whose output only feeds a Slice of other axes, and that Slice."""
+    users: dict[str, int] = {o.name: 1 for o in graph.output}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    producer = {out: node for node in graph.node for out in node.output}
+    for second in graph.node:
+        first = producer.get(second.input[0]) if second.op_type == "Slice" else None
+        if first is not None and _mergeable(first, second, users, consts, elem):
+            return first, second
+    return None
+
+
+def _mergeable(
+    first: onnx.NodeProto,
+    second: onnx.NodeProto,
+    users: dict[str, int],
+    consts: dict[str, Any],
+    elem: dict[str, int],
+) -> bool:
+    if first.op_type != "Slice" or users.get(first.output[0]) != 1:
+        return False
+    if len(first.input) != len(second.input) or len(first.input) < 4 or "" in first.input:
+        return False
+    if "" in second.input:
+        return False
+    axes = [_axes(node, consts) for node in (first, second)]
+    if axes[0] is None or axes[1] is None or axes[0] & axes[1]:
+        return False
+    types = {elem.get(node.input[k]) for node in (first, second) for k in range(1, len(node.input))}
+    return len(types) == 1 and None not in types and 0 not in types
+
+
+def _axes(node: onnx.NodeProto, consts: dict[str, Any]) -> set[int] | None:
+    """A Slice's axes when they are a constant list of non-negative axes, else None."""
+    axes = consts.get(node.input[3])
+    if axes is None or axes.ndim != 1 or (axes < 0).any():
+        return None
+    return set(axes.tolist())
 
 
 def save(proto: onnx.ModelProto, path: Path) -> None:

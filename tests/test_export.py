@@ -225,3 +225,68 @@ def test_a_specialised_graph_is_refused() -> None:
 def test_option_errors(options: ExportOptions, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         options.contract(ModelConfig("masked"))
+
+
+def _two_slices(shared_output: bool = False, second_axis: int = 3) -> onnx.ModelProto:
+    """x[:, :, :H, :W] as the exporter writes it: one Slice per axis, ends read from `like`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, values: list[int]) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    nodes = [
+        helper.make_node("Shape", ["like"], ["shape"]),
+        helper.make_node("Gather", ["shape", "i2"], ["h"], axis=0),
+        helper.make_node("Gather", ["shape", "i3"], ["w"], axis=0),
+        helper.make_node("Slice", ["x", "zero", "h", "axis2", "one"], ["rows"]),
+        helper.make_node("Slice", ["rows", "zero", "w", "axis_b", "one"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, "h", "w"])]
+    if shared_output:
+        outputs.append(
+            helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["b", 4, "h", "w8"])
+        )
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, "h8", "w8"])
+    like = helper.make_tensor_value_info("like", TensorProto.FLOAT, ["b", 1, "h", "w"])
+    inits = [const("i2", [2]), const("i3", [3]), const("zero", [0]), const("one", [1])]
+    inits += [const("axis2", [2]), const("axis_b", [second_axis])]
+    graph = helper.make_graph(nodes, "crop", [image, like], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, like: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "like": like})
+
+
+def test_per_axis_crops_merge_into_one_slice_with_the_same_output() -> None:
+    original = _two_slices()
+    merged = onnx_export.merge_slices(_two_slices())
+    onnx_export.check_model(merged)
+    assert [n.op_type for n in merged.graph.node].count("Slice") == 1
+    rng = np.random.default_rng(0)
+    for h, w in [(5, 7), (16, 16), (1, 9)]:
+        x = rng.standard_normal((2, 4, 16, 16), dtype=np.float32)
+        like = np.zeros((2, 1, h, w), np.float32)
+        expected, got = _run(original, x, like), _run(merged, x, like)
+        assert got[0].shape == (2, 4, h, w)
+        np.testing.assert_array_equal(got[0], expected[0])
+
+
+@pytest.mark.parametrize(
+    "model",
+    [_two_slices(shared_output=True), _two_slices(second_axis=2)],
+    ids=["first-crop-also-an-output", "same-axis-twice"],
+)
+def test_slices_that_cannot_merge_are_left_alone(model: onnx.ModelProto) -> None:
+    before = model.SerializeToString()
+    assert onnx_export.merge_slices(model).SerializeToString() == before
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_full_resolution_tensor_is_copied_to_crop_it(exported, method: str) -> None:
+    # spp and masked interpolate straight to H x W (no crop at all); upsample crops its
+    # transposed convolutions' output once, not once per axis.
+    ops = [n.op_type for n in onnx.load(exported[method].onnx_path).graph.node]
+    assert ops.count("Slice") == (1 if method == "upsample" else 0)
+    assert "Resize" not in ops or method == "spp"  # spp resizes only its pooled bins

@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 import resfuse
 from resfuse.errors import ConfigError, InputContractError
 from resfuse.models import METHODS, FusionMethod
+from resfuse.models.fusion import to_image_grid
 
 SIZES = [(32, 32), (33, 45), (97, 131), (257, 311), (64, 500), (500, 40)]
 
@@ -208,3 +210,18 @@ def test_pretrained_without_network_names_the_offline_fix(
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # refuse at once, touch no network
     with pytest.raises(ConfigError, match="weights=PATH"):
         resfuse.build_model("masked", pretrained=True)
+
+
+@pytest.mark.parametrize("stride", [8, 16, 32])
+@pytest.mark.parametrize("size", [(1, 1), (32, 32), (33, 65), (97, 131), (5, 700), (257, 311)])
+def test_to_image_grid_is_the_aligned_bilinear_resize_cropped(
+    stride: int, size: tuple[int, int]
+) -> None:
+    # PyTorch's own bilinear resize to the stride-aligned grid, then the crop, is the reference
+    # for the interpolation-matrix form the models export.
+    h, w = size
+    x = torch.randn(2, 5, -(-h // stride), -(-w // stride))
+    aligned = (x.shape[2] * stride, x.shape[3] * stride)
+    up = F.interpolate(x, size=aligned, mode="bilinear", align_corners=False)[:, :, :h, :w]
+    got = to_image_grid(x, torch.zeros(2, 3, h, w), stride)
+    torch.testing.assert_close(got, up, atol=2e-6, rtol=0)

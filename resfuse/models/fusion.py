@@ -37,14 +37,29 @@ def to_image_grid(x: torch.Tensor, image: torch.Tensor, stride: int) -> torch.Te
     """Stride-`stride` features to the image's H x W, each cell kept over its own input block.
 
     ResNet's ceil rounding puts cell i over input rows stride*i .. stride*i + stride - 1, the
-    partial cell last. A bilinear resize to the aligned grid (stride * h, stride * w) centres
-    every cell on its block; cropping the bottom/right surplus gives H x W. Resizing straight
-    to H x W would instead stretch the partial last cell over the image. Exports as Resize
-    (sizes from Shape) and Slice, so H and W stay dynamic.
+    partial cell last. The result equals a bilinear resize (half-pixel centres) to the aligned
+    grid (stride * h, stride * w) cropped to H x W: every cell centred on its block, where a
+    resize straight to H x W would stretch the partial last cell over the image. It is computed
+    as two small interpolation matrices, rows @ x @ cols^T, which give H x W in one product: no
+    aligned tensor to crop, which on a CPU cost more than the resize itself (a full-resolution
+    copy per axis). Exports as Range and MatMul, so H and W stay dynamic.
     """
-    aligned = (x.shape[-2] * stride, x.shape[-1] * stride)
-    up = F.interpolate(x, size=aligned, mode="bilinear", align_corners=False)
-    return up[:, :, : image.shape[2], : image.shape[3]]
+    rows = _interpolation(image.shape[2], x.shape[2], stride, x)
+    cols = _interpolation(image.shape[3], x.shape[3], stride, x)
+    return rows @ (x @ cols.transpose(0, 1))
+
+
+def _interpolation(out: int, size: int, stride: int, like: torch.Tensor) -> torch.Tensor:
+    """(out, size) bilinear weights from `size` cells to `out` pixels, `stride` pixels a cell:
+    pixel y samples cell coordinate (y + 0.5) / stride - 0.5, clamped to the grid as PyTorch's
+    bilinear interpolation clamps it, and cell j weighs max(0, 1 - |coordinate - j|). Computed
+    in float32 (float16 counts half pixels exactly only up to 1024); the weights, multiples of
+    1 / (2 * stride), are exact in float16 too."""
+    pixels = torch.arange(out, dtype=torch.float32, device=like.device)
+    cells = torch.arange(size, dtype=torch.float32, device=like.device)
+    coordinate = ((pixels + 0.5) / stride - 0.5).clamp(0, size - 1)
+    weights = (1 - (coordinate[:, None] - cells[None, :]).abs()).clamp(min=0)
+    return weights.to(like.dtype)
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
