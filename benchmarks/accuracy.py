@@ -12,7 +12,8 @@ noise. Its weights are saved as safetensors and exported twice with resfuse.expo
 and INT8 calibrated on PNG files from the training distribution. On held-out images (their own
 seed, three sizes, one no multiple of 32) each precision is compared with the PyTorch
 original: relative L2 of the logits, per-pixel argmax agreement, and mIoU against the ground
-truth. Latency at 512x512, batch 1, 2 threads, is timed in blocks of consecutive calls per
+truth. Latency at 512x512, batch 1, 2 threads, is timed by resfuse-bench's stopwatch
+(`runtime.bench.time_shape`) in blocks of consecutive calls per
 backend (never call by call: ONNX Runtime's spinning threads slow whatever runs next), the
 block order rotated over 3 rounds.
 
@@ -46,6 +47,7 @@ from resfuse.export.quantize import Calibration
 from resfuse.models import METHODS, ModelConfig, build_model
 from resfuse.runtime import Session, load
 from resfuse.runtime.backends.onnxrt import OPTIONS as ORT_OPTIONS
+from resfuse.runtime.bench import time_shape
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
 from resfuse.weights import save_weights
@@ -56,7 +58,7 @@ BACKENDS = {"torch": "torch", "float32": "ORT float32", "int8": "ORT INT8"}
 AGREEMENT_TARGET, MIOU_POINTS_TARGET = 0.99, 1.0
 ORT_SPINNING_OPTION = "spinning" in ORT_OPTIONS  # declared by newer resfuse runtimes
 # Seed streams, one per use: the held-out images are never trained or calibrated on.
-TRAIN, CALIBRATION, HELDOUT, TIMED = 0, 1, 2, 3
+TRAIN, CALIBRATION, HELDOUT = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -334,37 +336,34 @@ def pooled_miou(rows: list[dict[str, Any]], backend: str) -> float:
     return float(np.nanmean(iou(np.asarray(counts))))
 
 
-def latency(sessions: dict[str, Session], x: np.ndarray, plan: Plan) -> dict[str, Any]:
-    """Blocks of consecutive calls per backend after a warm-up, order rotated each round;
-    per backend the median of the rounds' medians and their spread (max - min over that)."""
+def latency(
+    sessions: dict[str, Session], shape: tuple[int, int, int, int], plan: Plan
+) -> dict[str, Any]:
+    """resfuse-bench's stopwatch (`runtime.bench.time_shape`): blocks of consecutive calls per
+    backend, order rotated each round; per backend the median of the rounds' medians, their
+    spread (max - min over that) and the rel L2 error against torch on the timed input."""
     names = list(sessions)
-    rounds: dict[str, list[list[float]]] = {name: [] for name in names}
-    for r in range(plan.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            rounds[name].append(_block(sessions[name], x, plan))
+    records = time_shape(
+        list(sessions.values()),
+        shape,
+        warmup=plan.warmup,
+        iters=plan.latency_calls,
+        rounds=plan.rounds,
+        reference=sessions["torch"],
+        labels=names,
+    )
     result = {}
-    for name, blocks in rounds.items():
-        medians = [float(np.median(b)) for b in blocks]
+    for name, record in zip(names, records, strict=True):
+        medians = record.round_p50_ms
         p50 = float(np.median(medians))
         result[name] = {
             "p50_ms": p50,
             "spread": (max(medians) - min(medians)) / p50,
             "round_p50_ms": medians,
-            "calls_ms": blocks,
+            "n": record.n,
+            "rel_l2": record.rel_l2,
         }
     return result
-
-
-def _block(session: Session, x: np.ndarray, plan: Plan) -> list[float]:
-    """Milliseconds of plan.latency_calls consecutive calls, after plan.warmup untimed ones."""
-    for _ in range(plan.warmup):
-        session.run(x)
-    calls = []
-    for _ in range(plan.latency_calls):
-        start = time.perf_counter()
-        session.run(x)
-        calls.append((time.perf_counter() - start) * 1e3)
-    return calls
 
 
 def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -396,13 +395,11 @@ def measure_method(
         for i, (size, n) in enumerate(plan.heldout.items())
     }
     side = plan.latency_side
-    timed, _ = scenes(np.random.default_rng([args.seed, TIMED]), 1, side, side)
     print(f"  measuring {method}", flush=True)
     with contextlib.ExitStack() as stack:
         sessions = open_sessions(stack, manifests, args.threads)
         rows = accuracy(sessions, heldout)
-        x = to_input(timed, sessions["float32"].manifest.data["preprocess"])
-        times = latency(sessions, x, plan)
+        times = latency(sessions, (1, config.in_channels, side, side), plan)
     sweep = read_manifest(manifests["int8"]).data["parity"]["results"]
     return {
         "model": f"{method}-{config.backbone}",
@@ -512,8 +509,9 @@ Per held-out size (mIoU in points; agreement: pixels whose argmax matches PyTorc
 Held-out images: seed {summary["seed"]}, {heldout}.
 INT8 calibrated on {plan["calib_count"]} PNG files at {plan["calib_size"]}x{plan["calib_size"]} \
 from the training distribution. Latency: batch 1, {summary["threads"]} threads per backend, \
-{plan["rounds"]} rounds of {plan["latency_calls"]} consecutive calls after {plan["warmup"]} \
-warm-up call(s), block order rotated, ONNX Runtime's thread spinning \
+{plan["warmup"]} warm-up call(s) per backend, then {plan["rounds"]} rounds of one block per \
+backend ({plan["latency_calls"]} timed calls after one that is not counted), block order \
+rotated (resfuse-bench's stopwatch), ONNX Runtime's thread spinning \
 {summary["ort_spinning"]}; p50 is the median of the rounds' medians, spread their \
 range over it.
 """

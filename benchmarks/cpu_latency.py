@@ -466,6 +466,74 @@ in-process rows are threads calling one Session, before Ray started and after it
 """
 
 
+def int8_table(rows: list[dict[str, Any]]) -> str:
+    """benchmarks/int8_ratio.py's rows: float32 and INT8 ONNX Runtime in the same rounds."""
+    body = [
+        [
+            r["model"],
+            f"{r['torch_p50_ms']:.1f}",
+            f"{r['fp32_p50_ms']:.1f}",
+            f"{r['int8_p50_ms']:.1f}",
+            _spread(r["ratio_rounds"]),
+            "met" if r["ratio"] >= 2.0 else "NOT met",
+            f"{r['int8_rel_l2']:.3f}",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "model",
+        "torch p50 ms",
+        "ORT fp32 p50 ms",
+        "ORT INT8 p50 ms",
+        "INT8 / fp32 (rounds)",
+        "target 2.0x",
+        "INT8 rel L2",
+    ]
+    return markdown_table(headers, body)
+
+
+def int8_section() -> str:
+    """benchmarks/int8_ratio.py's results: this machine's, and other machines' (int8-*.json)."""
+    runs = sorted((HERE / "results").glob("int8*.json"))
+    if not runs:
+        return ""
+    parts = []
+    for path in runs:
+        data = json.loads(path.read_text())
+        m = data["machine"]
+        flags = " ".join(f for f in m["cpu_flags"] if f.startswith(("avx", "amx", "fma")))
+        ort = m["versions"].get("onnxruntime")
+        profiles = "; ".join(
+            f"{model}: " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:4])
+            for model, shares in data["op_profile"].items()
+        )
+        parts.append(
+            f"`results/{path.name}`: {m['cpu']} ({m['logical_cpus']} CPUs, flags {flags}), "
+            f"{data['threads']} threads, ONNX Runtime {ort}, {data['rounds']} rounds of "
+            f"{data['iters']} calls, {data['side']}x{data['side']}:\n\n"
+            f"{int8_table(data['rows'])}\n\nINT8 time by operator: {profiles}.\n"
+        )
+    return (
+        "## INT8 against float32 ONNX Runtime, on this CPU and on one with VNNI\n\n"
+        "`python benchmarks/int8_ratio.py` times only what the INT8 target is about (float32 and "
+        "INT8 ONNX Runtime, PyTorch eager as the reference, same exports and stopwatch as above), "
+        "so that it fits a short lease of another machine. The `int8-xeon-*` runs come from the "
+        "CPU of a GPU machine lent to this project (Intel Xeon, Sapphire Rapids class, with VNNI "
+        "and AMX), with 2 threads as here; two runs on two such machines, reported both: their "
+        "float32 times differ by up to 1.7x between machines of the same kind.\n\n"
+        + "\n".join(parts)
+        + "\n"
+    )
+
+
+def spinning_section(summary: dict[str, Any]) -> str:
+    return f"""## ONNX Runtime's spinning threads (masked model, ONNX Runtime alone)
+
+{spinning_table(summary)}
+
+"""
+
+
 def spinning_table(summary: dict[str, Any]) -> str:
     rows = [
         [
@@ -567,15 +635,15 @@ measures trained ones.
 
 Where ONNX Runtime's time goes at 512x512 (its profiler, share of kernel time per operator
 type, operators under 1% left out): INT8 speeds up the convolutions only; the full-resolution
-tail (Resize of the features to H x W, the crop to the image's size, the concatenation, and the
-masked method's gating) stays float32 and memory-bound, and bounds what INT8 can gain.
+tail (the interpolation of the features to H x W, a MatMul; upsample's transposed convolutions
+and its crop; the concatenation; the masked method's gating) stays float32 and memory-bound,
+and bounds what INT8 can gain. ONNX Runtime's CPU provider has no int8 ConvTranspose: quantized
+in QDQ form it ran slower than float32 (154.7 against 138.5 ms for the INT8 call, resnet18), so
+upsample's learned upsampler stays float32, and its INT8 gain is the encoder's alone.
 
 {profile_table(summary)}
 
-{ratio_check_section()}## ONNX Runtime's spinning threads (masked model, ONNX Runtime alone)
-
-{spinning_table(summary)}
-
+{int8_section()}{ratio_check_section()}{spinning_section(summary)}\
 ## Runtime wrapper overhead (masked model, 512x512)
 
 `Session.run` (input contract, NaN/Inf scan, dispatch) {o["wrapped_p50_ms"]:.2f} ms against a bare

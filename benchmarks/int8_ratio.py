@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cpu_latency import INT8, _over, _spread, export_all, op_profile
+from cpu_latency import INT8, _over, export_all, int8_table, op_profile
 
 from resfuse.artifacts import write_json
 from resfuse.models import METHODS
 from resfuse.runtime.bench import benchmark
 from resfuse.runtime.machine import machine_info
-from resfuse.runtime.report import markdown_table
-
-TARGET = 2.0
 
 
 def measure(
@@ -55,31 +52,6 @@ def measure(
         "ratio": float(np.median(ratios)),
         "records": result["records"],
     }
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    body = [
-        [
-            r["model"],
-            f"{r['torch_p50_ms']:.1f}",
-            f"{r['fp32_p50_ms']:.1f}",
-            f"{r['int8_p50_ms']:.1f}",
-            _spread(r["ratio_rounds"]),
-            "met" if r["ratio"] >= TARGET else "NOT met",
-            f"{r['int8_rel_l2']:.3f}",
-        ]
-        for r in rows
-    ]
-    headers = [
-        "model",
-        "torch p50 ms",
-        "ORT fp32 p50 ms",
-        "ORT INT8 p50 ms",
-        "INT8 / fp32 (rounds)",
-        f"target {TARGET}x",
-        "INT8 rel L2",
-    ]
-    return markdown_table(headers, body)
 
 
 def main() -> None:
@@ -125,7 +97,7 @@ def main() -> None:
     cpu = summary["machine"]
     flags = " ".join(cpu.get("cpu_flags", []))
     print(f"\n{cpu.get('cpu')} · flags {flags} · {args.threads} threads")
-    print(table(rows))
+    print(int8_table(rows))
     for model, shares in profiles.items():
         top = ", ".join(f"{op} {share:.1%}" for op, share in list(shares.items())[:6])
         print(f"{model}: {top}")
