@@ -412,12 +412,17 @@ def profile_table(summary: dict[str, Any]) -> str:
     return markdown_table(["operator", *profiles], rows)
 
 
+def _recorded(name: str) -> dict[str, Any] | None:
+    """results/NAME as written by another benchmark script, or None where it has not run."""
+    path = HERE / "results" / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def ratio_check_section() -> str:
     """benchmarks/ratio_check.py's last result, where it has run: the stopwatch's own check."""
-    path = HERE / "results" / "ratio_check.json"
-    if not path.exists():
+    r = _recorded("ratio_check.json")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     bench = r["resfuse_bench"]
     rounds = [x["ratio"] for x in r["independent_rounds"]]
     side = r["shape"][2]
@@ -436,10 +441,9 @@ resfuse-bench: {bench["ratio"]:.2f}x ({min(bench["ratio_rounds"]):.2f}..\
 
 def serve_section() -> str:
     """benchmarks/serve_load.py's last result, where it has run."""
-    path = HERE / "results" / "serve.json"
-    if not path.exists():
+    data = _recorded("serve.json")
+    if data is None:
         return ""
-    data = json.loads(path.read_text())
     settings = data["settings"]
     rows = [
         [

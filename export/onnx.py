@@ -119,6 +119,9 @@ def merge_slices(proto: onnx.ModelProto) -> onnx.ModelProto:
     constants (to know they differ); starts, ends and steps may be computed (a Concat joins
     them). Edits `proto` in place and returns it."""
     graph = proto.graph
+    sliced = {out for node in graph.node if node.op_type == "Slice" for out in node.output}
+    if not any(n.op_type == "Slice" and n.input[0] in sliced for n in graph.node):
+        return proto  # spp and masked: nothing to merge, no shape inference of the whole graph
     typed = onnx.shape_inference.infer_shapes(proto)
     elem = {v.name: v.type.tensor_type.elem_type for v in (*typed.graph.value_info, *graph.input)}
     elem |= {t.name: t.data_type for t in graph.initializer}
