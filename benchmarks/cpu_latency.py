@@ -58,11 +58,13 @@ FP32 = ExportOptions(atol=3e-4)
 INT8 = ExportOptions(atol=3e-4, calibration=Calibration(count=8, size=512), max_rel_l2=0.2)
 
 
-def export_all(folder: Path, backbones: list[str], reuse: bool) -> list[tuple[Path, Path]]:
-    """(float32 manifest, INT8 manifest) per model."""
+def export_all(
+    folder: Path, backbones: list[str], reuse: bool, methods: list[str] | None = None
+) -> list[tuple[Path, Path]]:
+    """(float32 manifest, INT8 manifest) per model; every method unless `methods` names some."""
     pairs = []
     for backbone in backbones:
-        for method in METHODS:
+        for method in methods or METHODS:
             config = ModelConfig(method, backbone)
             pair = []
             for options in (FP32, INT8):

@@ -70,12 +70,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.artifacts or Path(tmp)
-        methods = args.methods.split(",")
-        pairs = [
-            pair
-            for pair in export_all(folder, args.backbones.split(","), args.reuse)
-            if pair[0].stem.split("-")[0] in methods
-        ]
+        pairs = export_all(folder, args.backbones.split(","), args.reuse, args.methods.split(","))
         rows = []
         for fp32, int8 in pairs:
             print(f"timing {fp32.stem} at {args.side}x{args.side}", flush=True)

@@ -142,10 +142,14 @@ def merge_slices(proto: onnx.ModelProto) -> onnx.ModelProto:
             second.input[k] = name
         second.input[0] = first.input[0]
         graph.node.remove(first)
+    drop_unused_initializers(graph)
+    return proto
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for unused in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(unused)
-    return proto
 
 
 def _slice_pair(

@@ -1,11 +1,14 @@
 """Static INT8 quantization (QDQ) of an exported float32 graph with ONNX Runtime's tooling.
 
-Only convolutions are quantized: per-channel symmetric int8 weights, per-tensor activations,
-MinMax calibration. Activations come in two schemes: uint8 with a zero point (the u8s8 pair ONNX
+Convolutions are quantized: per-channel symmetric int8 weights, per-tensor activations, MinMax
+calibration. Activations come in two schemes: uint8 with a zero point (the u8s8 pair ONNX
 Runtime's x86 kernels run fastest; the default), or symmetric int8 with zero point 0, the only
-form TensorRT takes. Everything else, the sigmoid gate, the pyramid's cumulative sums and the
-full-resolution resize and concatenation of each fusion method, stays float32: those are cheap
-in float and lossy in int8.
+form TensorRT takes. For CPUs, transposed convolutions with kernel = stride are first rewritten
+as convolutions (`subpixel`: ONNX Runtime has no int8 transposed convolution on the CPU), and a
+ReLU after a convolution folds into its uint8 output; ONNX Runtime then runs the reshapes,
+transposes and crop that follow on the 8-bit values. Everything else, the sigmoid gate, the
+pyramid's cumulative sums and the full-resolution interpolation and concatenation of each
+fusion method, stays float32, and the image reaches the fused output unquantized.
 """
 
 from __future__ import annotations
@@ -24,9 +27,17 @@ import onnx
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, ExportError, InputContractError
 from resfuse.export.parity import Shape
+from resfuse.export.subpixel import subpixel_convtranspose
 from resfuse.images import image_files, load_image
 
 QUANTIZED_OPS = ("Conv",)
+
+
+def _op_types(symmetric: bool) -> list[str]:
+    """With uint8 activations a ReLU after a convolution is removed and the convolution's output
+    takes its range, [0, max]: no requantizing step between them. TensorRT (symmetric int8)
+    fuses the ReLU itself."""
+    return list(QUANTIZED_OPS) if symmetric else [*QUANTIZED_OPS, "Relu"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,10 @@ def quantization_record(calibration: Calibration, symmetric: bool = False) -> di
     activations = "int8, symmetric (zero point 0)" if symmetric else "uint8, asymmetric"
     return {
         "format": "QDQ",
-        "ops": list(QUANTIZED_OPS),
+        "ops": _op_types(symmetric),
+        "rewrites": []
+        if symmetric
+        else ["ConvTranspose (kernel = stride) -> Conv + sub-pixel shuffle"],
         "weights": "int8, symmetric, per output channel",
         "activations": f"{activations}, per tensor",
         "biases": "float32" if symmetric else "int32",
@@ -144,6 +158,8 @@ def quantize_int8(
 
     with tempfile.TemporaryDirectory(prefix="resfuse-int8-") as tmp, _inside(tmp):
         source, prepared, quantized = (Path(tmp) / n for n in ("f32.onnx", "pre.onnx", "q.onnx"))
+        if not symmetric:  # TensorRT has int8 deconvolutions; ONNX Runtime's CPU kernels not
+            model = subpixel_convtranspose(_copy(model))
         onnx.save(model, source)
         try:
             # ONNX Runtime's symbolic shape inference cannot follow the dynamic H x W through
@@ -154,7 +170,7 @@ def quantize_int8(
                 str(quantized),
                 _Reader(input_name, batches),
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS),
+                op_types_to_quantize=_op_types(symmetric),
                 per_channel=True,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
@@ -169,4 +185,33 @@ def quantize_int8(
             )
         except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
-        return onnx.load(quantized)
+        return _float_inputs(onnx.load(quantized))
+
+
+def _float_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The quantizer hands every reader of a quantized tensor its dequantized copy; for a graph
+    input that includes the float ops that pass the image into the fused output (Concat, the
+    masked gate's Mul) and Shape. Give them the input itself: the image channels stay exact,
+    and only the convolutions read the image in 8 bits."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    quantized = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] in inputs
+    }
+    source = {
+        n.output[0]: quantized[n.input[0]]
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantized
+    }
+    for node in graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            node.input[:] = [source.get(name, name) for name in node.input]
+    return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -236,3 +237,58 @@ def test_the_documented_int8_command_works_with_its_defaults(tmp_path: Path) -> 
 def test_int8_is_refused_on_the_tensorrt_ep(int8: ExportResult) -> None:
     with pytest.raises(ConfigError, match="TensorRT does not take"):
         load(int8.manifest_path, device="tensorrt")
+
+
+@pytest.fixture(scope="module")
+def upsample_int8(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    options = ExportOptions(max_size=256, calibration=Calibration(count=2, size=128))
+    return export_artifact(ModelConfig("upsample"), tmp_path_factory.mktemp("up8"), options)
+
+
+def _optimized_ops(onnx_path: Path, tmp_path: Path) -> list[str]:
+    """The operators ONNX Runtime runs after its own graph optimisations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3  # its note that the file is hardware specific
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
+def test_onnx_runtime_runs_every_upsample_convolution_in_int8(
+    upsample_int8: ExportResult, exported, tmp_path: Path
+) -> None:
+    # ONNX Runtime has no int8 ConvTranspose on the CPU: the export rewrites upsample's blocks
+    # as convolutions, each ReLU folds into its convolution's uint8 output (no requantizing
+    # step), and the shuffles and the crop run on the 8-bit values.
+    float_ops = [n.op_type for n in onnx.load(exported["upsample"].onnx_path).graph.node]
+    ops = _optimized_ops(upsample_int8.onnx_path, tmp_path)
+    assert ops.count("QLinearConv") == float_ops.count("Conv") + float_ops.count("ConvTranspose")
+    assert not {"Conv", "FusedConv", "ConvTranspose", "Relu"} & set(ops)
+    # Left in float32: the cropped features for the Concat with the image, and the shuffles'
+    # width read once off the backbone's features (at 1/32 resolution).
+    assert ops.count("DequantizeLinear") == 2
+    manifest = json.loads(upsample_int8.manifest_path.read_text())
+    assert manifest["quantization"]["ops"] == ["Conv", "Relu"]
+    assert manifest["quantization"]["rewrites"] == [
+        "ConvTranspose (kernel = stride) -> Conv + sub-pixel shuffle"
+    ]
+
+
+@pytest.mark.parametrize("method", ["upsample", "masked"])
+def test_int8_passes_the_image_through_in_float32(method: str, request) -> None:
+    # The quantizer hands every reader of the image its 8-bit copy; only convolutions keep it.
+    artifact = request.getfixturevalue("upsample_int8" if method == "upsample" else "int8")
+    graph = onnx.load(artifact.onnx_path).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    readers = [n for n in graph.node if "image" in n.input]
+    assert {n.op_type for n in readers} >= {
+        "QuantizeLinear",
+        "Concat" if method == "upsample" else "Mul",
+    }
+    for node in graph.node:
+        if node.op_type != "Conv":
+            assert not any(name.startswith("image") and name in dequantized for name in node.input)
+    report = check_artifact(artifact.manifest_path, shapes=[(2, 3, 97, 131)])
+    assert report.passed, report.records[0]
+    if method == "upsample":
+        assert report.records[0].passthrough == "exact"
