@@ -14,6 +14,7 @@ with VNNI say. Same exports (`cpu_latency.FP32`, `cpu_latency.INT8`), same stopw
 from __future__ import annotations
 
 import argparse
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,21 @@ def measure(
     }
 
 
+def _commit() -> str | None:
+    """The checkout's commit, so a run can be matched to the graphs it timed."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="resnet18,resnet50")
@@ -78,6 +94,7 @@ def main() -> None:
         profiles = {q.stem: op_profile(q, args.threads) for _, q in pairs} if args.profile else {}
     summary = {
         "format": "resfuse-int8-ratio",
+        "commit": _commit(),
         "machine": machine_info(),
         "threads": args.threads,
         "side": args.side,
