@@ -513,8 +513,9 @@ def int8_section() -> str:
             f"{model}: " + ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:4])
             for model, shares in data["op_profile"].items()
         )
+        commit = f" (commit {data['commit']})" if data.get("commit") else ""
         parts.append(
-            f"`results/{path.name}`: {m['cpu']} ({m['logical_cpus']} CPUs, flags {flags}), "
+            f"`results/{path.name}`{commit}: {m['cpu']} ({m['logical_cpus']} CPUs, flags {flags}), "
             f"{data['threads']} threads, ONNX Runtime {ort}, {data['rounds']} rounds of "
             f"{data['iters']} calls, {data['side']}x{data['side']}:\n\n"
             f"{int8_table(data['rows'])}\n\nINT8 time by operator: {profiles}.\n"
@@ -526,9 +527,11 @@ def int8_section() -> str:
         "so that it fits a short lease of another machine. The `int8-xeon-*` runs come from the "
         "CPU of a GPU machine lent to this project (Intel Xeon, Sapphire Rapids class, with VNNI "
         "and AMX), with 2 threads as here; two runs on two such machines, reported both: their "
-        "float32 times differ by up to 1.7x between machines of the same kind.\n\n"
-        + "\n".join(parts)
-        + "\n"
+        "float32 times differ by up to 1.7x between machines of the same kind. They were measured "
+        "before commit fee8cc6 changed the INT8 graphs (upsample's transposed convolutions then "
+        "ran in float32, no ReLU folded into a convolution's output, the image quantized on its "
+        "way into the output) and are kept as measured: no machine with VNNI has been lent since."
+        "\n\n" + "\n".join(parts) + "\n"
     )
 
 
@@ -633,19 +636,19 @@ compiles in it):
 {targets_table(summary)}
 
 INT8 is `resfuse-export --int8`: static QDQ quantization of the convolutions (int8 weights per
-channel, uint8 activations), everything after them in float32, calibrated here on 8 random
-inputs at 512x512 and exported with `--max-rel-l2 0.2`. "INT8 sweep rel L2" is its relative L2
-error against the float32 PyTorch original over the export's parity sweep (random inputs): the
-worst shape, and the median. These models have random weights; the accuracy section below
-measures trained ones.
+channel, uint8 activations, each ReLU folded into its convolution's output; upsample's
+transposed convolutions rewritten as convolutions and a sub-pixel shuffle that runs on the
+8-bit values), the interpolation, gating and concatenation in float32, calibrated here on 8
+random inputs at 512x512 and exported with `--max-rel-l2 0.2`. "INT8 sweep rel L2" is its
+relative L2 error against the float32 PyTorch original over the export's parity sweep (random
+inputs): the worst shape, and the median. These models have random weights; the accuracy
+section below measures trained ones.
 
 Where ONNX Runtime's time goes at 512x512 (its profiler, share of kernel time per operator
-type, operators under 1% left out): INT8 speeds up the convolutions only; the full-resolution
-tail (the interpolation of the features to H x W, a MatMul; upsample's transposed convolutions
-and its crop; the concatenation; the masked method's gating) stays float32 and memory-bound,
-and bounds what INT8 can gain. ONNX Runtime's CPU provider has no int8 ConvTranspose: quantized
-in QDQ form it ran slower than float32 (154.7 against 138.5 ms for the INT8 call, resnet18), so
-upsample's learned upsampler stays float32, and its INT8 gain is the encoder's alone.
+type, operators under 1% left out): INT8 speeds up the convolutions, which on this CPU (no
+VNNI) still take most of an INT8 call; the full-resolution float32 work (the interpolation of
+the features to H x W, a MatMul; the concatenation with the image; the masked method's gating)
+is memory-bound and the same in both.
 
 {profile_table(summary)}
 
