@@ -6,11 +6,13 @@ output block, so it equals a 1x1 convolution with kh * kw * C outputs, one group
 (kh * i + r, kw * j + c). ONNX Runtime's CPU provider runs convolutions in int8 but transposed
 convolutions in float32 only, so the INT8 export for CPUs rewrites them before quantizing.
 
-The shuffle is two transposes that each move one axis, with reshapes around them: a general
-6-D permutation, as DepthToSpace does it, costs ONNX Runtime several times more. The reshapes
-take their sizes from 0 (copy), -1 (infer) and the output width; widths come from one Shape of
-the first block's input and are doubled from block to block, so no Shape reads a quantized
-full-resolution tensor (it would keep a float copy of it alive).
+The shuffle is written channels-last, as ONNX Runtime runs int8 convolutions: a Transpose to
+NHWC, one Transpose that moves whole rows of kw * C values (a general 6-D permutation, as
+DepthToSpace does it, costs ONNX Runtime several times more), and a Transpose back; ONNX
+Runtime's own layout transposes around each int8 convolution cancel the first and the last.
+The reshapes take their sizes from 0 (copy), -1 (infer) and the output width; widths come from
+one Shape of the first block's input and are multiplied by kw from block to block, so no Shape
+reads a full-resolution quantized tensor (it would keep a float copy of it).
 """
 
 from __future__ import annotations
