@@ -26,6 +26,8 @@ from collections.abc import Iterable
 
 import onnx
 
+from resfuse.export.onnx import copy_model
+
 # Where a float32 region ends: the next learned layer runs in float16 again. A MatMul is one
 # only with a weight (an initializer): the models' resize to H x W is a MatMul of computed
 # interpolation weights, part of the region it sits in.
@@ -70,8 +72,7 @@ def float32_nodes(graph: onnx.GraphProto) -> set[str]:
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose nodes all have distinct names: the converter blocks nodes by name."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = copy_model(model)
     seen: set[str] = set()
     for i, node in enumerate(copy.graph.node):
         if not node.name or node.name in seen:

@@ -146,6 +146,12 @@ def merge_slices(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def copy_model(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for unused in [t for t in graph.initializer if t.name not in used]:

@@ -26,6 +26,7 @@ import onnx
 
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, ExportError, InputContractError
+from resfuse.export.onnx import copy_model
 from resfuse.export.parity import Shape
 from resfuse.export.subpixel import subpixel_convtranspose
 from resfuse.images import image_files, load_image
@@ -159,7 +160,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="resfuse-int8-") as tmp, _inside(tmp):
         source, prepared, quantized = (Path(tmp) / n for n in ("f32.onnx", "pre.onnx", "q.onnx"))
         if not symmetric:  # TensorRT has int8 deconvolutions; ONNX Runtime's CPU kernels not
-            model = subpixel_convtranspose(_copy(model))
+            model = subpixel_convtranspose(copy_model(model))
         onnx.save(model, source)
         try:
             # ONNX Runtime's symbolic shape inference cannot follow the dynamic H x W through
@@ -209,9 +210,3 @@ def _float_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type not in QUANTIZED_OPS:
             node.input[:] = [source.get(name, name) for name in node.input]
     return model
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy

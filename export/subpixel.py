@@ -71,20 +71,20 @@ def _kernel(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[
         return None
     kernel = (int(weight.dims[2]), int(weight.dims[3]))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    plain = {
+    defaults = {
         "kernel_shape": list(kernel),
-        "strides": list(kernel),  # each cell its own output block
+        "strides": [1, 1],
         "pads": [0, 0, 0, 0],
         "dilations": [1, 1],
         "output_padding": [0, 0],
         "group": 1,
         "auto_pad": b"NOTSET",
     }
-    if attrs.get("strides", [1, 1]) != list(kernel):
-        return None
-    if any(name not in plain or value != plain[name] for name, value in attrs.items()):
-        return None  # output_shape, padding, groups: left as they are
-    return kernel
+    if set(attrs) - set(defaults):
+        return None  # output_shape: left as it is
+    # Plain but for the stride, which equals the kernel: each cell its own output block.
+    plain = {**defaults, "strides": list(kernel)}
+    return kernel if {**defaults, **attrs} == plain else None
 
 
 def _sole_relu(
