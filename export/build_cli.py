@@ -9,15 +9,10 @@ import click
 from resfuse.artifacts import Manifest, ensure_writable, read_manifest
 from resfuse.console import err, fail, out
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.engines import (
-    HARDWARE_COMPAT,
-    MAX_BUILDER_LEVEL,
-    BuildSettings,
-    export_engine,
-    find_or_build,
-    read_engine,
-)
+from resfuse.export.engine_manifest import HARDWARE_COMPAT, MAX_BUILDER_LEVEL, BuildSettings
+from resfuse.export.engines import export_engine, find_or_build
 from resfuse.export.profiles import Profile, default_profiles, parse_profile, parse_shape
+from resfuse.export.tensorrt_env import FLAVOURS, parse_targets
 from resfuse.export.triton import TritonOptions, require_schema, write_triton_repo
 
 
@@ -34,6 +29,22 @@ from resfuse.export.triton import TritonOptions, require_schema, write_triton_re
     multiple=True,
     help="MIN:OPT:MAX, one optimization profile (a shape bucket); repeatable. Instead of "
     "--min/--opt/--max.",
+)
+@click.option(
+    "--engine",
+    "flavour",
+    type=click.Choice(list(FLAVOURS)),
+    default=None,
+    help="Which TensorRT builds: tensorrt (10/11, on the GPU that runs it) or tensorrt-rtx "
+    "(TensorRT for RTX, on any machine) [default: the one installed; both: tensorrt].",
+)
+@click.option(
+    "--compute-capability",
+    "targets",
+    default=None,
+    metavar="CC[,CC...]",
+    help="tensorrt-rtx: the GPUs the engine runs on, e.g. 8.6,8.9,12.0 [default: this GPU, "
+    "else 8.6,8.9,12.0].",
 )
 @click.option(
     "--builder-level",
@@ -94,6 +105,8 @@ def main(
     opt_shape: str | None,
     max_shape: str | None,
     profile_texts: tuple[str, ...],
+    flavour: str | None,
+    targets: str | None,
     builder_level: int,
     workspace: float | None,
     timing_cache: Path | None,
@@ -133,18 +146,19 @@ def main(
                 built.append(step)
                 status.update(f"{step}: minutes, once per GPU, TensorRT version and input")
 
-            path = find_or_build(
-                manifest.path,
+            engine = find_or_build(
+                manifest,
                 profiles,
                 settings,
                 cache_dir,
                 timing_cache,
                 rebuild=not no_rebuild,
+                engine=flavour,
+                targets=parse_targets(targets),
                 progress=progress,
             )
-        if output is not None:
-            path = export_engine(path, output)
-        record, _ = read_engine(path, allow_host_code=True)  # the summary; nothing is loaded
+        record = engine.record
+        path = record.path if output is None else export_engine(engine, output)
         if triton_repo is not None:
             model = write_triton_repo(manifest.path, triton_repo, triton, engine=path)
     except ResfuseError as exc:
@@ -153,9 +167,9 @@ def main(
     how = f"built in {record.build_seconds:.1f} s" if built else "found in the cache"
     out.print(f"{path}", highlight=False, soft_wrap=True)
     out.print(
-        f"{how}: {record.precision} engine for TensorRT {env.tensorrt_version}, CUDA "
-        f"{env.cuda_version}, {env.gpu_name} (compute capability {env.compute_capability}); "
-        f"plan {record.plan_bytes / 2**20:.1f} MiB",
+        f"{how}: {record.precision} engine for {env.flavour} {env.tensorrt_version} (CUDA "
+        f"{env.cuda_version}, {env.platform}), {env.gpu_name} (compute capability "
+        f"{env.compute_capability}); plan {record.plan_bytes / 2**20:.1f} MiB",
         highlight=False,
         soft_wrap=True,
     )

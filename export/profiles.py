@@ -18,6 +18,11 @@ from resfuse.errors import ConfigError, InputContractError
 Shape = tuple[int, int, int, int]
 DIMENSIONS = ("batch", "channels", "height", "width")
 OPT_SIZE = 512  # the default opt H and W: kernels are tuned for the size most often served
+# The default profile's max, within the manifest's ranges. A context holds activation memory for
+# its profile's largest shape: one 64-channel float32 map at 32 x 2048 x 2048 is 34 GB, at
+# 4 x 1024 x 1024 1 GiB. Larger shapes are one --max (or --profile) away.
+DEFAULT_MAX_BATCH = 4
+DEFAULT_MAX_SIZE = 1024
 
 
 def format_shape(shape: Sequence[int]) -> str:
@@ -76,8 +81,9 @@ def parse_profile(text: str) -> Profile:
 
 
 def default_profiles(manifest: Manifest) -> list[Profile]:
-    """One profile spanning the manifest's batch, H and W ranges, opt at 1 x C x 512 x 512
-    (clamped into the ranges)."""
+    """One profile from the manifest's minimum batch, H and W to at most DEFAULT_MAX_BATCH x C
+    x DEFAULT_MAX_SIZE^2 (a GPU holds that), opt at 1 x C x 512 x 512, clamped into the
+    manifest's ranges."""
     contract = manifest.contract
     ranges = (contract.batch, contract.height, contract.width)
     unbounded = [
@@ -98,7 +104,12 @@ def default_profiles(manifest: Manifest) -> list[Profile]:
                 contract.height.clamp(OPT_SIZE),
                 contract.width.clamp(OPT_SIZE),
             ),
-            max=(contract.batch.max, c, contract.height.max, contract.width.max),  # type: ignore[arg-type]
+            max=(
+                contract.batch.clamp(DEFAULT_MAX_BATCH),
+                c,
+                contract.height.clamp(DEFAULT_MAX_SIZE),
+                contract.width.clamp(DEFAULT_MAX_SIZE),
+            ),
         )
     ]
 

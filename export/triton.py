@@ -17,7 +17,8 @@ from typing import Any
 
 from resfuse.artifacts import Manifest, check_name, read_manifest
 from resfuse.errors import ArtifactWriteError, BackendUnavailableError, ConfigError
-from resfuse.export.engines import EngineRecord, read_engine
+from resfuse.export.engine_manifest import EngineRecord
+from resfuse.export.engines import read_engine
 
 KINDS = ("cpu", "gpu")
 
@@ -161,7 +162,13 @@ def _plan_for(
         raise ConfigError("a TensorRT engine runs on GPU instances only; use --triton-kind gpu")
     if options.tensorrt:
         raise ConfigError("the TensorRT accelerator applies to ONNX models, not to an engine")
-    record, plan = read_engine(engine)
+    verified = read_engine(engine)
+    record, plan = verified.record, verified.plan
+    if record.environment.flavour != "tensorrt":
+        raise ConfigError(
+            f"{record.path.name} is a {record.environment.flavour} plan, and Triton's "
+            f"tensorrt_plan backend runs TensorRT plans only; build with --engine tensorrt"
+        )
     if record.onnx_sha256 != manifest.record("onnx")["sha256"]:
         raise ConfigError(
             f"{record.path.name} was built from another ONNX model than {manifest.path.name}; "

@@ -61,10 +61,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def ensure_writable(folder: str | Path, name: str) -> None:
+def ensure_writable(folder: str | Path, name: str, option: str = "--output") -> None:
     """Fail before any expensive work when the artifact cannot be written into `folder`."""
     folder = Path(folder)
-    fix = "choose a writable --output folder"
+    fix = f"choose a writable {option}" + (" folder" if option == "--output" else "")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

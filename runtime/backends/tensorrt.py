@@ -1,19 +1,24 @@
-"""TensorRT: an engine that resfuse built and cached (resfuse.export.engines), run on a CUDA GPU.
+"""TensorRT: an engine that resfuse built and cached (resfuse.export.engines), run on a CUDA GPU,
+by TensorRT 10/11 or TensorRT-RTX (option `flavour`; default: the one installed).
 
 An artifact is built into an engine on first use, or found in the engine cache; an engine's
-sidecar manifest loads as it is. Only plan bytes that read_engine verified are deserialised, and
-a plan with host code only when trusted. Each call picks the first profile whose range holds
-the input; each profile has its own execution context and CUDA stream, made on first use and
-used by one call at a time. torch CUDA tensors go in and come out without a copy: their
-addresses are bound and execute_async_v3 runs on the context's stream after the work queued on
-the caller's stream, which then waits for it (no host synchronisation). torch does the CUDA
-work (memory, streams, graphs): no pycuda or cuda-python.
+sidecar manifest loads as it is. Only plan bytes that were verified against their sidecar are
+deserialised, and a plan with host code only when trusted; a TensorRT-RTX plan is first asked
+whether it can run on this GPU (Runtime.get_engine_validity). Each call picks the first profile
+whose range holds the input; each profile has its own execution context and CUDA stream, made
+on first use, and one lock: TensorRT runs one context per profile at a time. Contexts allocate
+activation memory for the shapes they run (ON_PROFILE_CHANGE), not for the largest shape of
+every profile. torch CUDA tensors go in and come out without a copy when they are contiguous
+float32 at a 256-byte aligned address (else they are copied once): their addresses are bound
+and execute_async_v3 runs on the context's stream after the work queued on the caller's stream,
+which then waits for it (no host synchronisation). torch does the CUDA work (memory, streams,
+graphs): no pycuda or cuda-python.
 
-With cuda_graphs=True every input shape gets its own context and a CUDA graph, captured after
-one warm call and replayed; the input is copied into the graph's fixed buffer and the output
-out of it (two device copies). Every context holds activation memory for the largest input of
-any profile (TensorRT's default allocation): size profiles to the inputs served, and capture a
-few shapes.
+With cuda_graphs=True every input shape gets its own context, with memory it owns (TensorRT-RTX
+captures only then), and a CUDA graph captured after one warm call and replayed; the input is
+copied into the graph's fixed buffer and the output out of it (two device copies). A
+TensorRT-RTX engine compiles its kernels on first use on this GPU and keeps them in a runtime
+cache beside the engine, written when the runner is deactivated.
 """
 
 from __future__ import annotations
@@ -23,52 +28,59 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from resfuse.artifacts import Manifest, manifest_path_for
+from resfuse.artifacts import Manifest, manifest_path_for, replace_file
 from resfuse.errors import (
+    ArtifactWriteError,
     BackendUnavailableError,
     ConfigError,
     EngineError,
     ManifestError,
     ModelLoadError,
 )
-from resfuse.export import engines
+from resfuse.export import engine_manifest, engines, tensorrt_env
+from resfuse.export.engine_manifest import Engine, EngineRecord
 from resfuse.export.profiles import Profile, parse_profile, profile_for, validate_profiles
-from resfuse.runtime.backends.base import Phases, Runner
+from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 OPTIONS = {
-    "profiles": "Profiles or 'MIN:OPT:MAX' strings (default: the manifest's ranges, opt 512x512)",
+    "flavour": "tensorrt or tensorrt-rtx (default: the one installed; both: tensorrt)",
+    "profiles": "Profiles or 'MIN:OPT:MAX' strings (default: the manifest's ranges, capped)",
     "builder_level": "builder optimisation level 0-5 (default 3)",
+    "compute_capabilities": "tensorrt-rtx: targets such as '8.6,8.9' (default: this GPU)",
     "cache_dir": "engine cache folder (default ~/.cache/resfuse/engines)",
     "rebuild": "build when no cached engine runs here (default True; False refuses instead)",
     "cuda_graphs": "capture a CUDA graph per input shape and replay it (default False)",
     "trust_host_code": "build and run version-compatible plans, with host code (default False)",
     "engine": "an engine's sidecar manifest to run, built from this artifact (load() sets it)",
 }
-_BUILD_OPTIONS = ("profiles", "builder_level", "cache_dir", "rebuild")
+_BUILD_OPTIONS = ("profiles", "builder_level", "compute_capabilities", "cache_dir", "rebuild")
 _FLAGS = ("rebuild", "cuda_graphs", "trust_host_code")
 DEVICE = "cuda"
+ALIGNMENT = 256  # bytes: TensorRT refuses tensor addresses that are not aligned to this
 
 
 @dataclass
 class _Slot:
-    """An execution context and its stream; with `graph`, also its fixed input and output."""
+    """An execution context, its stream and its profile's lock; with `graph`, also its fixed
+    input, output and the activation memory it owns."""
 
     context: trt.IExecutionContext
     stream: torch.cuda.Stream
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock
     graph: torch.cuda.CUDAGraph | None = None
     input: torch.Tensor | None = None
     output: torch.Tensor | None = None
+    memory: torch.Tensor | None = None
 
 
 class TensorRTRunner(Runner):
@@ -79,59 +91,89 @@ class TensorRTRunner(Runner):
 
     def __init__(self, manifest: Manifest, device: str = DEVICE, **options: Any) -> None:
         _check_options(options, device)
-        engines.check_tensorrt_target(manifest)
+        tensorrt_env.check_tensorrt_target(manifest)
+        flavour = options.get("flavour")
+        self.flavour = None if flavour is None else tensorrt_env.flavour(flavour)
+        self.targets = _targets(options.get("compute_capabilities"))
         profiles = options.get("profiles")
         self.profiles = None if profiles is None else _profiles(profiles)
         if self.profiles is not None:
             validate_profiles(self.profiles, manifest)
-        self.settings = engines.BuildSettings(
+        self.settings = engine_manifest.BuildSettings(
             builder_level=options.get("builder_level", 3),
             trust_host_code=options.get("trust_host_code", False),
         )
         self.settings.validate()
+        if self.flavour is not None:
+            self.settings.check_flavour(self.flavour)
         super().__init__(manifest, device, **options)
-        self.record: engines.EngineRecord | None = None
+        self.record: EngineRecord | None = None
         self.engine: trt.ICudaEngine | None = None
         self._runtime: trt.Runtime | None = None
+        self._runtime_cache: Any = None  # TensorRT-RTX: kernels compiled on this GPU
+        self._lib: Any = None
         self._slots: dict[tuple[int, tuple[int, ...] | None], _Slot] = {}
+        self._locks: dict[int, threading.Lock] = {}
         self._slots_lock = threading.Lock()
         self._device = torch.device(DEVICE)
         self._io = (manifest.input_name, manifest.data["output"]["name"])
 
     def activate(self) -> None:
-        lib = engines.import_tensorrt()
+        entry = self.flavour or tensorrt_env.default_flavour()
+        lib = tensorrt_env.import_flavour(entry)
         if not torch.cuda.is_available():
             raise BackendUnavailableError(
                 f"the tensorrt backend needs a CUDA GPU, and torch {torch.__version__} sees none; "
                 f"install a CUDA build of torch and check nvidia-smi and CUDA_VISIBLE_DEVICES"
             )
-        env = engines.current_environment()
-        sidecar = self.options.get("engine") or engines.find_or_build(
-            self.manifest.path,
-            self.profiles,
-            self.settings,
-            self.options.get("cache_dir"),
-            rebuild=self.options.get("rebuild", True),
-            env=env,
-        )
+        here = tensorrt_env.current_environment(entry.name)
         trusted = bool(self.options.get("trust_host_code", False))
-        record, plan = engines.read_engine(sidecar, env, allow_host_code=trusted)
+        engine = self._engine(entry, here, trusted)
+        record = engine.record
         _require_source(record, self.manifest)
         runtime = lib.Runtime(lib.Logger(lib.Logger.WARNING))
-        runtime.engine_host_code_allowed = record.host_code  # read_engine refused it untrusted
-        engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
+        runtime.engine_host_code_allowed = record.host_code  # refused above when untrusted
+        if entry.targets:
+            _require_valid(lib, runtime, engine)
+        deserialised = runtime.deserialize_cuda_engine(engine.plan)
+        if deserialised is None:
             raise EngineError(
                 f"TensorRT could not deserialise {record.path.name} (its log above says why); "
                 f"rebuild it with resfuse-build {record.source_manifest}"
             )
-        self._io = self._io_names(lib, engine, record)
+        self._io = self._io_names(lib, deserialised, record)
         self._device = torch.device(DEVICE, torch.cuda.current_device())
-        self.record, self.engine, self._runtime = record, engine, runtime
+        self.record, self.engine, self._runtime = record, deserialised, runtime
+        self._lib = lib
+        if entry.targets:
+            self._runtime_cache = _load_runtime_cache(deserialised, self._cache_path(here))
 
-    def _io_names(
-        self, lib: Any, engine: trt.ICudaEngine, record: engines.EngineRecord
-    ) -> tuple[str, str]:
+    def _engine(
+        self, entry: tensorrt_env.Flavour, here: tensorrt_env.BuildEnvironment, trusted: bool
+    ) -> Engine:
+        """The verified engine: the one given, or the cached (or newly built) one; either way
+        checked against this machine, the field that differs named."""
+        given = self.options.get("engine")
+        if given is not None:
+            return engines.read_engine(given, here, allow_host_code=trusted)
+        built = engines.find_or_build(
+            self.manifest,
+            self.profiles,
+            self.settings,
+            self.options.get("cache_dir"),
+            rebuild=self.options.get("rebuild", True),
+            engine=entry.name,
+            targets=self.targets,
+            env=here if entry.needs_gpu_to_build else None,
+        )
+        return engine_manifest.verify(built.record, here, allow_host_code=trusted)
+
+    def _cache_path(self, here: tensorrt_env.BuildEnvironment) -> Path:
+        assert self.record is not None
+        sm = here.compute_capability.replace(".", "")
+        return self.record.path.with_name(f"{self.record.path.stem}.sm{sm}.runtime-cache")
+
+    def _io_names(self, lib: Any, engine: trt.ICudaEngine, record: EngineRecord) -> tuple[str, str]:
         """(input, output): one float32 input named as in the manifest (the profiles were set
         on it), one float32 output, and the profiles the sidecar records; anything else is not
         an engine of this artifact."""
@@ -155,10 +197,11 @@ class TensorRTRunner(Runner):
         return self.infer_tensor(torch.from_numpy(x)).numpy()
 
     def infer_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """A tensor already on the engine's GPU runs in place (no copy) and its output stays
-        there; one elsewhere is copied over and its output copied back to its device."""
+        """A contiguous, aligned float32 tensor already on the engine's GPU runs in place (no
+        copy) and its output stays there; any other is copied once and its output copied back
+        to its device."""
         with torch.cuda.device(self._device):
-            out = self._run(x.to(self._device).contiguous())
+            out = self._run(bindable(x, self._device))
         return out.to(x.device)
 
     def infer_timed(self, x: np.ndarray) -> tuple[np.ndarray, Phases]:
@@ -168,7 +211,7 @@ class TensorRTRunner(Runner):
         with torch.cuda.device(self._device):
             sync()
             t0 = time.perf_counter()
-            xd = torch.from_numpy(x).to(self._device)
+            xd = bindable(torch.from_numpy(x), self._device)
             sync()
             t1 = time.perf_counter()
             yd = self._run(xd)
@@ -179,8 +222,9 @@ class TensorRTRunner(Runner):
         return y, Phases((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """x: contiguous float32 on the engine's GPU. The work is queued after what the caller's
-        stream has queued, and the caller's stream waits for it: no host synchronisation."""
+        """x: bindable (see `bindable`) on the engine's GPU. The work is queued after what the
+        caller's stream has queued, and the caller's stream waits for it: no host
+        synchronisation."""
         if self.record is None:
             raise RuntimeError("runner used before activate()")
         shape = tuple(x.shape)
@@ -214,8 +258,8 @@ class TensorRTRunner(Runner):
 
     def _execute(self, slot: _Slot, x: torch.Tensor, out: torch.Tensor) -> None:
         context = slot.context
-        context.set_tensor_address(self._io[0], x.data_ptr())
-        context.set_tensor_address(self._io[1], out.data_ptr())
+        bind(context, self._io[0], x)
+        bind(context, self._io[1], out)
         if not context.execute_async_v3(slot.stream.cuda_stream):
             raise EngineError(
                 f"TensorRT failed to run {self.record.path.name if self.record else 'the engine'} "
@@ -233,26 +277,43 @@ class TensorRTRunner(Runner):
         return slot
 
     def _new_slot(self, index: int, shape: tuple[int, ...] | None) -> _Slot:
-        if self.engine is None:
+        """Called under _slots_lock. Graph slots own their activation memory (user-managed:
+        TensorRT-RTX captures only so); the others allocate it per profile when they run."""
+        if self.engine is None or self._runtime is None:
             raise RuntimeError("runner used before activate()")
-        context = self.engine.create_execution_context()
+        strategy = self._lib.ExecutionContextAllocationStrategy
+        context = self._context(strategy.USER_MANAGED if shape else strategy.ON_PROFILE_CHANGE)
         stream = torch.cuda.Stream(self._device)
-        if context is None or not context.set_optimization_profile_async(index, stream.cuda_stream):
-            raise EngineError(
-                f"TensorRT could not make an execution context for profile {index} (its log "
-                f"above says why: often out of GPU memory)"
-            )
-        stream.synchronize()
-        slot = _Slot(context, stream)
+        _select_profile(context, index, stream)
+        slot = _Slot(context, stream, self._locks.setdefault(index, threading.Lock()))
         if shape is not None:
             self._capture(slot, shape)
         return slot
 
+    def _context(self, strategy: Any) -> trt.IExecutionContext:
+        assert self.engine is not None
+        if self._runtime_cache is None:
+            context = self.engine.create_execution_context(strategy)
+        else:  # TensorRT-RTX: contexts share the runtime cache through their runtime config
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(strategy)
+            config.set_runtime_cache(self._runtime_cache)
+            context = self.engine.create_execution_context(config)
+        if context is None:
+            raise EngineError(
+                "TensorRT could not make an execution context (its log above says why: often out "
+                "of GPU memory)"
+            )
+        return context
+
     def _capture(self, slot: _Slot, shape: tuple[int, ...]) -> None:
-        """Fixed buffers, one warm call (TensorRT finishes its set-up for a new shape in the
-        first enqueue, which must not be captured), then the captured call."""
+        """Fixed buffers and memory, one warm call (TensorRT finishes its set-up for a new shape
+        in the first enqueue, which must not be captured), then the captured call."""
         x = torch.zeros(shape, dtype=torch.float32, device=self._device)
         out = self._output(slot, shape)
+        size = slot.context.update_device_memory_size_for_shapes()
+        slot.memory = torch.empty(max(size, 1), dtype=torch.uint8, device=self._device)
+        slot.context.set_device_memory(slot.memory.data_ptr(), size)
         with torch.cuda.stream(slot.stream):
             self._execute(slot, x, out)
         slot.stream.synchronize()
@@ -269,8 +330,16 @@ class TensorRTRunner(Runner):
         slot.graph, slot.input, slot.output = graph, x, out
 
     def deactivate(self) -> None:
+        """Waits for the work queued on every context, then drops contexts and graphs before
+        the engine they belong to; a TensorRT-RTX runtime cache is saved first."""
         with self._slots_lock:
-            self._slots = {}  # contexts and graphs go before the engine they belong to
+            for slot in self._slots.values():
+                slot.stream.synchronize()
+            self._slots = {}
+        if self._runtime_cache is not None and self.record is not None:
+            here = tensorrt_env.current_environment(self.record.environment.flavour)
+            _save_runtime_cache(self._runtime_cache, self._cache_path(here))
+        self._runtime_cache = None
         self.record = self.engine = self._runtime = None
 
     def describe(self) -> dict[str, Any]:
@@ -288,11 +357,83 @@ class TensorRTRunner(Runner):
         }
 
 
+def bindable(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` as TensorRT can bind it: float32, contiguous, on `device`, at an address aligned to
+    ALIGNMENT bytes. A tensor that already is one is returned as it is (no copy); a view such
+    as batch[1:2] may start mid-allocation, so a misaligned one is copied once."""
+    x = x.to(device=device, dtype=torch.float32).contiguous()
+    if x.data_ptr() % ALIGNMENT:
+        x = x.clone()  # fresh allocations start on an allocator block (512 bytes on CUDA)
+    return x
+
+
+def bind(context: trt.IExecutionContext, name: str, tensor: torch.Tensor) -> None:
+    """set_tensor_address returns False for an address it refuses, leaving the old one bound."""
+    if not context.set_tensor_address(name, tensor.data_ptr()):
+        raise EngineError(
+            f"TensorRT refused the address of {name!r} ({tensor.data_ptr():#x}, shape "
+            f"{tuple(tensor.shape)}): it needs contiguous float32 memory aligned to {ALIGNMENT} "
+            f"bytes on the engine's GPU"
+        )
+
+
+def _select_profile(context: trt.IExecutionContext, index: int, stream: torch.cuda.Stream) -> None:
+    """In Python set_optimization_profile_async raises where C++ returns false."""
+    try:
+        ok = context.set_optimization_profile_async(index, stream.cuda_stream)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        ok, detail = False, " ".join(str(exc).split())[:200]
+    else:
+        detail = "its log above says why"
+    if not ok:
+        raise EngineError(
+            f"TensorRT could not select optimization profile {index} ({detail}); rebuild the "
+            f"engine with resfuse-build"
+        )
+    stream.synchronize()
+
+
+def _require_valid(lib: Any, runtime: Any, engine: Engine) -> None:
+    """TensorRT-RTX says whether a plan can run on this GPU before it is deserialised."""
+    validity, diagnostics = runtime.get_engine_validity(engine.plan)
+    if validity == lib.EngineValidity.INVALID:
+        record = engine.record
+        raise EngineError(
+            f"TensorRT-RTX says {record.path.name} cannot run on this GPU (diagnostics "
+            f"{int(diagnostics):#x}; built for compute capability "
+            f"{record.environment.compute_capability}); rebuild it with resfuse-build --engine "
+            f"tensorrt-rtx --compute-capability of this GPU"
+        )
+
+
+def _load_runtime_cache(engine: Any, path: Path) -> Any:
+    config = engine.create_runtime_config()
+    cache = config.create_runtime_cache()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""  # none yet (or unreadable): kernels are compiled again, then saved
+    if data and not cache.deserialize(data):
+        cache = config.create_runtime_cache()  # from another driver or version: start empty
+    return cache
+
+
+def _save_runtime_cache(cache: Any, path: Path) -> None:
+    import filelock
+
+    try:
+        with filelock.FileLock(path.with_name(f".{path.name}.lock")):
+            replace_file(path, bytes(cache.serialize()))
+    except OSError as exc:
+        raise ArtifactWriteError(
+            f"the TensorRT-RTX runtime cache {path} could not be written ({exc.strerror or exc}); "
+            f"kernels will be compiled again next time; make the engine cache folder writable"
+        ) from exc
+
+
 def _check_options(options: dict[str, Any], device: str) -> None:
     """ConfigError naming the first bad option; nothing here imports TensorRT."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown tensorrt options {unknown}; known: {', '.join(OPTIONS)}")
+    reject_unknown("tensorrt", options, OPTIONS)
     if device != DEVICE:
         raise ConfigError(
             f"the tensorrt backend runs on device 'cuda' (torch's current CUDA device; choose "
@@ -313,6 +454,19 @@ def _check_options(options: dict[str, Any], device: str) -> None:
         )
 
 
+def _targets(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tensorrt_env.parse_targets(value)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tensorrt_env.parse_targets(",".join(value))
+    raise ConfigError(
+        f"tensorrt option compute_capabilities must be a string such as '8.6,8.9' or a list "
+        f"of such strings, not {value!r}"
+    )
+
+
 def _profiles(value: object) -> list[Profile]:
     """A list of Profile objects or MIN:OPT:MAX strings; their shapes are checked against the
     manifest by validate_profiles."""
@@ -331,7 +485,7 @@ def _profiles(value: object) -> list[Profile]:
     return profiles
 
 
-def _require_source(record: engines.EngineRecord, manifest: Manifest) -> None:
+def _require_source(record: EngineRecord, manifest: Manifest) -> None:
     """An engine runs under an artifact's contract only if it was built from that ONNX file."""
     onnx_sha256 = manifest.record("onnx")["sha256"]
     if record.onnx_sha256 != onnx_sha256:
@@ -349,7 +503,7 @@ def engine_artifact(path: str | Path) -> tuple[Path, Path] | None:
     sidecar = manifest_path_for(path)
     if not _is_engine_manifest(sidecar):
         return None
-    record = engines.read_record(sidecar)
+    record = engine_manifest.read_record(sidecar)
     source = sidecar.parent / record.source_manifest
     if not source.is_file():
         raise ManifestError(
@@ -365,4 +519,4 @@ def _is_engine_manifest(path: Path) -> bool:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
         return False  # read_manifest reports what is wrong with it
-    return isinstance(data, dict) and data.get("format") == engines.ENGINE_FORMAT
+    return isinstance(data, dict) and data.get("format") == engine_manifest.ENGINE_FORMAT
