@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU work of resfuse, start to finish, on a machine with an NVIDIA GPU:
+# The GPU work of resfuse, start to finish, on a machine with an NVIDIA GPU and a network:
 #   bash benchmarks/gpu.sh [gpu_latency.py options, e.g. --methods masked]
+# It installs from the package registries. On a machine with no network, use
+# benchmarks/gpu_check.sh WHEELS_DIR instead: it installs from a folder of wheels brought along
+# (its header says which, and how to make it) and fits its steps in 8 minutes.
 # 1. makes (or reuses) .venv with the Makefile's recipe;
 # 2. swaps onnxruntime for onnxruntime-gpu (downloaded first: a failed download keeps the CPU
 #    package); TensorRT is used only where it is already importable (the registry's tensorrt

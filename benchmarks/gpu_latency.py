@@ -18,8 +18,10 @@ PyTorch runs with its defaults (TF32 convolutions on Ampere and later, cudnn.ben
 recorded in the results. Accuracy (relative L2) is against PyTorch float32 on the GPU with TF32
 off. The int8 engines are calibrated on random inputs: their latency is real, their accuracy is
 not that of a model calibrated on images. Each engine is built once (minutes at builder level 3)
-and cached under WORK/engines. Without a CUDA device it prints one line and exits 1, having
-written nothing. Writes OUTPUT/gpu.json (every record, the machine) and OUTPUT/gpu.md.
+and cached under WORK/engines. An engine variant whose export, build or first run at a shape
+raises is recorded (method, variant, stage, shape, the error in one line) and the run goes on
+without its rows. Without a CUDA device it prints one line and exits 1, having written nothing.
+Writes OUTPUT/gpu.json (every record, every failure, the machine) and OUTPUT/gpu.md.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +57,7 @@ TARGET_SHAPE = [1, 3, 1024, 1024]
 TARGET_SPEEDUP = 5.0
 TARGET_OVERHEAD = 0.05
 Call = Callable[[], Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,36 @@ class Candidate:
     bind: Callable[[torch.Tensor], Call]
 
 
+@dataclass
+class Outcomes:
+    """What did not run, and why: backends not installed here (`skipped`, one line each) and
+    steps that raised (`failures`: where, and the error in one line)."""
+
+    skipped: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def attempt(self, step: Callable[[], T], **where: Any) -> T | None:
+        """step(), or None once its failure is recorded: one engine variant that fails to
+        export, parse, build or run must not end the run and lose every other row."""
+        from resfuse.errors import BackendUnavailableError
+
+        try:
+            return step()
+        except BackendUnavailableError as exc:
+            self.skip(exc)
+        except Exception as exc:  # anything one variant raises is its own failure, not the run's
+            error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            self.failures.append({**where, "error": error})
+            at = " ".join(str(v) for v in where.values() if v is not None)
+            print(f"gpu_latency.py: failed ({at}): {error}", file=sys.stderr)
+        return None
+
+    def skip(self, reason: Exception) -> None:
+        if str(reason) not in self.skipped:
+            print(f"gpu_latency.py: skipped: {reason}", file=sys.stderr)
+            self.skipped.append(str(reason))
+
+
 def main() -> int:
     args = _arguments()
     if not torch.cuda.is_available():
@@ -81,15 +114,17 @@ def main() -> int:
     from resfuse.artifacts import write_json
     from resfuse.runtime.machine import machine_info
 
-    skipped: list[str] = []
+    outcomes = Outcomes()
     records: list[dict[str, Any]] = []
     for method in args.methods:
-        artifacts = _export(method, args.work, args.reuse)
-        with _candidates(artifacts, args.work / "engines", skipped) as candidates:
+        artifacts = _export(method, args.work, args.reuse, outcomes)
+        if "fp32" not in artifacts:
+            continue  # torch eager, the reference of every row, runs the float32 artifact
+        with _candidates(method, artifacts, args.work / "engines", outcomes) as candidates:
             for shape in SHAPES:
                 print(f"timing {method}-resnet18 at {'x'.join(map(str, shape))}", flush=True)
                 records += time_shape(
-                    method, candidates, shape, args.warmup, args.iters, args.rounds
+                    method, candidates, shape, args.warmup, args.iters, args.rounds, outcomes
                 )
     result = {
         "format": "resfuse-gpu-bench",
@@ -98,7 +133,8 @@ def main() -> int:
         "protocol": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds},
         "records": records,
         "targets": targets(records),
-        "skipped": skipped,
+        "skipped": outcomes.skipped,
+        "failures": outcomes.failures,
     }
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "gpu.json", result)
@@ -130,30 +166,47 @@ def _gpu_info() -> dict[str, Any]:
     }
 
 
-def _export(method: str, work: Path, reuse: bool) -> dict[str, Path]:
-    """The float32, float16 and int8-for-TensorRT artifacts of one method, by resfuse-export."""
-    exe = Path(sys.executable).with_name("resfuse-export")
+def _export(method: str, work: Path, reuse: bool, outcomes: Outcomes) -> dict[str, Path]:
+    """The float32, float16 and int8-for-TensorRT artifacts of one method, by resfuse-export;
+    a variant whose export fails is recorded in `outcomes` and left out."""
     found = {}
-    for variant, (suffix, options) in VARIANTS.items():
-        name = f"{method}-resnet18{suffix}"
-        if not (reuse and (work / f"{name}.json").exists()):
-            print(f"exporting {name}", flush=True)
-            command = [str(exe), "--method", method, "--output", str(work), "--name", name]
-            subprocess.run(
-                [*command, "--max-size", "1024", "--max-batch", "8", *options], check=True
-            )
-        found[variant] = work / f"{name}.json"
+    for variant in VARIANTS:
+        where = {"method": method, "variant": variant, "backend": None, "stage": "export"}
+        step = partial(export_variant, method, variant, work, reuse)
+        path = outcomes.attempt(step, **where, shape=None)
+        if path is not None:
+            found[variant] = path
     return found
+
+
+def export_variant(method: str, variant: str, work: Path, reuse: bool) -> Path:
+    """One artifact by resfuse-export, its manifest's path; ExportError with the last line
+    resfuse-export wrote when it fails."""
+    from resfuse.errors import ExportError
+
+    suffix, options = VARIANTS[variant]
+    name = f"{method}-resnet18{suffix}"
+    if not (reuse and (work / f"{name}.json").exists()):
+        print(f"exporting {name}", flush=True)
+        exe = Path(sys.executable).with_name("resfuse-export")
+        command = [str(exe), "--method", method, "--output", str(work), "--name", name]
+        command += ["--max-size", "1024", "--max-batch", "8", *options]
+        proc = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+            raise ExportError(f"resfuse-export {name} exited with {proc.returncode}: {last}")
+    return work / f"{name}.json"
 
 
 @contextlib.contextmanager
 def _candidates(
-    artifacts: dict[str, Path], cache: Path, skipped: list[str]
+    method: str, artifacts: dict[str, Path], cache: Path, outcomes: Outcomes
 ) -> Iterator[list[Candidate]]:
     """Everything timed on one model; its sessions close when the model is done. A backend
-    that is not installed is skipped, and why is added to `skipped`."""
+    that is not installed is skipped, an engine variant that fails to build is recorded: both
+    in `outcomes`."""
     from resfuse.artifacts import load_original
-    from resfuse.errors import BackendUnavailableError
     from resfuse.runtime import load
 
     fp32 = artifacts["fp32"]
@@ -166,29 +219,34 @@ def _candidates(
                 fp32, "fp32", "torch (autocast fp16)", "float16", partial(_autocast, original)
             ),
         ]
-        try:
-            ort = stack.enter_context(load(fp32, "onnxruntime", "cuda"))
-            found.append(Candidate(fp32, "fp32", "onnxruntime (cuda)", "float32", _io_bound(ort)))
-        except BackendUnavailableError as exc:
-            _skip(skipped, exc)
-        try:
-            for variant, artifact in artifacts.items():
-                session = load(artifact, "tensorrt", "cuda", cache_dir=cache, profiles=[PROFILE])
-                runner = stack.enter_context(session).runner
-                precision = session.manifest.precision
-                found += [
-                    Candidate(artifact, variant, "tensorrt", precision, partial(_repeat, runner)),
-                    Candidate(artifact, variant, "tensorrt (bare)", precision, _bare(runner)),
-                ]
-        except BackendUnavailableError as exc:
-            _skip(skipped, exc)
+        backend = "onnxruntime (cuda)"
+        where = {"method": method, "variant": "fp32", "backend": backend, "stage": "load"}
+        ort = outcomes.attempt(partial(load, fp32, "onnxruntime", "cuda"), **where, shape=None)
+        if ort is not None:
+            stack.enter_context(ort)
+            found.append(Candidate(fp32, "fp32", backend, "float32", _io_bound(ort)))
+        for variant, artifact in artifacts.items():
+            where = {"method": method, "variant": variant, "backend": "tensorrt", "stage": "build"}
+            step = partial(engine_candidates, artifact, variant, cache, stack)
+            found += outcomes.attempt(step, **where, shape=None) or []
         yield found
 
 
-def _skip(skipped: list[str], reason: Exception) -> None:
-    if str(reason) not in skipped:
-        print(f"gpu_latency.py: skipped: {reason}", file=sys.stderr)
-        skipped.append(str(reason))
+def engine_candidates(
+    artifact: Path, variant: str, cache: Path, stack: contextlib.ExitStack
+) -> list[Candidate]:
+    """resfuse's TensorRT runner on the artifact's engine (built, or found in `cache`), and the
+    same engine bare; the session closes with `stack`."""
+    from resfuse.runtime import load
+
+    session = stack.enter_context(
+        load(artifact, "tensorrt", "cuda", cache_dir=cache, profiles=[PROFILE])
+    )
+    runner, precision = session.runner, session.manifest.precision
+    return [
+        Candidate(artifact, variant, "tensorrt", precision, partial(_repeat, runner)),
+        Candidate(artifact, variant, "tensorrt (bare)", precision, _bare(runner)),
+    ]
 
 
 def _repeat(runner: Any, x: torch.Tensor) -> Call:
@@ -279,23 +337,26 @@ def time_shape(
     warmup: int,
     iters: int,
     rounds: int,
+    outcomes: Outcomes,
 ) -> list[dict[str, Any]]:
-    """One record per candidate: first call (judged against float32), warm-up, rotated blocks."""
-    from resfuse.compare import Tolerance, compare
+    """One record per candidate: first call (judged against float32), warm-up, rotated blocks.
+    A candidate whose first call at this shape raises is recorded in `outcomes` and not timed."""
     from resfuse.runtime.bench import block_order
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, device="cuda", generator=generator)
-    calls = [c.bind(x) for c in candidates]
     with _no_tf32():
-        reference = _host(calls[0]())  # candidates[0] is torch eager float32
-    first = []
-    for call in calls:
-        start = time.perf_counter()
-        out = _host(call())
-        first.append(((time.perf_counter() - start) * 1e3, compare(reference, out, Tolerance())))
-        for _ in range(warmup):
-            _timed(call)
+        reference = _host(candidates[0].bind(x)())  # candidates[0] is torch eager float32
+    ready = []
+    for c in candidates:
+        where = {"method": method, "variant": c.variant, "backend": c.backend, "stage": "run"}
+        step = partial(_prepare, c, x, reference, warmup)
+        prepared = outcomes.attempt(step, **where, shape=list(shape))
+        if prepared is not None:
+            ready.append((c, *prepared))
+    candidates = [c for c, _, _ in ready]
+    calls = [call for _, call, _ in ready]
+    first = [f for _, _, f in ready]
     times = np.empty((len(calls), rounds, iters))
     for k, r in block_order(len(calls), rounds):
         _timed(calls[k])  # re-warms after another engine ran: not counted
@@ -306,6 +367,22 @@ def time_shape(
     ]
     _add_speedups(records)
     return records
+
+
+def _prepare(
+    candidate: Candidate, x: torch.Tensor, reference: np.ndarray, warmup: int
+) -> tuple[Call, tuple[float, Any]]:
+    """The candidate's call on x, after its first call (ms, error against `reference`) and the
+    warm-up calls."""
+    from resfuse.compare import Tolerance, compare
+
+    call = candidate.bind(x)
+    start = time.perf_counter()
+    out = _host(call())
+    first = ((time.perf_counter() - start) * 1e3, compare(reference, out, Tolerance()))
+    for _ in range(warmup):
+        _timed(call)
+    return call, first
 
 
 def _record(
@@ -375,8 +452,9 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         (r["artifact"], str(r["shape"])): r for r in records if r["backend"] == "tensorrt (bare)"
     }
     for r in records:
-        if r["backend"] == "tensorrt":
-            rounds = [x - 1 for x in _ratio_rounds(r, bare[(r["artifact"], str(r["shape"]))])]
+        pair = bare.get((r["artifact"], str(r["shape"])))
+        if r["backend"] == "tensorrt" and pair is not None:  # a failed bare engine has no row
+            rounds = [x - 1 for x in _ratio_rounds(r, pair)]
             overhead = float(np.median(rounds))
             rows.append(
                 _target(r, f"runner within {TARGET_OVERHEAD:.0%} of the bare engine", rounds)
@@ -412,6 +490,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *(f"Skipped: {reason}" for reason in result["skipped"]),
         "",
+        *_failures(result["failures"]),
         "## Targets",
         "",
         markdown_table(
@@ -465,6 +544,27 @@ def markdown(result: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _failures(failures: list[dict[str, Any]]) -> list[str]:
+    """The markdown section of the steps that raised; nothing when none did."""
+    from resfuse.runtime.report import markdown_table, shape_str
+
+    if not failures:
+        return []
+    rows = [
+        [
+            f["method"],
+            f["variant"],
+            f["backend"] or "-",
+            f["stage"],
+            "every shape" if f["shape"] is None else shape_str(f["shape"]),
+            f["error"].replace("|", "\\|"),  # a pipe would end the table cell
+        ]
+        for f in failures
+    ]
+    headers = ["method", "variant", "backend", "stage", "shape", "error"]
+    return ["## Failures", "", markdown_table(headers, rows), ""]
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def build_plan(
     network = builder.create_network(1 << int(lib.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser: trt.OnnxParser = lib.OnnxParser(network, logger)
     if not parser.parse(onnx):
-        errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+        errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelLoadError(
             f"TensorRT's ONNX parser refused the model ({' '.join(errors.split())[:300]}); "
             f"check the artifact with resfuse-check, or re-export it with another --opset"
@@ -62,6 +62,12 @@ def build_plan(
         )
     timings = None if timing_cache is None else bytes(config.get_timing_cache().serialize())
     return bytes(plan), timings
+
+
+def _parser_error(error: trt.ParserError) -> str:
+    """The parser's words with the node they are about, when it names one."""
+    node = f"{error.node_operator()} node {error.node_name()!r}: " if error.node_name() else ""
+    return node + str(error.desc())
 
 
 def _add_profile(

@@ -157,7 +157,7 @@ class BuildEnvironment:
 
 LABELS = {
     "flavour": "flavour",
-    "tensorrt_version": "TensorRT version",
+    "tensorrt_version": "TensorRT",
     "cuda_version": "CUDA",
     "platform": "platform",
     "gpu_name": "GPU",

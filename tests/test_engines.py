@@ -28,15 +28,13 @@ from resfuse.errors import (
     InputContractError,
     ManifestError,
 )
-from resfuse.export import build_cli, engines
+from resfuse.export import build_cli, engines, tensorrt_env
+from resfuse.export.engine_manifest import BuildSettings
 from resfuse.export.engines import (
-    BuildEnvironment,
-    BuildSettings,
     cache_key,
     default_cache_dir,
     export_engine,
     find_or_build,
-    import_tensorrt,
     read_engine,
     store_engine,
 )
@@ -49,22 +47,23 @@ from resfuse.export.profiles import (
     profile_for,
     validate_profiles,
 )
+from resfuse.export.tensorrt_env import FLAVOURS, BuildEnvironment, import_flavour
 
 ROOT = Path(__file__).resolve().parents[1]
-H200 = BuildEnvironment("10.13.0.35", "12.9", "NVIDIA H200", "9.0")
-WIDE = Profile((1, 3, 32, 32), (1, 3, 512, 512), (32, 3, 1024, 1024))  # the masked artifact's
+H200 = BuildEnvironment("tensorrt", "10.13.0.35", "12.9", "linux-x86_64", "NVIDIA H200", "9.0")
+WIDE = Profile((1, 3, 32, 32), (1, 3, 512, 512), (4, 3, 1024, 1024))  # masked: the default
 PLAN = bytes(range(256)) * 64  # stands in for a plan: read_engine never parses it
 
 
-def _tensorrt_absent() -> str | None:
+def _absent(name: str) -> str | None:
     try:
-        import_tensorrt()
+        import_flavour(FLAVOURS[name])
     except BackendUnavailableError as exc:
         return str(exc)
     return None
 
 
-NO_TENSORRT = _tensorrt_absent()
+NO_TENSORRT = _absent("tensorrt")
 needs_tensorrt = pytest.mark.skipif(NO_TENSORRT is not None, reason=f"{NO_TENSORRT}")
 without_tensorrt = pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here")
 
@@ -125,14 +124,24 @@ def test_bad_profile_text_is_named() -> None:
         parse_profile("1x3x64:1x3x64x64:1x3x64x64")
 
 
-def test_default_profile_spans_the_manifest(artifact: Path, tmp_path: Path) -> None:
-    assert default_profiles(read_manifest(artifact)) == [WIDE]
+def test_default_profile_is_capped_to_what_a_gpu_holds(artifact: Path) -> None:
+    """The artifact takes batch 32 at 1024^2: a context sized for that holds 8 GiB per 64-channel
+    float32 map. The default stops at batch 4 and 1024^2, inside the manifest's ranges."""
+    manifest = read_manifest(artifact)
+    assert (manifest.contract.batch.max, manifest.contract.height.max) == (32, 1024)
+    capped = Profile((1, 3, 32, 32), (1, 3, 512, 512), (4, 3, 1024, 1024))
+    assert default_profiles(manifest) == [capped]
+
+
+def test_default_profile_stays_inside_smaller_ranges(artifact: Path, tmp_path: Path) -> None:
+    two = _edit(artifact, tmp_path / "two", _set("input.contract.batch.max", 2))
+    assert default_profiles(read_manifest(two))[0].max == (2, 3, 1024, 1024)
 
     def small(data: dict[str, Any]) -> None:
         data["input"]["contract"]["height"]["max"] = 256  # opt 512 is clamped to it
 
     (profile,) = default_profiles(read_manifest(_edit(artifact, tmp_path / "small", small)))
-    assert profile == Profile((1, 3, 32, 32), (1, 3, 256, 512), (32, 3, 256, 1024))
+    assert profile == Profile((1, 3, 32, 32), (1, 3, 256, 512), (4, 3, 256, 1024))
 
     def unbounded(data: dict[str, Any]) -> None:
         data["input"]["contract"]["width"]["max"] = None
@@ -237,9 +246,11 @@ def _key(**change: Any) -> str:
 def test_cache_key_is_the_same_in_another_process() -> None:
     code = (
         "from resfuse.export.engines import *; from resfuse.export.profiles import Profile; "
-        "print(cache_key('ab' * 32, BuildEnvironment('10.13.0.35', '12.9', 'NVIDIA H200', "
-        "'9.0'), [Profile((1, 3, 32, 32), (1, 3, 512, 512), (32, 3, 1024, 1024))], "
-        "BuildSettings()))"
+        "from resfuse.export.engine_manifest import BuildSettings; "
+        "from resfuse.export.tensorrt_env import BuildEnvironment; "
+        "print(cache_key('ab' * 32, BuildEnvironment('tensorrt', '10.13.0.35', '12.9', "
+        "'linux-x86_64', 'NVIDIA H200', '9.0'), "
+        "[Profile((1, 3, 32, 32), (1, 3, 512, 512), (4, 3, 1024, 1024))], BuildSettings()))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")  # another dict/set order, same key
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -257,6 +268,8 @@ def test_cache_key_changes_with_every_field(monkeypatch: pytest.MonkeyPatch) -> 
         _key(env=replace(H200, cuda_version="12.8")),
         _key(env=replace(H200, gpu_name="NVIDIA H100 80GB HBM3")),
         _key(env=replace(H200, compute_capability="9.1")),
+        _key(env=replace(H200, flavour="tensorrt-rtx")),
+        _key(env=replace(H200, platform="linux-aarch64")),
         _key(profiles=[other]),
         _key(profiles=[WIDE, other]),
         _key(profiles=[other, WIDE]),
@@ -289,7 +302,8 @@ def test_engine_round_trip(artifact: Path, tmp_path: Path) -> None:
     path = _store(artifact, tmp_path, settings=settings)
     key = cache_key(read_manifest(artifact).record("onnx")["sha256"], H200, [WIDE], settings)
     assert path == tmp_path / f"masked-resnet18.{key[:16]}.json"
-    record, plan = read_engine(path, H200)
+    engine = read_engine(path, H200)
+    record, plan = engine.record, engine.plan
     assert plan == PLAN
     assert (record.key, record.profiles, record.settings, record.environment) == (
         key,
@@ -304,11 +318,11 @@ def test_engine_round_trip(artifact: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [path.name, record.plan_path.name, f".masked-resnet18.{key[:16]}.lock"]
     )
-    assert read_engine(record.plan_path)[0] == record  # by its plan: the manifest beside it
+    assert read_engine(record.plan_path).record == record  # by its plan: the manifest beside it
 
 
 def test_tampered_or_missing_plan_is_never_returned(artifact: Path, tmp_path: Path) -> None:
-    record, _ = read_engine(_store(artifact, tmp_path))
+    record = read_engine(_store(artifact, tmp_path)).record
     damaged = bytearray(PLAN)
     damaged[100] ^= 1
     record.plan_path.write_bytes(bytes(damaged))
@@ -336,7 +350,7 @@ def _set(keys: str, value: Any) -> Any:
     "change,message",
     [
         (_set("format", "resfuse-artifact"), 'is not a resfuse engine manifest (no "format"'),
-        (_set("format_version", 2), "has engine format version 2, this resfuse reads 1"),
+        (_set("format_version", 3), "has engine format version 3, this resfuse reads 2"),
         (_set("key", "x" * 64), "field 'key' must be 64 lowercase hex digits"),
         (_set("profiles.0.min", [1, 3, 32]), "field 'profiles[0].min' must be 4 whole numbers"),
         (_set("profiles.0.opt", [1, 3, 0, 512]), "field 'profiles[0].opt[2]' must be an integer"),
@@ -376,7 +390,8 @@ def test_host_code_plan_needs_trust(artifact: Path, tmp_path: Path) -> None:
     path = _store(artifact, tmp_path, settings=BuildSettings(trust_host_code=True))
     with pytest.raises(EngineError, match="version-compatible plan: it carries host code"):
         read_engine(path, H200)
-    record, plan = read_engine(path, H200, allow_host_code=True)
+    engine = read_engine(path, H200, allow_host_code=True)
+    record, plan = engine.record, engine.plan
     assert record.host_code and plan == PLAN
 
 
@@ -394,6 +409,11 @@ def test_host_code_plan_needs_trust(artifact: Path, tmp_path: Path) -> None:
             "engine built for GPU NVIDIA H200, this machine has NVIDIA A100-SXM4-80GB",
         ),
         (replace(H200, compute_capability="9.1"), "engine built for compute capability 9.0"),
+        (replace(H200, flavour="tensorrt-rtx"), "engine built for flavour tensorrt, this"),
+        (
+            replace(H200, platform="linux-aarch64-tegra"),
+            "engine built for platform linux-x86_64, this machine has linux-aarch64-tegra",
+        ),
     ],
 )
 def test_environment_mismatch_names_the_field(
@@ -402,7 +422,7 @@ def test_environment_mismatch_names_the_field(
     path = _store(artifact, tmp_path)
     with pytest.raises(EngineError, match=re.escape(message)):
         read_engine(path, here)
-    assert read_engine(path)[1] == PLAN  # no machine given: nothing to compare
+    assert read_engine(path).plan == PLAN  # no machine given: nothing to compare
 
 
 def test_compatible_plans_run_where_tensorrt_says_they_do(artifact: Path, tmp_path: Path) -> None:
@@ -419,12 +439,30 @@ def test_compatible_plans_run_where_tensorrt_says_they_do(artifact: Path, tmp_pa
             read_engine(portable, here, allow_host_code=True)
 
 
+def test_ampere_plus_is_refused_on_jetson(artifact: Path, tmp_path: Path) -> None:
+    ampere = _store(artifact, tmp_path, settings=BuildSettings(hardware_compat="ampere+"))
+    orin = replace(H200, platform="linux-aarch64-tegra", gpu_name="Orin", compute_capability="8.7")
+    with pytest.raises(EngineError, match="ampere\\+, which NVIDIA does not support on Jetson"):
+        read_engine(ampere, orin)
+
+
+def test_rtx_plans_run_on_their_targets_only(artifact: Path, tmp_path: Path) -> None:
+    """A TensorRT-RTX plan names no GPU, only compute capabilities; here is one GPU."""
+    rtx = replace(H200, flavour="tensorrt-rtx", tensorrt_version="1.7.1.116", cuda_version="12")
+    built = replace(rtx, gpu_name=tensorrt_env.ANY_GPU, compute_capability="8.6,8.9,12.0")
+    path = _store(artifact, tmp_path, env=built)
+    assert read_engine(path, built).plan == PLAN  # checked against its own targets
+    read_engine(path, replace(rtx, gpu_name="NVIDIA RTX 4090", compute_capability="8.9"))
+    with pytest.raises(EngineError, match="built for compute capability 8.6,8.9,12.0, .* has 9.0"):
+        read_engine(path, rtx)  # an H100-class GPU
+
+
 def test_rewritten_entry_leaves_one_plan(artifact: Path, tmp_path: Path) -> None:
     """A rebuild under the same key (a damaged entry) replaces the plan: the old one goes."""
     _store(artifact, tmp_path)
     manifest = read_manifest(artifact)
     path = store_engine(tmp_path, manifest, [WIDE], BuildSettings(), H200, PLAN[::-1], 2.0)
-    assert read_engine(path)[1] == PLAN[::-1]
+    assert read_engine(path).plan == PLAN[::-1]
     assert len(list(tmp_path.glob("*.plan"))) == 1
 
 
@@ -443,10 +481,11 @@ def test_timing_cache_must_be_a_file_path(artifact: Path, tmp_path: Path) -> Non
 
 def test_export_engine_copies_atomically(artifact: Path, tmp_path: Path) -> None:
     path = _store(artifact, tmp_path / "cache")
-    copied = export_engine(path, tmp_path / "out")
+    copied = export_engine(read_engine(path), tmp_path / "out")
     assert copied == tmp_path / "out" / path.name
-    record, plan = read_engine(copied, H200)
-    assert plan == PLAN and record.key == read_engine(path)[0].key
+    engine = read_engine(copied, H200)
+    record, plan = engine.record, engine.plan
+    assert plan == PLAN and record.key == read_engine(path).record.key
 
 
 # --- find_or_build --------------------------------------------------------------------------
@@ -456,12 +495,14 @@ def test_cache_hit_imports_no_tensorrt(artifact: Path, tmp_path: Path) -> None:
     path = _store(artifact, tmp_path)  # written here, through the writer
     code = f"""
 import json, sys, time
-from resfuse.export.engines import BuildEnvironment, find_or_build
+from resfuse.export.engines import find_or_build
+from resfuse.export.tensorrt_env import BuildEnvironment
 env = BuildEnvironment(*{list(H200.to_dict().values())!r})
 start = time.perf_counter()
-path = find_or_build({str(artifact)!r}, cache_dir={str(tmp_path)!r}, env=env, rebuild=False)
+found = find_or_build({str(artifact)!r}, cache_dir={str(tmp_path)!r}, env=env, rebuild=False)
+path = found.record.path
 seconds = time.perf_counter() - start
-heavy = ("tensorrt", "polygraphy", "resfuse.export.tensorrt_build")
+heavy = ("tensorrt", "tensorrt_rtx", "polygraphy", "resfuse.export.tensorrt_build")
 loaded = [m for m in heavy if m in sys.modules]
 print(json.dumps({{"path": str(path), "seconds": seconds, "loaded": loaded}}))
 """
@@ -488,11 +529,13 @@ def test_no_rebuild_names_the_field_or_takes_a_compatible_engine(
     ampere = BuildSettings(hardware_compat="ampere+")
     built = _store(artifact, tmp_path, settings=ampere)
     a10 = replace(H200, gpu_name="NVIDIA A10", compute_capability="8.6")
-    assert find_or_build(artifact, None, ampere, tmp_path, env=a10, rebuild=False) == built
+    assert (
+        find_or_build(artifact, None, ampere, tmp_path, env=a10, rebuild=False).record.path == built
+    )
 
 
 def test_damaged_entry_is_refused_or_rebuilt(artifact: Path, tmp_path: Path) -> None:
-    record, _ = read_engine(_store(artifact, tmp_path))
+    record = read_engine(_store(artifact, tmp_path)).record
     sidecar = record.path.read_text()
     record.path.write_text(sidecar.replace('"build_seconds": 1.5', '"build_seconds": "1.5"'))
     with pytest.raises(ManifestError, match="field 'build_seconds' must be a number"):
@@ -536,14 +579,23 @@ def test_int8_for_tensorrt_passes_the_target_check(artifact: Path, tmp_path: Pat
         find_or_build(edited, cache_dir=tmp_path, env=H200, rebuild=False)
 
 
-@without_tensorrt
-def test_validation_comes_before_tensorrt(artifact: Path, tmp_path: Path) -> None:
+def test_validation_comes_before_tensorrt(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad profiles and settings are named before any TensorRT module is imported."""
+    for module in ("tensorrt", "tensorrt_rtx"):
+        monkeypatch.setitem(sys.modules, module, None)  # an import now fails at once
     bad = [Profile((1, 3, 32, 32), (1, 3, 512, 512), (32, 3, 4096, 1024))]
-    with pytest.raises(ConfigError, match="max height 4096"):
-        find_or_build(artifact, bad, cache_dir=tmp_path)
-    with pytest.raises(ConfigError, match="--builder-level 9"):
-        find_or_build(artifact, settings=BuildSettings(builder_level=9), cache_dir=tmp_path)
-    with pytest.raises(BackendUnavailableError, match="only its type stubs|not installed"):
+    for engine in ("tensorrt", "tensorrt-rtx"):
+        with pytest.raises(ConfigError, match="max height 4096"):
+            find_or_build(artifact, bad, cache_dir=tmp_path, engine=engine)
+        with pytest.raises(ConfigError, match="--builder-level 9"):
+            find_or_build(
+                artifact, settings=BuildSettings(builder_level=9), cache_dir=tmp_path, engine=engine
+            )
+    with pytest.raises(BackendUnavailableError, match="TensorRT-RTX is not installed"):
+        find_or_build(artifact, cache_dir=tmp_path, engine="tensorrt-rtx")
+    with pytest.raises(BackendUnavailableError, match="neither TensorRT nor TensorRT-RTX"):
         find_or_build(artifact, cache_dir=tmp_path)
 
 
@@ -587,17 +639,21 @@ def test_cli_finds_a_cached_engine_and_copies_it(
     artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The H200 stands in for the GPU and TensorRT this machine lacks; the rest is real."""
-    monkeypatch.setattr(engines, "current_environment", lambda: H200)
+    monkeypatch.setattr(tensorrt_env, "current_environment", lambda name=None: H200)
     cache, out = tmp_path / "cache", tmp_path / "out"
-    missing = _cli(artifact, "--cache-dir", cache, "--no-rebuild")
+    missing = _cli(artifact, "--engine", "tensorrt", "--cache-dir", cache, "--no-rebuild")
     assert missing.exit_code == 1 and "no engine of masked-resnet18.json" in missing.stderr
     path = _store(artifact, cache)
-    result = _cli(artifact, "--cache-dir", cache, "--no-rebuild", "--output", out)
+    result = _cli(
+        artifact, "--engine", "tensorrt", "--cache-dir", cache, "--no-rebuild", "--output", out
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == str(out / path.name)
-    assert "found in the cache: float32 engine for TensorRT 10.13.0.35, CUDA 12.9" in result.stdout
-    assert "profile 0: 1x3x32x32:1x3x512x512:32x3x1024x1024" in result.stdout
-    assert read_engine(out / path.name, H200)[1] == PLAN
+    assert (
+        "found in the cache: float32 engine for tensorrt 10.13.0.35 (CUDA 12.9, linux-x86_64)"
+    ) in result.stdout
+    assert "profile 0: 1x3x32x32:1x3x512x512:4x3x1024x1024" in result.stdout
+    assert read_engine(out / path.name, H200).plan == PLAN
 
 
 @without_tensorrt
@@ -606,7 +662,7 @@ def test_cli_without_tensorrt_says_what_to_install(artifact: Path, tmp_path: Pat
     exe = Path(sys.executable).with_name("resfuse-build")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "resfuse.export.build_cli"]
     proc = subprocess.run(
-        [*command, str(artifact), "--cache-dir", str(tmp_path), "--opt", "1x3x256x256"],
+        [*command, str(artifact), "--engine", "tensorrt", "--cache-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -720,11 +776,12 @@ def test_tensorrt_code_type_checks_against_the_stubs(tmp_path: Path) -> None:
 def test_build_fp32_engine_then_hit_the_cache(
     exported: dict[str, ExportResult], tmp_path: Path, method: str
 ) -> None:
-    trt = import_tensorrt()
+    trt = import_flavour(FLAVOURS["tensorrt"])
     artifact = exported[method].manifest_path
     profile = Profile((1, 3, 32, 32), (1, 3, 256, 256), (2, 3, 512, 512))
-    path = find_or_build(artifact, [profile], BuildSettings(builder_level=0), tmp_path)
-    record, plan = read_engine(path, engines.current_environment())
+    built = find_or_build(artifact, [profile], BuildSettings(builder_level=0), tmp_path)
+    engine = read_engine(built.record.path, tensorrt_env.current_environment("tensorrt"))
+    record, plan = engine.record, engine.plan
     assert record.precision == "float32" and record.profiles == (profile,)
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
     assert engine is not None and engine.num_optimization_profiles == 1
@@ -732,7 +789,8 @@ def test_build_fp32_engine_then_hit_the_cache(
     assert list((tmp_path).glob("timing-*.cache")), "the timing cache was not saved"
 
     start = time.perf_counter()
-    assert find_or_build(artifact, [profile], BuildSettings(builder_level=0), tmp_path) == path
+    again = find_or_build(artifact, [profile], BuildSettings(builder_level=0), tmp_path)
+    assert again.record == built.record
     assert time.perf_counter() - start < 1.0
 
 
@@ -760,4 +818,4 @@ def test_changed_onnx_builds_a_new_engine(artifact: Path, tmp_path: Path) -> Non
     edited = _edit(artifact, tmp_path, point_at_changed)
     second = find_or_build(edited, profile, settings, tmp_path / "cache")
     assert second != first
-    assert read_engine(second)[0].onnx_sha256 != read_engine(first)[0].onnx_sha256
+    assert second.record.onnx_sha256 != first.record.onnx_sha256

@@ -295,7 +295,7 @@ class TensorRTRunner(Runner):
         if self._runtime_cache is None:
             context = self.engine.create_execution_context(strategy)
         else:  # TensorRT-RTX: contexts share the runtime cache through their runtime config
-            config = self.engine.create_runtime_config()
+            config: Any = self.engine.create_runtime_config()  # RTX API: not in tensorrt-stubs
             config.set_execution_context_allocation_strategy(strategy)
             config.set_runtime_cache(self._runtime_cache)
             context = self.engine.create_execution_context(config)

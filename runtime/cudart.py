@@ -1,0 +1,56 @@
+"""The CUDA runtime library (libcudart) of NVIDIA's pip wheels, found and shown to Polygraphy.
+
+Polygraphy's CUDA wrapper (polygraphy.cuda.wrapper(), made on its first CUDA call) looks for
+libcudart.so* in the folders of LD_LIBRARY_PATH, /usr/local/cuda/lib64, /usr/lib, /lib and, from
+0.53, <site-packages>/nvidia/cuda_runtime/lib: the layout of the CUDA 12 wheels. The CUDA 13
+wheels that torch's CUDA 13 builds install put it in nvidia/cu13/lib, where Polygraphy does not
+look. It reads LD_LIBRARY_PATH from os.environ when that wrapper is made, not at process start,
+and loads the file it finds by its full path: so adding the folder to os.environ in the running
+process is enough, if it happens before Polygraphy's first CUDA call. (The dynamic loader reads
+LD_LIBRARY_PATH at process start only: this changes nothing that is loaded by name.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from resfuse.errors import BackendUnavailableError
+
+_CUDART = re.compile(r"libcudart\.so\.(\d+)(\.\d+)*")
+
+
+def find_cudart(search: Iterable[str | Path] | None = None) -> Path | None:
+    """libcudart.so.N in an nvidia wheel under the `search` folders (default: sys.path), in any
+    wheel layout: nvidia/cuda_runtime/lib (CUDA 12), nvidia/cu13/lib (CUDA 13), nvidia/cuNN/lib.
+    The highest N wins (a driver that runs torch's CUDA runs it), then the earlier folder;
+    None when there is none."""
+    found = []
+    for rank, root in enumerate(sys.path if search is None else search):
+        if not (root and Path(root).is_dir()):  # sys.path may hold "" or a zip file
+            continue
+        for lib in Path(root).glob("nvidia/*/lib/libcudart.so.*"):
+            match = _CUDART.fullmatch(lib.name)
+            if match:
+                found.append((-int(match[1]), rank, str(lib)))
+    return Path(min(found)[2]) if found else None
+
+
+def expose_cudart(search: Iterable[str | Path] | None = None) -> Path:
+    """Put the folder of find_cudart(search) first in os.environ["LD_LIBRARY_PATH"], where
+    Polygraphy's CUDA wrapper looks when it is made, and return the library. Call it before
+    Polygraphy's first CUDA call: the wrapper is made once per process."""
+    lib = find_cudart(search)
+    if lib is None:
+        raise BackendUnavailableError(
+            "no libcudart.so.* in an nvidia wheel on sys.path (nvidia/*/lib); install a CUDA "
+            "build of torch or nvidia-cuda-runtime, or put the CUDA toolkit's lib64 on "
+            "LD_LIBRARY_PATH"
+        )
+    folder = str(lib.parent)
+    others = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p != folder]
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([folder, *filter(None, others)])
+    return lib

@@ -1,0 +1,219 @@
+"""The GPU scripts' parts that run without a GPU: gpu_latency.py's per-variant failure record,
+gpu_probe.py's verdict, the CUDA runtime finder that Polygraphy is pointed to, and
+gpu_check.sh's refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from resfuse.errors import BackendUnavailableError
+from resfuse.runtime.cudart import expose_cudart, find_cudart
+
+ROOT = Path(__file__).parents[1]
+CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _script(name: str) -> Iterator[ModuleType]:
+    """A benchmarks/ script as a module, its main() not run."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def gpu_latency() -> Iterator[ModuleType]:
+    yield from _script("gpu_latency")
+
+
+@pytest.fixture(scope="module")
+def gpu_probe() -> Iterator[ModuleType]:
+    yield from _script("gpu_probe")
+
+
+# --- gpu_latency.py -----------------------------------------------------------------------------
+
+
+def test_failed_variants_are_recorded_and_the_run_goes_on(gpu_latency, tmp_path, monkeypatch):
+    """A real resfuse-export that refuses its options and a real engine build that refuses its
+    artifact: each is one failure row, the other variants are still returned, and the results
+    (JSON and markdown) name both."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("masked-resnet18", "masked-resnet18-fp16"):  # exported by an earlier run
+        (work / f"{name}.json").write_text("{}")
+    monkeypatch.setitem(gpu_latency.VARIANTS, "int8", ("-int8-trt", ["--precision", "int9"]))
+    outcomes = gpu_latency.Outcomes()
+
+    found = gpu_latency._export("masked", work, True, outcomes)
+    with contextlib.ExitStack() as stack:
+        build = partial(gpu_latency.engine_candidates, found["fp16"], "fp16", tmp_path, stack)
+        where = {"method": "masked", "variant": "fp16", "backend": "tensorrt", "stage": "build"}
+        assert outcomes.attempt(build, **where, shape=None) is None
+
+    assert sorted(found) == ["fp16", "fp32"]
+    export, engine = outcomes.failures
+    assert export["variant"] == "int8" and export["stage"] == "export"
+    assert "resfuse-export masked-resnet18-int8-trt exited with 2" in export["error"]
+    assert "int9" in export["error"] and "\n" not in export["error"]
+    assert engine["stage"] == "build" and engine["error"].startswith("ManifestError: ")
+    assert not outcomes.skipped
+    result = {
+        "machine": {
+            "gpu": "-",
+            "compute_capability": "-",
+            "cuda": "-",
+            "cudnn": "-",
+            "versions": {},
+            "torch_tf32_conv": True,
+            "cudnn_benchmark": False,
+        },
+        "profile": gpu_latency.PROFILE,
+        "protocol": {},
+        "records": [],
+        "targets": [],
+        "skipped": outcomes.skipped,
+        "failures": outcomes.failures,
+    }
+    assert json.loads(json.dumps(result))["failures"] == outcomes.failures
+    text = gpu_latency.markdown(result)
+    assert "## Failures" in text
+    assert re.search(r"\| +masked \| +int8 \| +- \| +export \| +every shape \| .*int9", text)
+    assert re.search(
+        r"\| +masked \| +fp16 \| +tensorrt \| +build \| +every shape \| Manifest", text
+    )
+
+
+def test_runner_without_its_bare_engine_gets_no_overhead_row(gpu_latency):
+    """A bare engine that failed at a shape leaves its runner's row without a pair."""
+    row = {
+        "artifact": "masked-resnet18-fp16",
+        "variant": "fp16",
+        "shape": [1, 3, 512, 512],
+        "round_p50_ms": [1.0, 1.1],
+        "speedup_rounds": [5.0, 5.2],
+        "speedup_vs_torch": 5.1,
+    }
+    records = [row | {"backend": "tensorrt"}]
+    assert gpu_latency.targets(records) == []
+    records.append(row | {"backend": "tensorrt (bare)", "round_p50_ms": [1.0, 1.0]})
+    (overhead,) = gpu_latency.targets(records)
+    assert overhead["rounds"] == pytest.approx([0.0, 0.1])
+
+
+# --- gpu_probe.py -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("supported", "failed", "status"),
+    [
+        (True, [], 0),
+        (False, ["build masked-fp16", "run masked-fp16"], 3),  # an H100: refused, as expected
+        (True, ["run masked-fp16"], 1),
+        (False, ["import"], 1),  # no TensorRT-RTX is no GPU's fault
+    ],
+)
+def test_probe_tells_an_expected_refusal_from_a_failure(gpu_probe, supported, failed, status):
+    stages = [{"stage": name, "ok": False} for name in failed] + [{"stage": "x", "ok": True}]
+    report = {"compute_capability": "9.0", "supported": supported, "stages": stages}
+    assert gpu_probe._verdict(report) == status
+
+
+# --- runtime/cudart.py --------------------------------------------------------------------------
+
+
+def _wheel(site: Path, layout: str, name: str) -> Path:
+    """An empty file where an nvidia wheel puts libcudart: a real folder tree to search."""
+    lib = site / "nvidia" / layout / "lib" / name
+    lib.parent.mkdir(parents=True)
+    lib.touch()
+    return lib
+
+
+def test_cudart_is_found_in_any_wheel_layout(tmp_path):
+    cu12, cu13 = tmp_path / "cu12-site", tmp_path / "cu13-site"
+    old = _wheel(cu12, "cuda_runtime", "libcudart.so.12")
+    new = _wheel(cu13, "cu13", "libcudart.so.13")
+    (new.parent / "libcudart_static.a").touch()
+    assert find_cudart([cu12]) == old
+    assert find_cudart([cu12, cu13]) == new  # the newest CUDA, wherever it lies
+    assert find_cudart([tmp_path / "absent", ""]) is None
+    with pytest.raises(
+        BackendUnavailableError, match=r"^no libcudart\.so\.\* in an nvidia [^\n]*$"
+    ):
+        expose_cudart([tmp_path / "absent"])
+
+
+def test_polygraphy_loads_the_cudart_put_on_its_path(tmp_path, monkeypatch):
+    """Polygraphy's own lookup, made after expose_cudart, picks the CUDA 13 wheel's library
+    before any other on LD_LIBRARY_PATH: it tries to load that (empty) file."""
+    polygraphy_cuda = pytest.importorskip("polygraphy.cuda.cuda")
+    lib = _wheel(tmp_path / "site-packages", "cu13", "libcudart.so.13")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/local/cuda/lib64")
+    assert expose_cudart([tmp_path / "site-packages"]) == lib
+    expose_cudart([tmp_path / "site-packages"])  # twice: still one entry
+    assert os.environ["LD_LIBRARY_PATH"] == f"{lib.parent}:/usr/local/cuda/lib64"
+    with pytest.raises(OSError, match=re.escape(str(lib))):
+        polygraphy_cuda.Cuda()
+
+
+# --- gpu_check.sh -------------------------------------------------------------------------------
+
+
+def test_gpu_scripts_are_valid_bash():
+    for script in (CHECK, ROOT / "benchmarks" / "gpu.sh"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    proc = subprocess.run(
+        ["shellcheck", str(CHECK), str(ROOT / "benchmarks" / "gpu.sh")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def _check(tmp_path: Path, wheels: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_WORK": str(tmp_path / "work")}
+    return subprocess.run(
+        ["bash", str(CHECK), str(wheels), str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+def _refused(proc: subprocess.CompletedProcess, tmp_path: Path, why: str) -> None:
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and why in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wheels"]  # no logs, no work folder
+
+
+def test_gpu_check_refuses_a_missing_wheels_folder(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    _refused(_check(tmp_path, tmp_path / "no-wheels"), tmp_path, "wheels folder")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    _refused(_check(tmp_path, tmp_path / "wheels"), tmp_path, "sees no CUDA device")
