@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ from resfuse.errors import (
     InputContractError,
     ManifestError,
 )
-from resfuse.export import engines
+from resfuse.export import engines, tensorrt_env
+from resfuse.export.engine_manifest import BuildSettings
 from resfuse.export.profiles import default_profiles
-from resfuse.runtime.backends.tensorrt import engine_artifact
+from resfuse.runtime.backends.tensorrt import ALIGNMENT, bindable, engine_artifact
 from resfuse.runtime.check import check_artifact
 
 BIN = Path(sys.executable).parent
@@ -33,17 +35,31 @@ ODD_SHAPES = [(1, 3, 97, 131), (2, 3, 129, 65), (1, 3, 257, 311)]
 FAST_BUILD = {"builder_level": 1}  # parity does not depend on how long tactics were searched
 
 
-def _without_tensorrt() -> str | None:
-    """Why TensorRT cannot be imported here, or None."""
+def _without(name: str | None) -> str | None:
+    """Why this flavour (None: the default one) cannot be imported here, or None."""
     try:
-        engines.import_tensorrt()
+        tensorrt_env.import_flavour(tensorrt_env.resolve(name))
     except BackendUnavailableError as exc:
         return str(exc)
     return None
 
 
-NO_TENSORRT = _without_tensorrt()
-NO_GPU = NO_TENSORRT or (None if torch.cuda.is_available() else "torch sees no CUDA device")
+def _no_gpu() -> str | None:
+    """Why the default flavour cannot run engines here, or None."""
+    if _without(None):
+        return _without(None)
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    entry = tensorrt_env.default_flavour()
+    capability = "{}.{}".format(*torch.cuda.get_device_capability())
+    if entry.targets and capability not in entry.targets:
+        return f"{entry.label} does not run on compute capability {capability}"
+    return None
+
+
+NO_TENSORRT = _without("tensorrt")
+NO_FLAVOUR = _without(None)  # neither flavour
+NO_GPU = _no_gpu()
 
 
 def on_gpu(test):
@@ -101,7 +117,7 @@ def test_options_and_artifact_are_checked_before_tensorrt_is_imported(exported) 
         f"    runtime.load({str(path)!r}, 'tensorrt', 'cuda', builder_level=1,\n"
         "                 profiles=['1x3x8x8:1x3x8x8:2x3x8x8'], cache_dir='unused')\n"
         "except ConfigError:\n"
-        "    print('tensorrt' in sys.modules)\n"
+        "    print('tensorrt' in sys.modules or 'tensorrt_rtx' in sys.modules)\n"
     )
     proc = run(sys.executable, "-c", script)
     assert proc.stdout.strip() == "False", proc.stderr
@@ -109,18 +125,57 @@ def test_options_and_artifact_are_checked_before_tensorrt_is_imported(exported) 
 
 @pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here")
 def test_missing_tensorrt_through_load(exported) -> None:
+    path = exported["spp"].manifest_path
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed") as caught:
-        runtime.load(exported["spp"].manifest_path, "tensorrt", "cuda")
+        runtime.load(path, "tensorrt", "cuda", flavour="tensorrt")
     assert "pip install 'resfuse[gpu]'" in str(caught.value) and "\n" not in str(caught.value)
 
 
-@pytest.mark.skipif(NO_TENSORRT is None, reason="TensorRT is installed here")
-def test_missing_tensorrt_through_resfuse_check(exported) -> None:
+@pytest.mark.skipif(NO_FLAVOUR is not None, reason=f"{NO_FLAVOUR}")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_no_gpu_through_resfuse_check(exported) -> None:
+    """TensorRT-RTX builds here; running its engine needs a GPU, and says so in one line."""
     path = str(exported["spp"].manifest_path)
     proc = run(str(BIN / "resfuse-check"), path, "--backend", "tensorrt", "--device", "cuda")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not installed"), lines
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (
+            {"flavour": "tensorrt-llm"},
+            "--engine 'tensorrt-llm' is not one of tensorrt, tensorrt-rtx",
+        ),
+        (
+            {"flavour": "tensorrt-rtx", "trust_host_code": True},
+            "--trust-host-code is not available with --engine tensorrt-rtx",
+        ),
+        ({"compute_capabilities": "sm_86"}, "is not a list of MAJOR.MINOR capabilities"),
+        ({"compute_capabilities": 8.6}, "compute_capabilities must be a string"),
+    ],
+)
+def test_flavour_options_are_refused_before_import(exported, options, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        runtime.load(exported["masked"].manifest_path, "tensorrt", "cuda", **options)
+
+
+def test_inputs_are_made_bindable_once() -> None:
+    """TensorRT refuses addresses that are not 256-byte aligned and reads memory as contiguous
+    float32: a view into a batch is copied, a tensor that already fits is bound as it is."""
+    batch = torch.randn(4, 3, 5, 7)
+    view = batch[1:2]  # 105 floats in: 420 bytes past the start of the batch
+    assert view.data_ptr() % ALIGNMENT
+    fixed = bindable(view, torch.device("cpu"))
+    assert fixed.data_ptr() % ALIGNMENT == 0 and torch.equal(fixed, view)
+    aligned = bindable(fixed, torch.device("cpu"))
+    assert aligned is fixed  # no copy
+    doubles = bindable(batch.double(), torch.device("cpu"))
+    assert doubles.dtype == torch.float32 and doubles.is_contiguous()
+    strided = bindable(batch.transpose(2, 3), torch.device("cpu"))
+    assert strided.is_contiguous() and torch.equal(strided, batch.transpose(2, 3))
 
 
 @pytest.fixture
@@ -146,15 +201,25 @@ def test_an_int8_artifact_for_the_cpu_is_refused(artifact_copy: Path, targets) -
         runtime.load(artifact_copy, "tensorrt", "cuda")
 
 
+def _elsewhere() -> tensorrt_env.BuildEnvironment:
+    """This machine's environment with only the GPU changed (where there is one), so the first
+    field that differs is the GPU whatever TensorRT and CUDA are installed."""
+    if NO_GPU is None:
+        here = tensorrt_env.current_environment()
+        return replace(here, gpu_name="NVIDIA Imaginary GPU", compute_capability="8.6")
+    return tensorrt_env.BuildEnvironment(
+        "tensorrt", "10.13.0", "12", "linux-x86_64", "NVIDIA Imaginary GPU", "8.6"
+    )
+
+
 @pytest.fixture
 def engine_beside_artifact(artifact_copy: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A copy of the masked artifact and, beside it, an engine entry of it written by
     resfuse.export.engines for another machine (its plan bytes are no plan: nothing may
     deserialise them, since the recorded GPU is not this one)."""
     manifest = read_manifest(artifact_copy)
-    elsewhere = engines.BuildEnvironment("10.13.0", "12.9", "NVIDIA Imaginary GPU", "8.6")
     sidecar = engines.store_engine(
-        tmp_path, manifest, default_profiles(manifest), engines.BuildSettings(), elsewhere,
+        tmp_path, manifest, default_profiles(manifest), BuildSettings(), _elsewhere(),
         b"not a plan", 1.0,
     )  # fmt: skip
     return sidecar, manifest.path
@@ -172,7 +237,7 @@ def test_an_engine_loads_with_the_artifact_beside_it(engine_beside_artifact) -> 
     # Routed to the tensorrt runner with the artifact's contract: without TensorRT it stops at
     # the import; with it, at the recorded GPU, before the plan is deserialised.
     expected, text = (
-        (BackendUnavailableError, "not installed|no CUDA")
+        (BackendUnavailableError, "not installed|needs a CUDA GPU")
         if NO_GPU
         else (EngineError, "engine built for GPU NVIDIA Imaginary GPU")
     )
@@ -269,12 +334,13 @@ def test_profiles_pick_a_context_each_and_name_all_ranges(trt_exports, cache) ->
 @on_gpu
 def test_cached_engine_is_found_fast_and_loads_by_its_manifest(trt_exports, cache) -> None:
     path = trt_exports[("spp", "fp32")]
-    settings = engines.BuildSettings(**FAST_BUILD)
-    sidecar = engines.find_or_build(path, settings=settings, cache_dir=cache)
+    settings = BuildSettings(**FAST_BUILD)
+    built = engines.find_or_build(path, settings=settings, cache_dir=cache)
+    sidecar = built.record.path
     start = time.perf_counter()
-    assert engines.find_or_build(path, settings=settings, cache_dir=cache) == sidecar
+    assert engines.find_or_build(path, settings=settings, cache_dir=cache).record == built.record
     assert time.perf_counter() - start < 1.0
-    beside = engines.export_engine(sidecar, path.parent)  # as resfuse-build --output does
+    beside = engines.export_engine(built, path.parent)  # as resfuse-build --output does
     x = np.random.default_rng(1).standard_normal((1, 3, 97, 131), dtype=np.float32)
     with (
         runtime.load(beside, "tensorrt", "cuda") as by_engine,
@@ -289,16 +355,14 @@ def test_cached_engine_is_found_fast_and_loads_by_its_manifest(trt_exports, cach
 @pytest.mark.slow
 def test_a_changed_onnx_builds_a_new_engine(tmp_path: Path, cache) -> None:
     first = _export(tmp_path, "upsample", "fp32")
-    old = engines.find_or_build(
-        first, cache_dir=cache, settings=engines.BuildSettings(**FAST_BUILD)
-    )
+    old = engines.find_or_build(first, cache_dir=cache, settings=BuildSettings(**FAST_BUILD))
     second = _export(tmp_path, "upsample", "fp32", "--seed", "1")  # same name, new weights
     assert second == first
     with (
         runtime.load(second, "tensorrt", "cuda", cache_dir=cache, **FAST_BUILD) as engine,
         runtime.load(second, "torch", "cpu") as original,
     ):
-        assert engine.runner.describe()["engine"] != old.name
+        assert engine.runner.describe()["engine"] != old.record.path.name
         x = np.random.default_rng(2).standard_normal((1, 3, 97, 131), dtype=np.float32)
         np.testing.assert_allclose(engine.run(x), original.run(x), atol=1e-4, rtol=1e-4)
 
@@ -361,13 +425,61 @@ def test_cuda_graphs_give_the_same_output(trt_exports, cache, masked_engine) -> 
 
 
 @on_gpu
+def test_graph_slots_of_one_profile_run_one_at_a_time(trt_exports, cache, masked_engine) -> None:
+    """CUDA-graph contexts for two shapes of one profile share that profile: TensorRT allows
+    one context per profile in flight, so calls from many threads must still be right."""
+    path = trt_exports[("masked", "fp32")]
+    shapes = [(1, 3, 97, 131), (1, 3, 64, 64)]  # both in the default profile
+    inputs = [torch.randn(shapes[k % 2], device="cuda") for k in range(8)]
+    expected = [masked_engine.run(x).cpu() for x in inputs]
+    with runtime.load(
+        path, "tensorrt", "cuda", cache_dir=cache, cuda_graphs=True, **FAST_BUILD
+    ) as graphs:
+        results: dict[int, torch.Tensor] = {}
+
+        def call(k: int) -> None:
+            results[k] = graphs.run(inputs[k]).cpu()
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        locks = {id(slot.lock) for slot in graphs.runner._slots.values()}
+        assert len(graphs.runner._slots) == 2 and len(locks) == 1
+    for k in range(8):
+        torch.testing.assert_close(results[k], expected[k], atol=1e-5, rtol=1e-5)
+
+
+@on_gpu
+def test_deactivate_waits_for_queued_work(trt_exports, cache) -> None:
+    """Leaving the session right after a call queued on the GPU: the output is complete."""
+    path = trt_exports[("masked", "fp32")]
+    x = torch.randn(4, 3, 512, 512, device="cuda")
+    with runtime.load(path, "tensorrt", "cuda", cache_dir=cache, **FAST_BUILD) as s:
+        reference = s.run(x).clone()
+        out = s.run(x)  # queued; the with-block ends before the host waits for it
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, reference)
+
+
+@on_gpu
 def test_polygraphy_runs_the_verified_plan_to_the_same_output(masked_engine) -> None:
     """A runner resfuse did not write, Polygraphy's TrtRunner, on the same verified plan bytes:
-    binding, profile choice and copies in resfuse's runner change nothing in the result."""
+    binding, profile choice and copies in resfuse's runner change nothing in the result. CUDA 13
+    wheels keep libcudart where Polygraphy 0.53 does not look: expose_cudart shows it the way;
+    a TensorRT-RTX plan needs Polygraphy's RTX mode, chosen before its first import."""
+    import os
+
+    from resfuse.runtime.cudart import expose_cudart
+
+    expose_cudart()
+    if masked_engine.runner.record.environment.flavour == "tensorrt-rtx":
+        os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1"
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     record = masked_engine.runner.record
-    _, plan = engines.read_engine(record.path)
+    plan = engines.read_engine(record.path).plan
     x = np.random.default_rng(3).standard_normal((1, 3, 97, 131), dtype=np.float32)
     with TrtRunner(EngineFromBytes(plan)) as runner:
         [theirs] = runner.infer({"image": x}).values()

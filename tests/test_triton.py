@@ -11,8 +11,10 @@ from click.testing import CliRunner
 from resfuse.artifacts import read_manifest
 from resfuse.errors import ArtifactWriteError, ConfigError, EngineError
 from resfuse.export.cli import main
-from resfuse.export.engines import BuildEnvironment, BuildSettings, store_engine
+from resfuse.export.engine_manifest import BuildSettings
+from resfuse.export.engines import store_engine
 from resfuse.export.profiles import Profile
+from resfuse.export.tensorrt_env import BuildEnvironment
 from resfuse.export.triton import TritonOptions, model_config, parse_config, write_triton_repo
 
 
@@ -139,17 +141,19 @@ def test_triton_options_are_checked_before_the_export(
     assert list(tmp_path.iterdir()) == []  # nothing exported, no repository
 
 
-H200 = BuildEnvironment("10.13.0.35", "12.9", "NVIDIA H200", "9.0")
+H200 = BuildEnvironment("tensorrt", "10.13.0.35", "12.9", "linux-x86_64", "NVIDIA H200", "9.0")
 PLAN = bytes(range(256)) * 16  # stands in for a plan: nothing here deserialises it
 
 
-def _engine(artifact: Path, cache: Path, max_batch: int = 8, **settings) -> Path:
+def _engine(
+    artifact: Path, cache: Path, max_batch: int = 8, env: BuildEnvironment = H200, **settings
+) -> Path:
     profiles = [
         Profile((1, 3, 64, 64), (1, 3, 256, 256), (4, 3, 512, 512)),
         Profile((1, 3, 512, 512), (1, 3, 1024, 1024), (max_batch, 3, 1024, 1024)),
     ]
     manifest = read_manifest(artifact)
-    return store_engine(cache, manifest, profiles, BuildSettings(**settings), H200, PLAN, 1.0)
+    return store_engine(cache, manifest, profiles, BuildSettings(**settings), env, PLAN, 1.0)
 
 
 def test_an_engine_is_served_as_a_tensorrt_plan(exported, tmp_path: Path) -> None:
@@ -178,6 +182,10 @@ def test_an_engine_is_refused_where_triton_could_not_load_it(exported, tmp_path:
     other = _engine(exported["spp"].manifest_path, tmp_path / "cache")
     with pytest.raises(ConfigError, match=r"built from another ONNX model .*\(spp-resnet18.json\)"):
         write_triton_repo(artifact, repo, TritonOptions(kind="gpu"), engine=other)
+    rtx = BuildEnvironment("tensorrt-rtx", "1.7.1", "12", "linux-x86_64", "any", "8.6")
+    portable = _engine(artifact, tmp_path / "cache", env=rtx)
+    with pytest.raises(ConfigError, match="tensorrt-rtx plan, and Triton's tensorrt_plan"):
+        write_triton_repo(artifact, repo, TritonOptions(kind="gpu"), engine=portable)
     host = _engine(artifact, tmp_path / "cache", trust_host_code=True)
     with pytest.raises(EngineError, match="carries host code"):
         write_triton_repo(artifact, repo, TritonOptions(kind="gpu"), engine=host)

@@ -362,9 +362,14 @@ def bindable(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     ALIGNMENT bytes. A tensor that already is one is returned as it is (no copy); a view such
     as batch[1:2] may start mid-allocation, so a misaligned one is copied once."""
     x = x.to(device=device, dtype=torch.float32).contiguous()
-    if x.data_ptr() % ALIGNMENT:
-        x = x.clone()  # fresh allocations start on an allocator block (512 bytes on CUDA)
-    return x
+    if x.data_ptr() % ALIGNMENT == 0:
+        return x
+    # torch's CUDA blocks start at 512 bytes, its CPU ones at 64: take an aligned window of a
+    # slightly larger allocation rather than trust either.
+    count, slack = x.numel(), ALIGNMENT // x.element_size()
+    raw = torch.empty(count + slack, dtype=torch.float32, device=device)
+    start = (-raw.data_ptr() % ALIGNMENT) // x.element_size()
+    return raw[start : start + count].view(x.shape).copy_(x)
 
 
 def bind(context: trt.IExecutionContext, name: str, tensor: torch.Tensor) -> None:
