@@ -34,6 +34,8 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy resfuse export runtime
+	# the TensorRT calls against tensorrt-stubs (mypy skips them in site-packages: see the test)
+	$(BIN)/python -m pytest -q tests/test_engines.py -k type_checks_against_the_stubs
 
 clean:
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache .hypothesis
