@@ -8,12 +8,12 @@ import click
 
 from resfuse.artifacts import Manifest, ensure_writable, read_manifest
 from resfuse.console import err, fail, out
+from resfuse.engine_manifest import HARDWARE_COMPAT, MAX_BUILDER_LEVEL, BuildSettings
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.engine_manifest import HARDWARE_COMPAT, MAX_BUILDER_LEVEL, BuildSettings
 from resfuse.export.engines import export_engine, find_or_build
-from resfuse.export.profiles import Profile, default_profiles, parse_profile, parse_shape
-from resfuse.export.tensorrt_env import FLAVOURS, parse_targets
 from resfuse.export.triton import TritonOptions, require_schema, write_triton_repo
+from resfuse.profiles import Profile, default_profiles, parse_profile, parse_shape
+from resfuse.tensorrt_env import FLAVOURS, parse_targets
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,8 +188,8 @@ def _profiles(
 ) -> list[Profile] | None:
     """--profile entries, or one profile from --min/--opt/--max with the shapes left out taken
     from the artifact's default profile; None when nothing was given (the default profile)."""
-    given = {"min": min_shape, "opt": opt_shape, "max": max_shape}
-    given = {k: v for k, v in given.items() if v is not None}
+    options = {"min": min_shape, "opt": opt_shape, "max": max_shape}
+    given = {k: v for k, v in options.items() if v is not None}
     if profile_texts and given:
         raise ConfigError(
             "give one profile with --min/--opt/--max or several with --profile, not both"

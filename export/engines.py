@@ -26,18 +26,18 @@ from resfuse.artifacts import (
     replace_file,
     write_artifact,
 )
-from resfuse.errors import ArtifactWriteError, ConfigError, EngineError, ManifestError
-from resfuse.export.engine_manifest import (
+from resfuse.engine_manifest import (
     BuildSettings,
     Engine,
     digest,
     plan_key,
+    read_engine,
     read_record,
     sidecar,
-    verify,
 )
-from resfuse.export.profiles import Profile, default_profiles, validate_profiles
-from resfuse.export.tensorrt_env import (
+from resfuse.errors import ArtifactWriteError, ConfigError, EngineError, ManifestError
+from resfuse.profiles import Profile, default_profiles, validate_profiles
+from resfuse.tensorrt_env import (
     BuildEnvironment,
     Flavour,
     build_environment,
@@ -76,13 +76,6 @@ def _timing_cache_path(path: Path) -> None:
     if path.is_dir():
         raise ConfigError(f"--timing-cache {path} is a folder; give a file path (it is created)")
     ensure_writable(path.parent, path.name, "--timing-cache")
-
-
-def read_engine(
-    path: str | Path, here: BuildEnvironment | None = None, allow_host_code: bool = False
-) -> Engine:
-    """The verified engine (sidecar and plan bytes) given by its .json or its .plan."""
-    return verify(read_record(path), here, allow_host_code)
 
 
 def _commit(

@@ -6,9 +6,12 @@ Runtime's x86 kernels run fastest; the default), or symmetric int8 with zero poi
 form TensorRT takes. For CPUs, transposed convolutions with kernel = stride are first rewritten
 as convolutions (`subpixel`: ONNX Runtime has no int8 transposed convolution on the CPU), and a
 ReLU after a convolution folds into its uint8 output; ONNX Runtime then runs the reshapes,
-transposes and crop that follow on the 8-bit values. Everything else, the sigmoid gate, the
-pyramid's cumulative sums and the full-resolution interpolation and concatenation of each
-fusion method, stays float32, and the image reaches the fused output unquantized.
+transposes and crop that follow on the 8-bit values. For TensorRT the graph keeps its transposed
+convolutions, quantized as convolutions are (TensorRT runs deconvolutions in int8), and the
+residual Adds of the backbone read int8 inputs (TensorRT's Q/DQ placement for skip connections).
+Everything else, the sigmoid gate, the pyramid's cumulative sums and the full-resolution
+interpolation and concatenation of each fusion method, stays float32, and the image reaches the
+fused output unquantized.
 """
 
 from __future__ import annotations
@@ -31,14 +34,24 @@ from resfuse.export.parity import Shape
 from resfuse.export.subpixel import subpixel_convtranspose
 from resfuse.images import image_files, load_image
 
-QUANTIZED_OPS = ("Conv",)
-
 
 def _op_types(symmetric: bool) -> list[str]:
     """With uint8 activations a ReLU after a convolution is removed and the convolution's output
     takes its range, [0, max]: no requantizing step between them. TensorRT (symmetric int8)
-    fuses the ReLU itself."""
-    return list(QUANTIZED_OPS) if symmetric else [*QUANTIZED_OPS, "Relu"]
+    fuses the ReLU itself and runs transposed convolutions in int8 (the quantizer gives their
+    [C_in, C_out/group, kH, kW] weights one scale per output channel, axis 1); its Q/DQ placement
+    for skip connections quantizes the residual Add's inputs, the skip branch included."""
+    return ["Conv", "ConvTranspose", "Add"] if symmetric else ["Conv", "Relu"]
+
+
+def _quantized_parts(symmetric: bool) -> str:
+    """What quantize_int8 quantizes, in words, for the manifest."""
+    if symmetric:
+        return (
+            "Conv and ConvTranspose: inputs, weights and outputs; residual Add (one input a "
+            "Conv's output): inputs, its sum float32 into the ReLU after it"
+        )
+    return "Conv: inputs, weights and outputs, a ReLU after one folded into its uint8 output"
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ def quantization_record(calibration: Calibration, symmetric: bool = False) -> di
     return {
         "format": "QDQ",
         "ops": _op_types(symmetric),
+        "quantized": _quantized_parts(symmetric),
         "rewrites": []
         if symmetric
         else ["ConvTranspose (kernel = stride) -> Conv + sub-pixel shuffle"],
@@ -172,21 +186,38 @@ def quantize_int8(
                 _Reader(input_name, batches),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=_op_types(symmetric),
+                nodes_to_exclude=_non_residual_adds(onnx.load(prepared)),
                 per_channel=True,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
-                # TensorRT's parser takes int8 DequantizeLinear inputs only: its biases stay
-                # float (onnx/onnx-tensorrt#850); ONNX Runtime's CPU kernels want int32 ones.
-                extra_options={
-                    "ActivationSymmetric": symmetric,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": not symmetric,
-                },
+                extra_options=_extra_options(symmetric),
             )
         except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
         return _float_inputs(onnx.load(quantized))
+
+
+def _non_residual_adds(model: onnx.ModelProto) -> list[str]:
+    """The Adds that sum no convolution's output: the coordinate arithmetic of spp's and masked's
+    resize grids, calibrated on small inputs, would clip on large ones in int8."""
+    convs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+    return [n.name for n in model.graph.node if n.op_type == "Add" and not convs & {*n.input}]
+
+
+def _extra_options(symmetric: bool) -> dict[str, Any]:
+    # TensorRT's parser takes int8 DequantizeLinear inputs only: its biases stay float
+    # (onnx/onnx-tensorrt#850); ONNX Runtime's CPU kernels want int32 ones.
+    options: dict[str, Any] = {
+        "ActivationSymmetric": symmetric,
+        "WeightSymmetric": True,
+        "QuantizeBias": not symmetric,
+    }
+    if symmetric:
+        # A residual sum goes into a ReLU whose output is quantized for its readers: a Q/DQ pair
+        # on the sum itself would only round it once more.
+        options["OpTypesToExcludeOutputQuantization"] = ["Add"]
+    return options
 
 
 def _float_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -207,6 +238,6 @@ def _float_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
         if n.op_type == "DequantizeLinear" and n.input[0] in quantized
     }
     for node in graph.node:
-        if node.op_type not in QUANTIZED_OPS:
+        if node.op_type != "Conv":
             node.input[:] = [source.get(name, name) for name in node.input]
     return model

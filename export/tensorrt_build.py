@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from resfuse.engine_manifest import BuildSettings
 from resfuse.errors import ConfigError, ExportError, ModelLoadError
-from resfuse.export.engine_manifest import BuildSettings
-from resfuse.export.profiles import Profile
+from resfuse.profiles import Profile
 
 if TYPE_CHECKING:
     import tensorrt as trt

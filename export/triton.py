@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from resfuse.artifacts import Manifest, check_name, read_manifest
+from resfuse.engine_manifest import EngineRecord
 from resfuse.errors import ArtifactWriteError, BackendUnavailableError, ConfigError
-from resfuse.export.engine_manifest import EngineRecord
 from resfuse.export.engines import read_engine
 
 KINDS = ("cpu", "gpu")

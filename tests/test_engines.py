@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from resfuse import tensorrt_env
 from resfuse.artifacts import read_manifest, replace_file
+from resfuse.engine_manifest import BuildSettings
 from resfuse.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -28,8 +30,7 @@ from resfuse.errors import (
     InputContractError,
     ManifestError,
 )
-from resfuse.export import build_cli, engines, tensorrt_env
-from resfuse.export.engine_manifest import BuildSettings
+from resfuse.export import build_cli, engines
 from resfuse.export.engines import (
     cache_key,
     default_cache_dir,
@@ -39,7 +40,7 @@ from resfuse.export.engines import (
     store_engine,
 )
 from resfuse.export.pipeline import ExportResult
-from resfuse.export.profiles import (
+from resfuse.profiles import (
     Profile,
     default_profiles,
     parse_profile,
@@ -47,7 +48,7 @@ from resfuse.export.profiles import (
     profile_for,
     validate_profiles,
 )
-from resfuse.export.tensorrt_env import FLAVOURS, BuildEnvironment, import_flavour
+from resfuse.tensorrt_env import FLAVOURS, BuildEnvironment, import_flavour
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = BuildEnvironment("tensorrt", "10.13.0.35", "12.9", "linux-x86_64", "NVIDIA H200", "9.0")
@@ -245,9 +246,9 @@ def _key(**change: Any) -> str:
 
 def test_cache_key_is_the_same_in_another_process() -> None:
     code = (
-        "from resfuse.export.engines import *; from resfuse.export.profiles import Profile; "
-        "from resfuse.export.engine_manifest import BuildSettings; "
-        "from resfuse.export.tensorrt_env import BuildEnvironment; "
+        "from resfuse.export.engines import *; from resfuse.profiles import Profile; "
+        "from resfuse.engine_manifest import BuildSettings; "
+        "from resfuse.tensorrt_env import BuildEnvironment; "
         "print(cache_key('ab' * 32, BuildEnvironment('tensorrt', '10.13.0.35', '12.9', "
         "'linux-x86_64', 'NVIDIA H200', '9.0'), "
         "[Profile((1, 3, 32, 32), (1, 3, 512, 512), (4, 3, 1024, 1024))], BuildSettings()))"
@@ -496,7 +497,7 @@ def test_cache_hit_imports_no_tensorrt(artifact: Path, tmp_path: Path) -> None:
     code = f"""
 import json, sys, time
 from resfuse.export.engines import find_or_build
-from resfuse.export.tensorrt_env import BuildEnvironment
+from resfuse.tensorrt_env import BuildEnvironment
 env = BuildEnvironment(*{list(H200.to_dict().values())!r})
 start = time.perf_counter()
 found = find_or_build({str(artifact)!r}, cache_dir={str(tmp_path)!r}, env=env, rebuild=False)

@@ -14,14 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from resfuse.artifacts import read_manifest
+from resfuse.engine_manifest import BuildSettings
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
 from resfuse.export import build_cli, engines
-from resfuse.export.engine_manifest import BuildSettings
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
-from resfuse.export.profiles import Profile
 from resfuse.export.quantize import Calibration
-from resfuse.export.tensorrt_env import FLAVOURS, import_flavour
 from resfuse.models import METHODS, ModelConfig
+from resfuse.profiles import Profile
+from resfuse.tensorrt_env import FLAVOURS, import_flavour
 
 
 def _rtx_absent() -> str | None:

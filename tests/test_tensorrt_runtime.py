@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from resfuse import runtime
+from resfuse import runtime, tensorrt_env
 from resfuse.artifacts import named_files, read_manifest
+from resfuse.engine_manifest import BuildSettings
 from resfuse.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -23,9 +24,8 @@ from resfuse.errors import (
     InputContractError,
     ManifestError,
 )
-from resfuse.export import engines, tensorrt_env
-from resfuse.export.engine_manifest import BuildSettings
-from resfuse.export.profiles import default_profiles
+from resfuse.export import engines
+from resfuse.profiles import default_profiles
 from resfuse.runtime.backends.tensorrt import ALIGNMENT, bindable, engine_artifact
 from resfuse.runtime.check import check_artifact
 
@@ -160,6 +160,18 @@ def test_no_gpu_through_resfuse_check(exported) -> None:
 def test_flavour_options_are_refused_before_import(exported, options, message) -> None:
     with pytest.raises(ConfigError, match=message):
         runtime.load(exported["masked"].manifest_path, "tensorrt", "cuda", **options)
+
+
+def test_the_tensorrt_runner_needs_export_only_to_build() -> None:
+    """Engines that are already built load without resfuse.export (and without torch.onnx's
+    exporter behind it): it is imported when a build is needed, not before."""
+    code = (
+        "import sys\n"
+        "from resfuse.runtime.backends import tensorrt\n"
+        "print(sorted(m for m in sys.modules if m.startswith('resfuse.export')))\n"
+    )
+    proc = run(sys.executable, "-c", code)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_inputs_are_made_bindable_once() -> None:

@@ -9,13 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from resfuse.artifacts import read_manifest
+from resfuse.engine_manifest import BuildSettings
 from resfuse.errors import ArtifactWriteError, ConfigError, EngineError
 from resfuse.export.cli import main
-from resfuse.export.engine_manifest import BuildSettings
 from resfuse.export.engines import store_engine
-from resfuse.export.profiles import Profile
-from resfuse.export.tensorrt_env import BuildEnvironment
 from resfuse.export.triton import TritonOptions, model_config, parse_config, write_triton_repo
+from resfuse.profiles import Profile
+from resfuse.tensorrt_env import BuildEnvironment
 
 
 def test_repository_layout_and_config_match_the_manifest(exported, tmp_path: Path) -> None:

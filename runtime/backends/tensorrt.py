@@ -1,10 +1,11 @@
 """TensorRT: an engine that resfuse built and cached (resfuse.export.engines), run on a CUDA GPU,
 by TensorRT 10/11 or TensorRT-RTX (option `flavour`; default: the one installed).
 
-An artifact is built into an engine on first use, or found in the engine cache; an engine's
-sidecar manifest loads as it is. Only plan bytes that were verified against their sidecar are
-deserialised, and a plan with host code only when trusted; a TensorRT-RTX plan is first asked
-whether it can run on this GPU (Runtime.get_engine_validity). Each call picks the first profile
+An artifact is built into an engine on first use (resfuse.export.engines, imported only then),
+or found in the engine cache; an engine's sidecar manifest loads as it is. Only plan bytes that
+were verified against their sidecar are deserialised, and a plan with host code only when
+trusted; a TensorRT-RTX plan is first asked whether it can run on this GPU
+(Runtime.get_engine_validity). Each call picks the first profile
 whose range holds the input; each profile has its own execution context and CUDA stream, made
 on first use, and one lock: TensorRT runs one context per profile at a time. Contexts allocate
 activation memory for the shapes they run (ON_PROFILE_CHANGE), not for the largest shape of
@@ -35,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from resfuse import engine_manifest, tensorrt_env
 from resfuse.artifacts import Manifest, manifest_path_for, replace_file
+from resfuse.engine_manifest import Engine, EngineRecord
 from resfuse.errors import (
     ArtifactWriteError,
     BackendUnavailableError,
@@ -44,9 +47,7 @@ from resfuse.errors import (
     ManifestError,
     ModelLoadError,
 )
-from resfuse.export import engine_manifest, engines, tensorrt_env
-from resfuse.export.engine_manifest import Engine, EngineRecord
-from resfuse.export.profiles import Profile, parse_profile, profile_for, validate_profiles
+from resfuse.profiles import Profile, parse_profile, profile_for, validate_profiles
 from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
 
 if TYPE_CHECKING:
@@ -155,7 +156,9 @@ class TensorRTRunner(Runner):
         checked against this machine, the field that differs named."""
         given = self.options.get("engine")
         if given is not None:
-            return engines.read_engine(given, here, allow_host_code=trusted)
+            return engine_manifest.read_engine(given, here, allow_host_code=trusted)
+        from resfuse.export import engines  # the runtime needs export only to build
+
         built = engines.find_or_build(
             self.manifest,
             self.profiles,

@@ -20,9 +20,9 @@ from typing import Any, NoReturn
 
 from resfuse.artifacts import Manifest, manifest_path_for
 from resfuse.errors import ConfigError, EngineError, ManifestError
-from resfuse.export.profiles import Profile
-from resfuse.export.tensorrt_env import LABELS, BuildEnvironment, Flavour, mismatch
+from resfuse.profiles import Profile
 from resfuse.schema import PRECISIONS, _Fields, _plain
+from resfuse.tensorrt_env import LABELS, BuildEnvironment, Flavour, mismatch
 
 ENGINE_FORMAT = "resfuse-engine"
 ENGINE_FORMAT_VERSION = 2  # 2: the environment names the flavour and the platform
@@ -290,6 +290,13 @@ def sidecar(
         "build_seconds": round(seconds, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def read_engine(
+    path: str | Path, here: BuildEnvironment | None = None, allow_host_code: bool = False
+) -> Engine:
+    """The verified engine (sidecar and plan bytes) given by its .json or its .plan."""
+    return verify(read_record(path), here, allow_host_code)
 
 
 def verify(
