@@ -4,19 +4,23 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
+from onnx import numpy_helper
 from PIL import Image
 
+from resfuse.artifacts import load_original
 from resfuse.compare import Tolerance, compare
 from resfuse.contract import InputContract, Range
 from resfuse.errors import ConfigError, InputContractError, ParityError
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
-from resfuse.export.quantize import Calibration
+from resfuse.export.quantize import Calibration, quantize_int8
 from resfuse.models import ModelConfig
 from resfuse.runtime import load
 from resfuse.runtime.bench import _record, benchmark
@@ -269,6 +273,7 @@ def test_onnx_runtime_runs_every_upsample_convolution_in_int8(
     assert ops.count("DequantizeLinear") == 2
     manifest = json.loads(upsample_int8.manifest_path.read_text())
     assert manifest["quantization"]["ops"] == ["Conv", "Relu"]
+    assert manifest["quantization"]["quantized"].startswith("Conv: inputs, weights and outputs")
     assert manifest["quantization"]["rewrites"] == [
         "ConvTranspose (kernel = stride) -> Conv + sub-pixel shuffle"
     ]
@@ -292,3 +297,140 @@ def test_int8_passes_the_image_through_in_float32(method: str, request) -> None:
     assert report.passed, report.records[0]
     if method == "upsample":
         assert report.records[0].passthrough == "exact"
+
+
+@pytest.fixture(scope="module")
+def upsample_int8_trt(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """TensorRT's scheme: the transposed convolutions stay (no sub-pixel rewrite), in int8."""
+    options = ExportOptions(
+        max_size=128, calibration=Calibration(count=2, size=128), target="tensorrt"
+    )
+    return export_artifact(ModelConfig("upsample"), tmp_path_factory.mktemp("up8trt"), options)
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {name: node for node in graph.node for name in node.output}
+
+
+def _readers(graph: onnx.GraphProto, tensor: str) -> list[str]:
+    return [n.op_type for n in graph.node if tensor in n.input]
+
+
+def test_tensorrt_int8_quantizes_every_transposed_convolution(
+    upsample_int8_trt: ExportResult, exported
+) -> None:
+    graph = onnx.load(upsample_int8_trt.onnx_path).graph
+    producer = _producers(graph)
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    float_ops = [n.op_type for n in onnx.load(exported["upsample"].onnx_path).graph.node]
+    deconvs = [n for n in graph.node if n.op_type == "ConvTranspose"]
+    assert len(deconvs) == float_ops.count("ConvTranspose") == 5
+    for node in deconvs:
+        data, weights = node.input[:2]
+        kinds = [producer[n].op_type if n in producer else "initializer" for n in (data, weights)]
+        assert kinds == ["DequantizeLinear"] * 2, node.name
+        weight = producer[weights]
+        w, scale, zero = (init[name] for name in weight.input)
+        axis = next(a.i for a in weight.attribute if a.name == "axis")
+        # weights [C_in, C_out, kH, kW]: one scale per output channel, TensorRT's int8 range
+        assert axis == 1 and scale.shape == zero.shape == (w.shape[1],) and not zero.any()
+        assert w.dtype == np.int8 and -127 <= w.min() and w.max() <= 127
+    record = json.loads(upsample_int8_trt.manifest_path.read_text())["quantization"]
+    assert (record["ops"], record["rewrites"]) == (["Conv", "ConvTranspose", "Add"], [])
+    assert record["quantized"].startswith("Conv and ConvTranspose: inputs, weights and outputs")
+
+
+def test_tensorrt_int8_residual_adds_read_int8(upsample_int8_trt: ExportResult) -> None:
+    graph = onnx.load(upsample_int8_trt.onnx_path).graph
+    producer = _producers(graph)
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    assert len(adds) == 8  # resnet18: two blocks in each of four stages
+    for node in adds:  # the branch's convolution and the skip, each dequantized from int8
+        kinds = [producer[name].op_type for name in node.input]
+        assert kinds == ["DequantizeLinear"] * 2, node.name
+        # the sum is not requantized: the ReLU after it is, for its readers
+        assert _readers(graph, node.output[0]) == ["Relu"], node.name
+
+
+def test_tensorrt_int8_leaves_coordinate_arithmetic_float(exported) -> None:
+    """masked's resize grid adds offsets to pixel indices: calibrated at one size, int8 would
+    clip them at larger ones. Only the Adds that sum a convolution's output are quantized."""
+    model = onnx.load(exported["masked"].onnx_path)
+    batch = np.random.default_rng(0).standard_normal((1, 3, 64, 64), dtype=np.float32)
+    graph = quantize_int8(model, "image", [batch], symmetric=True).graph
+    producer = _producers(graph)
+    adds = [n for n in graph.node if n.op_type == "Add"]
+    residual = {n.name for n in adds if _readers(graph, n.output[0]) == ["Relu"]}
+    assert len(residual) == 8 and len(adds) == 14
+    for node in adds:
+        kinds = [producer[name].op_type if name in producer else "" for name in node.input]
+        quantized = kinds == ["DequantizeLinear"] * 2
+        assert quantized == (node.name in residual), f"{node.name} reads {kinds}"
+
+
+def _tensorrt_rtx() -> Any:
+    """TensorRT-RTX, which builds on the CPU; a missing or broken install skips, naming the fix."""
+    try:
+        import tensorrt_rtx
+    except (ImportError, OSError) as exc:  # OSError: the bindings without their libraries
+        pytest.skip(f"TensorRT-RTX does not import ({exc}); pip install 'resfuse[rtx]'")
+    return tensorrt_rtx
+
+
+def _from_int8(trt: Any, layer: Any, made_by: dict[str, Any]) -> bool:
+    """Every input of `layer` is dequantized from an int8 tensor."""
+    sources = [made_by[layer.get_input(j).name] for j in range(layer.num_inputs)]
+    return all(
+        s.type == trt.LayerType.DEQUANTIZE and s.get_input(0).dtype == trt.DataType.INT8
+        for s in sources
+    )
+
+
+def _plan(builder: Any, network: Any) -> Any:
+    """A plan for one small profile, built fast: what is tested is that it builds."""
+    config = builder.create_builder_config()
+    config.builder_optimization_level = 0
+    profile = builder.create_optimization_profile()
+    profile.set_shape("image", (1, 3, 64, 64), (1, 3, 64, 64), (1, 3, 128, 128))
+    config.add_optimization_profile(profile)
+    return builder.build_serialized_network(network, config)
+
+
+def test_tensorrt_rtx_builds_int8_deconvolutions(upsample_int8_trt: ExportResult) -> None:
+    trt = _tensorrt_rtx()
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)  # holds the weights the network points into
+    assert parser.parse(upsample_int8_trt.onnx_path.read_bytes())
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    made_by = {
+        layer.get_output(j).name: layer for layer in layers for j in range(layer.num_outputs)
+    }
+    deconvs = [layer for layer in layers if layer.type == trt.LayerType.DECONVOLUTION]
+    assert [layer.num_inputs for layer in deconvs] == [2] * 5  # data and kernel, both int8
+    assert all(_from_int8(trt, layer, made_by) for layer in deconvs)
+    sums = [  # the residual Adds; the other element-wise layers compute shapes in int64
+        layer
+        for layer in layers
+        if layer.type == trt.LayerType.ELEMENTWISE
+        and layer.get_input(0).dtype == trt.DataType.FLOAT
+    ]
+    assert len(sums) == 8 and all(_from_int8(trt, layer, made_by) for layer in sums)
+    plan = _plan(builder, network)
+    assert plan is not None and plan.nbytes > 1_000_000  # weights and kernels, not a stub
+
+
+def test_tensorrt_int8_upsample_keeps_its_parity_bound(upsample_int8_trt: ExportResult) -> None:
+    manifest = upsample_int8_trt.manifest_path
+    parity = json.loads(manifest.read_text())["parity"]
+    assert parity["max_rel_l2"] == 0.1
+    assert all(r["passed"] and 1e-4 < r["rel_l2"] <= 0.1 for r in parity["results"])
+    # The exact image channels dominate that norm: the features alone meet the bound too.
+    x = torch.randn((2, 3, 97, 113), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = load_original(manifest)(x).numpy()[:, 3:]
+    with load(manifest) as session:
+        features = session.run(x.numpy())[:, 3:]
+    stats = compare(reference, features, Tolerance(max_rel_l2=0.1))
+    assert stats.passed and stats.rel_l2 > 1e-3, stats

@@ -29,7 +29,10 @@ OPTIONS = {
     "optimization": f"graph optimisation level, one of {_LEVELS} (default all)",
     "mem_pattern": "reuse a memory plan across calls (default True)",
     "spinning": "idle threads spin for the next call instead of sleeping (default True, as ORT)",
-    "fp16": "TensorRT EP: build float16 engines (default False)",
+    "fp16": (
+        "TensorRT EP: build float16 engines (default False); TensorRT 10 only; TensorRT 11 "
+        "takes precision from the graph: export --precision fp16"
+    ),
     "opt_shape": "TensorRT EP: (B, C, H, W) the kernels are tuned for (default 1 x C x 512 x 512)",
     "cache_dir": "TensorRT EP: engine and timing caches (default ~/.cache/resfuse/ort-trt)",
 }
@@ -42,9 +45,11 @@ def tensorrt_provider_options(
     cache_dir: str | Path | None = None,
     fp16: bool = False,
     opt_shape: tuple[int, int, int, int] | None = None,
+    int8: bool = False,
 ) -> dict[str, str]:
     """TensorRT EP options: one profile spanning the contract and caches keyed by the model's
-    sha256, so a changed ONNX file never meets an engine built from another."""
+    sha256, so a changed ONNX file never meets an engine built from another. `int8`: the graph
+    is an INT8 Q/DQ one, which TensorRT 10 runs in int8 only with trt_int8_enable."""
     low = (contract.batch.min, contract.channels, contract.height.min, contract.width.min)
     high = (contract.batch.max, contract.channels, contract.height.max, contract.width.max)
     if None in high:
@@ -67,10 +72,39 @@ def tensorrt_provider_options(
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(root / "timing"),
         "trt_fp16_enable": "True" if fp16 else "False",
+        "trt_int8_enable": "True" if int8 else "False",
         "trt_profile_min_shapes": dims(low),
         "trt_profile_opt_shapes": dims(opt),
         "trt_profile_max_shapes": dims(high),
     }
+
+
+def require_provider(wanted: str, got: list[str]) -> None:
+    """ONNX Runtime skips an execution provider that fails to start (a missing CUDA, cuDNN or
+    TensorRT library), or rebuilds the session on the next ones, and only logs it: a session
+    that does not lead with the provider asked for would time or check the wrong device."""
+    if got[:1] != [wanted]:
+        libraries = (
+            "CUDA, cuDNN and TensorRT" if wanted == _PROVIDERS["tensorrt"][0] else "CUDA and cuDNN"
+        )
+        raise BackendUnavailableError(
+            f"ONNX Runtime could not start {wanted}: the session got "
+            f"{', '.join(got) or 'no provider'}; check that the {libraries} libraries it "
+            f"needs are on the library path (LD_LIBRARY_PATH), or use another --device"
+        )
+
+
+def tensorrt_major() -> int | None:
+    """The major version of the tensorrt module, None without one. pip's tensorrt installs the
+    bindings with the libnvinfer ONNX Runtime's EP loads, so it stands for the EP's TensorRT.
+    tensorrt-stubs alone leave an empty namespace package with no Builder: that is none."""
+    try:
+        import tensorrt
+    except (ImportError, OSError):  # OSError: the bindings without their libnvinfer
+        return None
+    if not hasattr(tensorrt, "Builder"):
+        return None
+    return int(tensorrt.__version__.split(".")[0])
 
 
 def refuse_external_data(model: bytes, name: str) -> None:
@@ -187,6 +221,7 @@ class OnnxRuntimeRunner(Runner):
             self.options.get("cache_dir"),
             bool(self.options.get("fp16", False)),
             self.options.get("opt_shape"),
+            int8=self.manifest.precision == "int8",
         )
         for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
             os.makedirs(trt[key], exist_ok=True)
@@ -210,15 +245,26 @@ class OnnxRuntimeRunner(Runner):
             )
         model = self.manifest.read("onnx")  # ONNX Runtime parses the very bytes hashed
         refuse_external_data(model, self.manifest.record("onnx")["path"])
+        self.session = self.open_session(model)
+        self._input = self.session.get_inputs()[0].name
+
+    def open_session(self, model: bytes) -> Any:
+        """An InferenceSession that runs on the device's provider, never on a fallback."""
+        import onnxruntime as ort
+
         try:
-            self.session = ort.InferenceSession(model, self.session_options(), self.providers())
+            # The constructor's retry on the next providers stays on: a provider that fails to
+            # start then meets require_provider's error, not a ModelLoadError blaming the model.
+            session = ort.InferenceSession(model, self.session_options(), self.providers())
         except Exception as exc:  # ONNX Runtime raises its own Fail/InvalidGraph/... classes
             detail = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise ModelLoadError(
                 f"ONNX Runtime refused {self.manifest.record('onnx')['path']}: {detail}; "
                 f"re-export it with resfuse-export"
             ) from exc
-        self._input = self.session.get_inputs()[0].name
+        require_provider(_PROVIDERS[self.device][0], session.get_providers())
+        session.disable_fallback()  # nor may a run() that fails move the session to the CPU
+        return session
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         if self.session is None:
@@ -249,8 +295,12 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def precision(self) -> str:
+        # TensorRT 10 picks float16 kernels where it finds them faster; TensorRT 11 ignores
+        # trt_fp16_enable and takes precision from the graph, as does an unknown TensorRT.
         if self.device == "tensorrt" and self.options.get("fp16"):
-            return "float16"  # TensorRT picks float16 kernels where it finds them faster
+            major = tensorrt_major()
+            if major is not None and major <= 10:
+                return "float16"
         return self.manifest.precision
 
     def describe(self) -> dict[str, Any]:
