@@ -47,6 +47,12 @@ def build_plan(
             f"TensorRT's ONNX parser refused the model ({' '.join(errors.split())[:300]}); "
             f"check the artifact with resfuse-check, or re-export it with another --opset"
         )
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    if inputs != [input_name]:
+        raise ConfigError(
+            f"TensorRT refused profiles for input {input_name!r}: the parsed network's inputs "
+            f"are {inputs}; re-export the artifact, whose manifest names another input"
+        )
     config = builder.create_builder_config()
     for profile in profiles:
         _add_profile(lib, builder, config, input_name, profile)

@@ -209,3 +209,25 @@ def _rewrite(source: Path, onnx_file: Path, folder: Path) -> Path:
     path = folder / source.name
     path.write_text(json.dumps(data))
     return path
+
+
+@pytest.mark.parametrize(
+    "name,profile",
+    [
+        ("image", Profile((1, 3, 64, 64), (1, 3, 32, 32), (1, 3, 128, 128))),  # opt < min
+        ("no_such_input", TWO[0]),
+    ],
+)
+def test_a_profile_tensorrt_refuses_is_one_error(
+    exported: dict[str, ExportResult], name: str, profile: Profile
+) -> None:
+    """resfuse's own checks stop such profiles first; past them (build_plan called directly),
+    TensorRT's set_shape and add_optimization_profile refusals still become one ConfigError
+    instead of an engine built without the profile."""
+    from resfuse.export.tensorrt_build import build_plan
+
+    trt = import_flavour(FLAVOURS["tensorrt-rtx"])
+    onnx_bytes = read_manifest(exported["masked"].manifest_path).read("onnx")
+    with pytest.raises(ConfigError, match="TensorRT refused profile") as caught:
+        build_plan(trt, onnx_bytes, name, [profile], FAST)
+    assert "\n" not in str(caught.value)
