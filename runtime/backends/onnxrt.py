@@ -297,7 +297,8 @@ class OnnxRuntimeRunner(Runner):
     def precision(self) -> str:
         # TensorRT 10 picks float16 kernels where it finds them faster; TensorRT 11 ignores
         # trt_fp16_enable and takes precision from the graph, as does an unknown TensorRT.
-        if self.device == "tensorrt" and self.options.get("fp16"):
+        lowers = self.manifest.precision == "float32"  # int8 and float16 graphs stay what they are
+        if self.device == "tensorrt" and self.options.get("fp16") and lowers:
             major = tensorrt_major()
             if major is not None and major <= 10:
                 return "float16"
