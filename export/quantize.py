@@ -73,8 +73,11 @@ class Calibration:
         return image_files(images, "--calib-images")[: self.count]
 
     def describe(self) -> dict[str, Any]:
+        """The record of the calibration: `count` is the inputs used, fewer than --calib-count
+        when the folder holds fewer images."""
         source = f"images in {self.images}" if self.images else "random normal inputs"
-        return {"method": "MinMax", "source": source, "count": self.count, "size": self.size}
+        count = len(self._files(self.images)) if self.images else self.count
+        return {"method": "MinMax", "source": source, "count": count, "size": self.size}
 
     def inputs(
         self, contract: InputContract, preprocess: dict[str, Any], seed: int

@@ -194,8 +194,10 @@ def test_manifests_name_their_targets_and_float32_source(fp16, int8_trt, exporte
     data = json.loads(int8_trt.read_text())
     assert (data["precision"], data["targets"]) == ("int8", ["cpu", "cuda", "tensorrt"])
     assert data["quantization"]["activations"] == "int8, symmetric (zero point 0), per tensor"
-    # TensorRT has int8 deconvolutions and fuses ReLUs itself: the graph is quantized as it is
-    assert (data["quantization"]["ops"], data["quantization"]["rewrites"]) == (["Conv"], [])
+    # TensorRT has int8 deconvolutions and fuses ReLUs itself: the graph is quantized as it is,
+    # transposed convolutions and residual Adds included
+    quantization = data["quantization"]
+    assert (quantization["ops"], quantization["rewrites"]) == (["Conv", "ConvTranspose", "Add"], [])
     assert data["source"]["name"] == "masked-resnet18"
     assert read_manifest(int8_trt).targets == data["targets"]
 
