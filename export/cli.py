@@ -67,7 +67,12 @@ PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, f
 @click.option(
     "--output", "-o", default="artifacts", show_default=True, type=click.Path(path_type=Path)
 )
-@click.option("--name", default=None, help="Base name of the files [default: METHOD-BACKBONE].")
+@click.option(
+    "--name",
+    default=None,
+    help="Base name of the files [default: METHOD-BACKBONE]; variants add -fp16, -int8 or "
+    "-int8-trt to it.",
+)
 @click.option(
     "--min-size",
     default=None,
@@ -199,7 +204,8 @@ def main(
 
     Writes the manifest METHOD-BACKBONE.json and the files it names (the .onnx model and the
     PyTorch weights as .safetensors) into --output, only once every check has passed. Other
-    precisions are artifacts of their own: METHOD-BACKBONE-fp16, -int8, -int8-trt.
+    precisions are artifacts of their own: METHOD-BACKBONE-fp16, -int8, -int8-trt (with
+    --name X: X-fp16, ...); an artifact of another precision is never replaced.
     """
     methods = list(METHODS) if method == "all" else [method]
     if name is not None and len(methods) > 1:
@@ -237,6 +243,8 @@ def main(
             intensity_range=_intensity_range(intensity_range),
             window=None if window is None else _pair(window, "--window", "CENTER,WIDTH"),
         )
+        if triton_repo is not None:  # a device the artifact is not made for: before the export
+            triton.check_targets(options.targets, f"the {options.precision} artifact")
         for m in methods:
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
             with err.status(f"[bold]{m}[/]: starting") as status:
@@ -265,6 +273,8 @@ def main(
     except ResfuseError as exc:
         fail(str(exc))
     out.print(_summary_table(results))
+    for r in results:  # what resfuse-check, resfuse-build and the runtime take
+        out.print(f"manifest: {r.manifest_path}", highlight=False, soft_wrap=True)
 
 
 def _pair(text: str, option: str, form: str) -> tuple[float, float]:

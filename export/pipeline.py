@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from resfuse.export.parity import (
 from resfuse.export.quantize import Calibration, quantization_record, quantize_int8
 from resfuse.images import preprocess_record
 from resfuse.models import FusionModel, ModelConfig, build_model
-from resfuse.schema import TARGETS
+from resfuse.schema import TARGETS, default_targets
 from resfuse.weights import save_weights
 
 # Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
@@ -207,11 +208,33 @@ class ExportResult:
 
 
 def artifact_name(
-    config: ModelConfig, precision: str = "float32", target: str | None = None
+    config: ModelConfig,
+    precision: str = "float32",
+    target: str | None = None,
+    base: str | None = None,
 ) -> str:
-    """METHOD-BACKBONE, then -fp16, -int8 (the CPU's INT8) or -int8-trt (TensorRT's)."""
+    """The base name (METHOD-BACKBONE by default), then -fp16, -int8 (the CPU's INT8) or
+    -int8-trt (TensorRT's): a variant never takes the name of its float32 source."""
     suffix = {"float32": "", "float16": "-fp16", "int8": "-int8"}[precision]
-    return f"{config.method}-{config.backbone}{suffix}{'-trt' if target == 'tensorrt' else ''}"
+    base = base or f"{config.method}-{config.backbone}"
+    return f"{base}{suffix}{'-trt' if target == 'tensorrt' else ''}"
+
+
+def _keep_other_precisions(folder: Path, name: str, options: ExportOptions) -> None:
+    """Refuse to replace an artifact of another precision or other targets: it is a different
+    artifact (a variant's source, or deployed), not an earlier version of this one."""
+    path = folder / f"{name}.json"
+    try:
+        data = json.loads(path.read_bytes())
+        precision = str(data["precision"])
+        targets = sorted(map(str, data.get("targets") or default_targets(precision)))
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # no artifact there, or none this check can read: the export replaces it
+    if (precision, targets) != (options.precision, sorted(options.targets)):
+        raise ConfigError(
+            f"{path} is the {precision} artifact for {', '.join(targets)}, which this "
+            f"{options.precision} export would replace; choose another --name or --output"
+        )
 
 
 def export_artifact(
@@ -224,16 +247,17 @@ def export_artifact(
     progress: Callable[[str], None] = lambda step: None,
 ) -> ExportResult:
     """Export `config` into `output_dir`: the manifest <name>.json and the files it names,
-    <name>.<tag>.onnx and <name>.<tag>.safetensors (tag: the file's sha256 prefix).
+    <name>.<tag>.onnx and <name>.<tag>.safetensors (tag: the file's sha256 prefix). `name` is
+    the base name: a variant adds its suffix (artifact_name).
 
     Nothing is written unless every check passes; then the manifest's rename commits the new
     artifact in one step (resfuse.artifacts). Raises a ResfuseError subclass on any failure.
     """
     contract = options.contract(config)
-    if name is None:
-        name = artifact_name(config, options.precision, options.target)
-    check_name(name)
+    base = check_name(name) if name is not None else None
+    name = check_name(artifact_name(config, options.precision, options.target, base))
     ensure_writable(output_dir, name)
+    _keep_other_precisions(Path(output_dir), name, options)
     start = time.perf_counter()
     progress("building the PyTorch model")
     torch.manual_seed(options.seed)
@@ -256,7 +280,10 @@ def export_artifact(
         # The variant names the float32 graph it was made from. The export is deterministic:
         # a float32 export with the same options and input range writes these very bytes
         # (INT8's smallest input defaults to two cells, float32's to 32: pass --min-size).
-        source = {"name": artifact_name(config), "onnx_sha256": onnx_export.digest(proto)}
+        source = {
+            "name": artifact_name(config, base=base),
+            "onnx_sha256": onnx_export.digest(proto),
+        }
         proto, results = _variant(model, proto, contract, shapes, options, progress)
 
     progress("writing the artifact")
@@ -368,9 +395,10 @@ def _quantized(
     progress: Callable[[str], None],
 ) -> tuple[onnx.ModelProto, Callable[[Shape, int], np.ndarray] | None]:
     """The INT8 graph, and the sampler its parity sweep draws inputs from."""
-    progress(f"calibrating on {calibration.count} inputs and quantizing to INT8")
+    progress("reading the calibration inputs")
     preprocess = options.preprocess(model.config)
     batches = calibration.inputs(contract, preprocess, options.seed)
+    progress(f"calibrating on {len(batches)} inputs and quantizing to INT8")
     quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches, options.symmetric)
     return quantized, calibration.sampler(contract, preprocess)
 

@@ -47,6 +47,24 @@ class TritonOptions:
         if self.tensorrt_fp16 and not self.tensorrt:
             raise ConfigError("TensorRT fp16 is an option of the TensorRT accelerator; add it")
 
+    @property
+    def device(self) -> str:
+        """The manifest target these instances run an ONNX model on."""
+        if self.tensorrt:
+            return "tensorrt"
+        return "cuda" if self.kind == "gpu" else "cpu"
+
+    def check_targets(self, targets: list[str], artifact: str) -> None:
+        """Refuse instances on a device the artifact is not made for: Triton would run the
+        CPU's INT8 graph (uint8 activations) on a GPU without a word."""
+        if self.device not in targets:
+            kind = "cpu" if "cpu" in targets else "gpu"
+            raise ConfigError(
+                f"{artifact} is made for {', '.join(targets)}, not {self.device}, where "
+                f"--triton-kind {self.kind} runs it; use --triton-kind {kind}, or export for "
+                f"GPUs (float32, --precision fp16, or --precision int8 --target tensorrt)"
+            )
+
 
 def model_config(
     manifest: Manifest, name: str, options: TritonOptions, engine: EngineRecord | None = None
@@ -127,6 +145,7 @@ def write_triton_repo(
     name = check_name(name or manifest.path.stem)
     record, model, filename = None, b"", "model.onnx"
     if engine is None:
+        options.check_targets(manifest.targets, manifest.path.name)
         model = manifest.read("onnx")  # size and sha256 verified
     else:
         record, model = _plan_for(manifest, engine, options)
