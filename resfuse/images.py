@@ -36,6 +36,7 @@ RANGE_RULES = ("dtype", "image")
 _FIELDS = ("range", "window", "scale", "mean", "std", "resize")
 _INTENSITY_FIELDS = ("range", "window", "scale")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # Pillow modes and raw modes of uint16
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "F", *_SIXTEEN_BIT)  # one channel (and alpha)
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,53 @@ class Pixels:
     name: str  # for messages
 
 
-def image_files(folder: str | Path, option: str = "--images") -> list[Path]:
-    """The image files directly in `folder`, sorted; `option` names it in errors."""
+def find_images(folder: str | Path, option: str = "--images") -> list[Path]:
+    """Every image file under `folder`, recursively, sorted; hidden files and folders skipped.
+    `option` names the folder in errors."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{option} {folder} is not a folder of image files; pass a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    return sorted(found)
+
+
+def image_files(folder: str | Path, option: str = "--images") -> list[Path]:
+    """find_images(folder), refusing a folder that holds none."""
+    files = find_images(folder, option)
     if not files:
         raise ConfigError(f"{option} {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
     return files
+
+
+def grayscale_note(files: Sequence[Path], channels: int) -> str | None:
+    """One line for a run that feeds grayscale files to a 3-channel model, else None: each is
+    repeated to 3 channels, which is right for a grayscale-trained model and wrong for a colour
+    one, so the user is told once rather than per image."""
+    gray = [f for f in files if is_grayscale(f)] if channels == 3 else []
+    if not gray:
+        return None
+    return (
+        f"{len(gray)} of {len(files)} images are grayscale (first: {gray[0]}); each is repeated "
+        f"to the model's 3 channels: pass colour images if the model was trained on colour"
+    )
+
+
+def is_grayscale(path: Path) -> bool:
+    """Whether an image file holds one channel, from its header (DICOM: resfuse reads grayscale
+    only). An unreadable file is not: reading it for inference reports its problem."""
+    if _is_dicom(path):
+        return True
+    try:
+        with pil().open(path) as image:
+            return bool(image.mode in _GRAY_MODES)
+    except Exception:  # noqa: BLE001 - any unreadable file, as above
+        return False
 
 
 def pil() -> Any:

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from resfuse.artifacts import read_manifest, write_json
 from resfuse.console import err, fail, out
-from resfuse.errors import ResfuseError
+from resfuse.errors import ConfigError, ResfuseError
 from resfuse.export.parity import parity_shapes
+from resfuse.images import grayscale_note
 from resfuse.runtime import bench as bench_lib
 from resfuse.runtime.backends import BACKENDS
 from resfuse.runtime.check import check_artifact
@@ -49,6 +51,23 @@ def _progress() -> Progress:
         console=err,
         transient=True,
     )
+
+
+def _check_writable(path: Path | None, option: str) -> None:
+    """Refuse an output path that cannot be written before the run, not after it: opened for
+    append (nothing written), and removed again if this made it."""
+    if path is None:
+        return
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {path} cannot be written ({exc.strerror or exc}); choose a writable path"
+        ) from exc
+    if not existed:
+        path.unlink()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -121,13 +140,18 @@ def check_main(
     are the tolerance the artifact passed at export, as recorded in its manifest.
     """
     try:
+        _check_writable(json_path, "--json")
         manifest = read_manifest(artifact)
         overrides = {"atol": atol, "rtol": rtol, "max_rel_l2": max_rel_l2}
         tolerance = replace(
             manifest.tolerance, **{k: v for k, v in overrides.items() if v is not None}
         )
         grid = parse_shapes(shapes) if shapes else parity_shapes(manifest.contract)
-        total = len(grid) + (len(image_files(images)) if images else 0)
+        files = image_files(images) if images else []
+        note = grayscale_note(files, manifest.contract.channels)
+        if note is not None:
+            err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        total = len(grid) + len(files)
         with _progress() as bar:
             task = bar.add_task(f"checking {backend} ({device})", total=total)
             report = check_artifact(
@@ -268,6 +292,8 @@ def bench_main(
     rounds, so every ratio comes from one run."""
     names = [b.strip() for b in backends.split(",") if b.strip()]
     try:
+        for path, option in ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot")):
+            _check_writable(path, option)
         unknown = [b for b in names if bench_lib.parse_backend(b)[0] not in BACKENDS]
         if unknown or not names:
             raise ResfuseError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")

@@ -16,6 +16,7 @@ Locally everything runs in this process; `ray=True` runs the same work as a Ray 
 from __future__ import annotations
 
 import io
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from resfuse.artifacts import Manifest, read_manifest, replace_file
+from resfuse.console import err
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.images import IMAGE_SUFFIXES, pil
+from resfuse.images import find_images, grayscale_note, pil
 from resfuse.runtime.session import Session, load
 
 MASK_SUFFIX = ".mask.png"
@@ -85,20 +88,6 @@ def has_head(session: Session) -> bool:
 # Planning
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, recursively, sorted; hidden files and folders skipped."""
-    if not folder.is_dir():
-        raise ConfigError(f"INPUT_DIR {folder} is not a folder; pass a folder of images")
-    found = [
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
-    return sorted(found)
-
-
 def plan(input_dir: Path, output_dir: Path, head: bool) -> tuple[list[Job], int]:
     """The jobs whose output does not exist yet, and how many images there are in all."""
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
@@ -107,9 +96,24 @@ def plan(input_dir: Path, output_dir: Path, head: bool) -> tuple[list[Job], int]
             f"as inputs on the next run; choose an output folder outside it"
         )
     suffix = MASK_SUFFIX if head else ".npy"
-    images = find_images(input_dir)
+    images = find_images(input_dir, "INPUT_DIR")
     jobs = [Job(p, output_dir / f"{p.relative_to(input_dir)}{suffix}") for p in images]
     return [j for j in jobs if not j.output.is_file()], len(images)
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail once, before any work, where outputs cannot be written (a read-only folder, a file
+    in its way): otherwise every image would fail alone with the same reason. Probes the folder,
+    or the nearest existing one above it (the rest is created on the first write)."""
+    probe = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".resfuse-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"--output {output_dir} cannot be written ({exc.strerror or exc} at {probe}); "
+            f"choose a writable output folder"
+        ) from exc
 
 
 def check_batch_size(batch_size: int, manifest: Manifest) -> None:
@@ -218,6 +222,9 @@ def predict(
     manifest = read_manifest(artifact)
     check_batch_size(batch_size, manifest)
     jobs, total = plan(input_dir, output_dir, manifest.config.num_classes is not None)
+    if jobs:
+        check_writable(output_dir)
+        _warn_grayscale([job.source for job in jobs], manifest.contract.channels)
     summary = Summary(total=total, skipped=total - len(jobs))
     if on_plan is not None:
         on_plan(len(jobs))
@@ -230,6 +237,12 @@ def predict(
             tick(len(results))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _warn_grayscale(sources: list[Path], channels: int) -> None:
+    note = grayscale_note(sources, channels)
+    if note is not None:
+        err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _predict_local(
