@@ -302,10 +302,18 @@ def read_engine(
 def verify(
     record: EngineRecord, here: BuildEnvironment | None = None, allow_host_code: bool = False
 ) -> Engine:
-    """The record with its plan bytes checked against the recorded size and sha256. Refuses a
-    version-compatible plan (host code) unless `allow_host_code`; the caller must also set
-    TensorRT's `engine_host_code_allowed` only then. Given `here`, names the first field in
-    which the plan cannot run on that machine."""
+    """The record with its plan bytes checked against the recorded size and sha256, once
+    require_runs_here passed."""
+    require_runs_here(record, here, allow_host_code)
+    return Engine(record, _read_plan(record))
+
+
+def require_runs_here(
+    record: EngineRecord, here: BuildEnvironment | None = None, allow_host_code: bool = False
+) -> None:
+    """Refuses a version-compatible plan (host code) unless `allow_host_code`; the caller must
+    also set TensorRT's `engine_host_code_allowed` only then. Given `here`, names the first
+    field in which the plan cannot run on that machine."""
     if record.host_code and not allow_host_code:
         raise EngineError(
             f"{record.path.name} is a version-compatible plan: it carries host code (TensorRT's "
@@ -322,7 +330,6 @@ def verify(
                 f"{record.path.name}: {problem}; rebuild it with resfuse-build "
                 f"{record.source_manifest}"
             )
-    return Engine(record, _read_plan(record))
 
 
 def _read_plan(record: EngineRecord) -> bytes:

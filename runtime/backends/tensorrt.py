@@ -8,7 +8,7 @@ trusted; a TensorRT-RTX plan is first asked whether it can run on this GPU
 (Runtime.get_engine_validity). Each call picks the first profile
 whose range holds the input; each profile has its own execution context and CUDA stream, made
 on first use, and one lock: TensorRT runs one context per profile at a time. Contexts allocate
-activation memory for the shapes they run (ON_PROFILE_CHANGE), not for the largest shape of
+activation memory for their own profile (ON_PROFILE_CHANGE), not for the largest shape of
 every profile. torch CUDA tensors go in and come out without a copy when they are contiguous
 float32 at a 256-byte aligned address (else they are copied once): their addresses are bound
 and execute_async_v3 runs on the context's stream after the work queued on the caller's stream,
@@ -120,7 +120,13 @@ class TensorRTRunner(Runner):
         self._io = (manifest.input_name, manifest.data["output"]["name"])
 
     def activate(self) -> None:
-        entry = self.flavour or tensorrt_env.default_flavour()
+        given = self.options.get("engine")
+        record = None if given is None else engine_manifest.read_record(given)
+        entry = (  # a built engine runs on the flavour that built it
+            tensorrt_env.flavour(record.environment.flavour)
+            if record
+            else self.flavour or tensorrt_env.default_flavour()
+        )
         lib = tensorrt_env.import_flavour(entry)
         if not torch.cuda.is_available():
             raise BackendUnavailableError(
@@ -129,7 +135,7 @@ class TensorRTRunner(Runner):
             )
         here = tensorrt_env.current_environment(entry.name)
         trusted = bool(self.options.get("trust_host_code", False))
-        engine = self._engine(entry, here, trusted)
+        engine = self._engine(entry, here, trusted, record)
         record = engine.record
         _require_source(record, self.manifest)
         runtime = lib.Runtime(lib.Logger(lib.Logger.WARNING))
@@ -150,13 +156,16 @@ class TensorRTRunner(Runner):
             self._runtime_cache = _load_runtime_cache(deserialised, self._cache_path(here))
 
     def _engine(
-        self, entry: tensorrt_env.Flavour, here: tensorrt_env.BuildEnvironment, trusted: bool
+        self,
+        entry: tensorrt_env.Flavour,
+        here: tensorrt_env.BuildEnvironment,
+        trusted: bool,
+        given: EngineRecord | None,
     ) -> Engine:
         """The verified engine: the one given, or the cached (or newly built) one; either way
         checked against this machine, the field that differs named."""
-        given = self.options.get("engine")
         if given is not None:
-            return engine_manifest.read_engine(given, here, allow_host_code=trusted)
+            return engine_manifest.verify(given, here, allow_host_code=trusted)
         from resfuse.export import engines  # the runtime needs export only to build
 
         built = engines.find_or_build(
@@ -169,7 +178,8 @@ class TensorRTRunner(Runner):
             targets=self.targets,
             env=here if entry.needs_gpu_to_build else None,
         )
-        return engine_manifest.verify(built.record, here, allow_host_code=trusted)
+        engine_manifest.require_runs_here(built.record, here, allow_host_code=trusted)
+        return built  # its plan bytes were checked as it was found or built
 
     def _cache_path(self, here: tensorrt_env.BuildEnvironment) -> Path:
         assert self.record is not None
