@@ -461,9 +461,19 @@ def _manifest(
         "parity": {
             "reference": "torch (cpu, float32)",
             "candidate": "onnxruntime CPUExecutionProvider",
+            "inputs": _parity_inputs(options.calibration),
             **options.tolerance.to_dict(),
             "results": [r.to_dict() for r in result.parity],
         },
         "export_seconds": round(result.seconds, 2),
         "versions": library_versions(),
     }
+
+
+def _parity_inputs(calibration: Calibration | None) -> dict[str, Any]:
+    """What the final parity sweep ran on, so that resfuse-check can judge the same way: an
+    INT8 graph calibrated on images is swept on those images (random inputs lie outside what
+    it was calibrated for), everything else on random normal inputs."""
+    if calibration is None or calibration.images is None:
+        return {"kind": "random normal"}
+    return {"kind": "images", "folder": str(Path(calibration.images).resolve())}

@@ -236,3 +236,8 @@ def _parity(f: _Fields, data: dict[str, Any]) -> None:
         f.number(parity["max_rel_l2"], "parity.max_rel_l2")
     if "results" in parity and not isinstance(parity["results"], list):
         f.fail("parity.results", "a list", parity["results"])
+    if "inputs" in parity:  # older manifests have none: their sweeps ran on random inputs
+        inputs = f.section(parity, "inputs", "parity.")
+        kind = f.text(inputs.get("kind"), "parity.inputs.kind", ("random normal", "images"))
+        if kind == "images":
+            f.text(inputs.get("folder"), "parity.inputs.folder")

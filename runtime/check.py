@@ -10,12 +10,55 @@ from typing import Any
 import numpy as np
 import torch
 
+from resfuse.artifacts import Manifest
 from resfuse.compare import ErrorStats, Tolerance, compare
-from resfuse.errors import ResfuseError
+from resfuse.errors import ConfigError, ResfuseError
 from resfuse.export.parity import parity_shapes
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import Shape, markdown_table, shape_str
 from resfuse.runtime.session import Session, load
+
+
+@dataclass(frozen=True)
+class MaskGates:
+    """What a segmentation user signs off on: the share of pixels whose argmax class agrees
+    with the PyTorch original, and each class's Dice against it (None: reported, not gated)."""
+
+    min_agreement: float | None = None
+    min_dice: float | None = None
+
+
+@dataclass
+class MaskAgreement:
+    agreement: float  # share of pixels with the original's argmax class
+    dice: dict[int, float]  # per class present in either mask
+    gates: MaskGates
+
+    @property
+    def passed(self) -> bool:
+        gates = self.gates
+        low_dice = min(self.dice.values(), default=1.0)
+        return (gates.min_agreement is None or self.agreement >= gates.min_agreement) and (
+            gates.min_dice is None or low_dice >= gates.min_dice
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"agreement": self.agreement, "dice": {str(c): d for c, d in self.dice.items()}}
+
+    def describe(self) -> str:
+        low = min(self.dice, key=self.dice.__getitem__) if self.dice else None
+        dice = f", min Dice {self.dice[low]:.4f} (class {low})" if low is not None else ""
+        return f"{self.agreement:.4%}{dice}"
+
+
+def mask_agreement(ref: np.ndarray, out: np.ndarray, gates: MaskGates) -> MaskAgreement:
+    """Argmax masks of two (B, N, H, W) logit arrays compared pixel by pixel."""
+    a, b = ref.argmax(axis=1), out.argmax(axis=1)
+    dice = {}
+    for c in np.union1d(np.unique(a), np.unique(b)).tolist():
+        in_a, in_b = a == c, b == c
+        dice[int(c)] = float(2 * np.count_nonzero(in_a & in_b) / (in_a.sum() + in_b.sum()))
+    return MaskAgreement(float(np.mean(a == b)), dice, gates)
 
 
 @dataclass
@@ -26,6 +69,7 @@ class CheckRecord:
     passthrough: str = "n/a"  # how the image channels of the fused output were checked
     passthrough_ok: bool = True
     error: str | None = None  # the input could not be run at all
+    mask: MaskAgreement | None = None  # a model with a head: what the logits change in the mask
 
     @property
     def passed(self) -> bool:
@@ -33,7 +77,8 @@ class CheckRecord:
             self.error is None
             and self.stats is not None
             and self.stats.passed
-            and (self.passthrough_ok)
+            and self.passthrough_ok
+            and (self.mask is None or self.mask.passed)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,6 +88,7 @@ class CheckRecord:
             **(self.stats.to_dict() if self.stats else {}),
             "passthrough": self.passthrough,
             "passthrough_ok": self.passthrough_ok,
+            **(self.mask.to_dict() if self.mask else {}),
             "error": self.error,
             "passed": self.passed,
         }
@@ -99,7 +145,7 @@ class CheckReport:
                     f"{s.cosine:.7f}",
                     s.nonfinite,
                     f"{s.required_atol:.1e}",
-                    r.passthrough,
+                    r.mask.describe() if r.mask else r.passthrough,
                     "pass" if r.passed else "FAIL",
                 ]
             )
@@ -113,7 +159,7 @@ class CheckReport:
             "cosine",
             "NaN/Inf",
             "min atol",
-            "image channels",
+            "mask agreement" if any(r.mask for r in self.records) else "image channels",
             "result",
         ]
         return markdown_table(headers, rows)
@@ -129,21 +175,30 @@ def check_artifact(
     seed: int = 0,
     resize: str | None = None,
     progress: Callable[[], None] = lambda: None,
+    gates: MaskGates = MaskGates(),
     **options: Any,
 ) -> CheckReport:
+    """Judges as the export did: on the shapes of its parity sweep with random inputs, or, for
+    an INT8 artifact swept on its calibration images, on images (those, unless `images` names
+    others), random ones only at `shapes` asked for. A model with a head also gets argmax
+    agreement and per-class Dice against the original, gated by `gates`."""
     with (
         load(path, backend, device, resize=resize, **options) as deployed,
         load(path, "torch", "cpu") as reference,
     ):
         tol = tolerance or deployed.manifest.tolerance
         report = CheckReport(str(path), backend, device, tol, deployed.manifest.precision)
-        grid = list(shapes) if shapes is not None else parity_shapes(deployed.contract)
+        on_images = _sweep_inputs(deployed.manifest).get("kind") == "images"
+        if on_images and images is None and shapes is None:
+            images = _calibration_folder(deployed.manifest)
+        default = [] if on_images else parity_shapes(deployed.contract)
+        grid = list(shapes) if shapes is not None else default
         for shape in grid:  # refuse a bad grid before spending time on a good part of it
             deployed.contract.check(shape, "float32")
         generator = np.random.default_rng(seed)
         for shape in grid:
             x = generator.standard_normal(shape, dtype=np.float32)
-            report.records.append(_check_one("random", x, deployed, reference, tol))
+            report.records.append(_check_one("random", x, deployed, reference, tol, gates))
             progress()
         for file in image_files(images) if images else []:
             name = str(file.relative_to(images))  # recursive: sub/a.png and a.png both exist
@@ -152,13 +207,36 @@ def check_artifact(
             except ResfuseError as exc:
                 report.records.append(CheckRecord(name, None, error=str(exc)))
             else:
-                report.records.append(_check_one(name, x, deployed, reference, tol))
+                report.records.append(_check_one(name, x, deployed, reference, tol, gates))
             progress()
     return report
 
 
+def _sweep_inputs(manifest: Manifest) -> dict[str, Any]:
+    """What the export's parity sweep ran on (older manifests: random inputs)."""
+    return manifest.data.get("parity", {}).get("inputs", {"kind": "random normal"})
+
+
+def _calibration_folder(manifest: Manifest) -> Path:
+    """The calibration images an artifact's parity sweep ran on; a ConfigError when they are no
+    longer there, since random inputs would judge it unfairly."""
+    folder = Path(_sweep_inputs(manifest)["folder"])
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{manifest.path.name} was verified on its calibration images in {folder}, which "
+            f"are not here, and random inputs lie outside what its INT8 graph was calibrated "
+            f"for; give --images DIR of representative images (or --shapes to judge random ones)"
+        )
+    return folder
+
+
 def _check_one(
-    source: str, x: np.ndarray, deployed: Session, reference: Session, tol: Tolerance
+    source: str,
+    x: np.ndarray,
+    deployed: Session,
+    reference: Session,
+    tol: Tolerance,
+    gates: MaskGates,
 ) -> CheckRecord:
     shape: Shape = tuple(int(d) for d in x.shape)  # type: ignore[assignment]
     fused = deployed.manifest.config.num_classes is None
@@ -171,6 +249,8 @@ def _check_one(
     except ResfuseError as exc:
         return CheckRecord(source, shape, error=str(exc))
     record = CheckRecord(source, shape, compare(ref, out, tol))
+    if not fused:
+        record.mask = mask_agreement(ref, out, gates)
     if image is not None:
         record.passthrough, record.passthrough_ok = _passthrough(*image, out, tol)
     return record

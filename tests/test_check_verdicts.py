@@ -1,0 +1,94 @@
+"""resfuse-check judges an artifact as its export did, and a segmentation model by its mask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resfuse.errors import ConfigError
+from resfuse.export.pipeline import ExportOptions, export_artifact
+from resfuse.export.quantize import Calibration
+from resfuse.models import ModelConfig
+from resfuse.runtime.check import MaskGates, check_artifact, mask_agreement
+
+
+def _photos(folder: Path, count: int = 3) -> Path:
+    """Smooth images with texture, as photographs are (not white noise)."""
+    folder.mkdir()
+    y, x = np.mgrid[0:96, 0:96] / 96.0
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), x * y], axis=-1)
+        pixels = (base - base.min()) / np.ptp(base) * 200 + rng.integers(0, 40, base.shape)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"photo{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_on_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A head model's INT8 artifact calibrated (and so swept) on a folder of images."""
+    root = tmp_path_factory.mktemp("verdicts")
+    photos = _photos(root / "photos")
+    options = ExportOptions(
+        max_size=128, calibration=Calibration(images=photos, count=3, size=96), max_rel_l2=0.5
+    )
+    config = ModelConfig("masked", num_classes=3)
+    return export_artifact(config, root / "a", options).manifest_path, photos
+
+
+def test_the_manifest_records_what_the_sweep_ran_on(int8_on_images, exported) -> None:
+    path, photos = int8_on_images
+    inputs = json.loads(path.read_text())["parity"]["inputs"]
+    assert inputs == {"kind": "images", "folder": str(photos.resolve())}
+    float32 = json.loads(exported["masked"].manifest_path.read_text())
+    assert float32["parity"]["inputs"] == {"kind": "random normal"}
+
+
+def test_check_judges_on_the_images_the_export_judged_on(int8_on_images) -> None:
+    """With no --images, an artifact swept on its calibration images is judged on them, not on
+    random noise, which lies outside what its INT8 graph was calibrated for."""
+    path, _ = int8_on_images
+    report = check_artifact(path)
+    assert sorted(r.source for r in report.records) == ["photo0.png", "photo1.png", "photo2.png"]
+    assert all(r.mask is not None and 0.0 <= r.mask.agreement <= 1.0 for r in report.records)
+    explicit = check_artifact(path, shapes=[(1, 3, 96, 96)])  # asked for: random at a shape
+    assert [r.source for r in explicit.records] == ["random"]
+
+
+def test_missing_calibration_images_are_named_not_judged_on_noise(int8_on_images, tmp_path):
+    path, photos = int8_on_images
+    moved = photos.rename(tmp_path / "elsewhere")
+    try:
+        with pytest.raises(ConfigError, match="verified on its calibration images in") as caught:
+            check_artifact(path)
+        assert "--images DIR" in str(caught.value) and "\n" not in str(caught.value)
+        report = check_artifact(path, images=moved)  # the user gives them: judged on them
+        assert len(report.records) == 3
+    finally:
+        moved.rename(photos)
+
+
+def test_mask_agreement_and_dice() -> None:
+    ref = np.zeros((1, 3, 2, 4), np.float32)
+    ref[0, 1, :, :2] = 1  # class 1 on the left half, class 0 on the right
+    out = ref.copy()
+    out[0, 2, 0, 0] = 5  # one pixel of class 1 becomes class 2
+    result = mask_agreement(ref, out, MaskGates())
+    assert result.agreement == 7 / 8
+    assert result.dice == {0: 1.0, 1: 2 * 3 / (4 + 3), 2: 0.0}
+    assert result.passed  # no gates: reported only
+    assert not mask_agreement(ref, out, MaskGates(min_agreement=0.9)).passed
+    assert mask_agreement(ref, out, MaskGates(min_agreement=0.85)).passed
+    assert not mask_agreement(ref, out, MaskGates(min_dice=0.5)).passed  # class 2: Dice 0
+
+
+def test_gates_decide_the_verdict(int8_on_images) -> None:
+    path, photos = int8_on_images
+    lenient = check_artifact(path, images=photos, gates=MaskGates(min_agreement=0.0))
+    strict = check_artifact(path, images=photos, gates=MaskGates(min_agreement=1.01))
+    assert all(r.mask and r.mask.passed for r in lenient.records)
+    assert not strict.passed and "mask agreement" in strict.markdown()
