@@ -5,7 +5,10 @@ with a segmentation head, OUT_DIR/<its relative path>.mask.png (the argmax class
 image's own suffix stays in the output name, so `a.png` and `a.jpg` never write the same file.
 
 Every output is written to a hidden temporary name and renamed (resfuse.artifacts.replace_file),
-so an output that exists is complete: a rerun skips it, and a killed run leaves no half file.
+so an output that exists is complete, and a killed run leaves no half file. Beside each output a
+hidden record, .<output name>.json, names what made it: the artifact (its ONNX sha256 and
+preprocessing) and the input (its size and sha256). A rerun skips an output only when its record
+matches the artifact and the input as they are now; any other output is stale and redone.
 Images of the same H x W run as one batch. An image that cannot be read, or breaks the input
 contract, is reported and skipped; the run goes on.
 
@@ -15,7 +18,10 @@ Locally everything runs in this process; `ray=True` runs the same work as a Ray 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,13 +47,15 @@ class Job:
 
     source: Path
     output: Path
+    stale: bool = False  # its output exists, but another artifact or input made it
 
 
 @dataclass
 class Summary:
     total: int = 0
     done: int = 0
-    skipped: int = 0  # outputs already complete from an earlier run
+    stale: int = 0  # of `done`: outputs that existed but were made by another artifact or input
+    skipped: int = 0  # outputs already complete, from this artifact and input, by an earlier run
     failures: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     seconds: float = 0.0
 
@@ -56,8 +64,10 @@ class Summary:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self) -> str:
+        redone = f" ({self.stale} stale redone)" if self.stale else ""
         return (
-            f"{self.done} written, {self.skipped} already done, {len(self.failures)} failed, "
+            f"{self.done} written{redone}, {self.skipped} already done, "
+            f"{len(self.failures)} failed, "
             f"of {self.total} images in {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)"
         )
 
@@ -85,20 +95,67 @@ def has_head(session: Session) -> bool:
     return session.manifest.config.num_classes is not None
 
 
+# Provenance: what made an output, so a rerun knows whether it is still the answer
+
+
+def record_path(output: Path) -> Path:
+    """The record beside an output; hidden, so globs of outputs (*.npy, *.png) never see it."""
+    return output.with_name(f".{output.name}.json")
+
+
+def artifact_identity(manifest: Manifest) -> dict[str, Any]:
+    """What an output depends on besides its image: the graph, by the sha256 the manifest
+    records for it, and the preprocessing that turns an image into the graph's input."""
+    return {
+        "onnx_sha256": manifest.record("onnx")["sha256"],
+        "preprocess": manifest.data.get("preprocess"),
+    }
+
+
+def input_identity(source: Path) -> dict[str, Any]:
+    """The size and sha256 of the bytes of `source`: a replaced image is caught whatever its
+    timestamps say (copies, archives and checkouts set them at will)."""
+    digest, size = hashlib.sha256(), 0
+    with open(source, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def is_current(source: Path, output: Path, artifact: dict[str, Any]) -> bool:
+    """Whether `output` exists and its record names `artifact` and the bytes `source` has now;
+    a missing or unreadable record (an output of an older resfuse) counts as stale."""
+    try:
+        record = json.loads(record_path(output).read_bytes())
+        if not output.is_file() or record["artifact"] != artifact:
+            return False
+        if record["input"]["bytes"] != source.stat().st_size:  # no need to hash
+            return False
+        return bool(record["input"] == input_identity(source))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 # Planning
 
 
-def plan(input_dir: Path, output_dir: Path, head: bool) -> tuple[list[Job], int]:
-    """The jobs whose output does not exist yet, and how many images there are in all."""
+def plan(input_dir: Path, output_dir: Path, manifest: Manifest) -> tuple[list[Job], int]:
+    """The jobs whose output is missing or stale, and how many images there are in all."""
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
         raise ConfigError(
             f"--output {output_dir} is inside INPUT_DIR {input_dir}, so outputs would be read "
             f"as inputs on the next run; choose an output folder outside it"
         )
-    suffix = MASK_SUFFIX if head else ".npy"
+    suffix = MASK_SUFFIX if manifest.config.num_classes is not None else ".npy"
+    artifact = artifact_identity(manifest)
     images = find_images(input_dir, "INPUT_DIR")
-    jobs = [Job(p, output_dir / f"{p.relative_to(input_dir)}{suffix}") for p in images]
-    return [j for j in jobs if not j.output.is_file()], len(images)
+    jobs = []
+    for source in images:
+        output = output_dir / f"{source.relative_to(input_dir)}{suffix}"
+        if not is_current(source, output, artifact):
+            jobs.append(Job(source, output, stale=output.is_file()))
+    return jobs, len(images)
 
 
 def check_writable(output_dir: Path) -> None:
@@ -161,30 +218,39 @@ def _chunks(members: list[int], arrays: list[np.ndarray], limit: int) -> Iterato
         yield chunk
 
 
-def write_output(job: Job, output: np.ndarray, head: bool) -> None:
+def write_output(job: Job, output: np.ndarray, head: bool, record: dict[str, Any]) -> None:
+    """The output and its record. The old record goes first and the new one comes last, so
+    wherever a run is killed, a record never describes an output it did not see written."""
     job.output.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = record_path(job.output)
+    sidecar.unlink(missing_ok=True)
     replace_file(job.output, mask_png(output) if head else npy_bytes(output))
+    replace_file(sidecar, json.dumps(record, sort_keys=True).encode())
 
 
 def process(session: Session, jobs: list[Job], limit: int) -> list[tuple[Job, str | None]]:
     """Read, run and write `jobs`; (job, None) when written, (job, reason) when it failed."""
     head = has_head(session)
+    artifact = artifact_identity(session.manifest)  # the one that runs, wherever this runs
     results: list[tuple[Job, str | None]] = []
-    ready: list[tuple[Job, np.ndarray]] = []
+    ready: list[tuple[Job, np.ndarray, dict[str, Any]]] = []
     for job in jobs:
         try:
+            # hashed before it is read: if the file changes in between, the record is the
+            # older one, so the next run redoes it rather than keeping a wrong output
+            record = {"artifact": artifact, "input": input_identity(job.source)}
             x = session.preprocess(job.source)
             session.check(x)  # alone: an image out of the size range fails by itself
-            ready.append((job, x))
+            ready.append((job, x, record))
         except Exception as exc:  # noqa: BLE001 - no one file (a decompression bomb) aborts
             results.append((job, str(exc)))
     try:
-        outputs = run_groups(session, [x for _, x in ready], limit)
+        outputs = run_groups(session, [x for _, x, _ in ready], limit)
     except (ResfuseError, RuntimeError, ValueError) as exc:  # a backend failure: this batch only
-        return results + [(job, f"inference failed: {exc}") for job, _ in ready]
-    for (job, _), output in zip(ready, outputs, strict=True):
+        return results + [(job, f"inference failed: {exc}") for job, _, _ in ready]
+    for (job, _, record), output in zip(ready, outputs, strict=True):
         try:
-            write_output(job, output, head)
+            write_output(job, output, head, record)
             results.append((job, None))
         except OSError as exc:
             results.append((job, f"cannot write {job.output}: {exc}"))
@@ -195,6 +261,7 @@ def _record(summary: Summary, results: Iterable[tuple[Job, str | None]]) -> None
     for job, reason in results:
         if reason is None:
             summary.done += 1
+            summary.stale += job.stale
         else:
             summary.failures.append((str(job.source), reason))
 
@@ -216,12 +283,12 @@ def predict(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
 ) -> Summary:
-    """Write every missing output; `on_plan(n)` is told how many images are to be done, and
-    `progress(k)` after each k of them (written or failed)."""
+    """Write every missing or stale output; `on_plan(n)` is told how many images are to be
+    done, and `progress(k)` after each k of them (written or failed)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     manifest = read_manifest(artifact)
     check_batch_size(batch_size, manifest)
-    jobs, total = plan(input_dir, output_dir, manifest.config.num_classes is not None)
+    jobs, total = plan(input_dir, output_dir, manifest)
     if jobs:
         check_writable(output_dir)
         _warn_grayscale([job.source for job in jobs], manifest.contract.channels)
@@ -307,14 +374,14 @@ def _predict_ray(
     ray, data = _ray_data()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        init_ray(ray, address)
     try:
         context = data.DataContext.get_current()
         context.enable_progress_bars = False  # resfuse's bar counts images instead
         ordered = sorted(jobs, key=lambda job: _size_key(job.source))
-        items = [
-            {"source": str(j.source.resolve()), "output": str(j.output.resolve())} for j in ordered
-        ]
+        # results come back by output path: the driver keeps each job (and whether it is stale)
+        by_output = {str(j.output.resolve()): j for j in ordered}
+        items = [{"source": str(j.source.resolve()), "output": o} for o, j in by_output.items()]
         dataset = data.from_items(items).map_batches(
             Predictor,
             fn_constructor_kwargs={
@@ -330,12 +397,39 @@ def _predict_ray(
         )
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             yield [
-                (Job(Path(s), Path(o)), e or None)
-                for s, o, e in zip(batch["source"], batch["output"], batch["error"], strict=True)
+                (by_output[str(o)], e or None)
+                for o, e in zip(batch["output"], batch["error"], strict=True)
             ]
     finally:
         if started:
             ray.shutdown()
+
+
+def init_ray(ray: Any, address: str | None) -> None:
+    """Join the cluster at `address` (or at RAY_ADDRESS), or start Ray on this machine with
+    every one of its servers (GCS, raylet, workers, agents, dashboard) on 127.0.0.1 only.
+
+    Ray turns a loopback `_node_ip_address` into this machine's outward IP, and then its servers
+    listen on every interface; only its single-machine mode (ray_constants.ENABLE_RAY_CLUSTER,
+    which RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets at import) keeps the node IP on loopback.
+    Cluster mode is back once Ray runs, so a later join of a cluster finds the real IP."""
+    options = {"include_dashboard": False, "log_to_driver": False}
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **options)
+        return
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # a Ray that renamed it: say so
+        raise ConfigError(
+            f"Ray {ray.__version__} has no ray_constants.ENABLE_RAY_CLUSTER, which keeps a local "
+            f"Ray on 127.0.0.1; install ray 2.60 (resfuse is tested with it), or pass --address"
+        )
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(dashboard_host="127.0.0.1", **options)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
 
 
 def _ray_data() -> tuple[Any, Any]:

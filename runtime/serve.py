@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
 import json
 import math
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import numpy as np
 
 from resfuse.artifacts import read_manifest
 from resfuse.errors import ConfigError, InputContractError
-from resfuse.runtime.predict import has_head, mask_png, npy_bytes, run_groups
+from resfuse.runtime.predict import has_head, init_ray, mask_png, npy_bytes, run_groups
 from resfuse.runtime.session import Session, load
 
 APP_NAME = "resfuse"
@@ -96,6 +97,7 @@ class ResfuseDeployment:
     def __init__(self, options: ServeOptions) -> None:
         from ray import serve
 
+        keep_replica_grpc_on_loopback()  # before Serve starts that server, after this returns
         self.options = options
         self.session = load(options.artifact, options.backend, options.device)
         contract = self.session.contract
@@ -195,6 +197,33 @@ class ResfuseDeployment:
             raise HTTPError(422, str(exc)) from exc
 
 
+def keep_replica_grpc_on_loopback() -> None:
+    """On a Ray whose node IP is loopback (one resfuse started here), bind this replica's
+    inter-deployment gRPC server to that IP too. Ray Serve hard-codes "[::]:0" for it
+    (serve/_private/replica.py, no setting moves it), the one server of a local resfuse-serve
+    that would otherwise listen on every interface; nothing off this machine may call it."""
+    import ray
+    from ray.serve._private import replica
+
+    node_ip = ray.util.get_node_ip_address()
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or not _is_loopback(node_ip):
+        return  # a cluster node, or a Serve that binds otherwise: leave it to Serve
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+    def add_port(server: Any, address: str) -> Any:
+        return bind(server, address.replace("[::]", host, 1))
+
+    replica.add_port_to_grpc_server = add_port
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: some cluster's node, never one resfuse started
+        return False
+
+
 def decode_npy(body: bytes) -> np.ndarray:
     """.npy bytes, never pickles; dtype and shape are the contract's to judge (422)."""
     try:
@@ -266,13 +295,14 @@ def application(options: ServeOptions) -> Any:
 
 
 def connect(options: ServeOptions) -> bool:
-    """Check the options, then start Ray here (or join `options.address`); returns whether this
-    call started Ray, so `stop` knows whether to stop it."""
+    """Check the options, then start Ray here, listening on 127.0.0.1 only (or join
+    `options.address`); returns whether this call started Ray, so `stop` knows whether to stop
+    it. `options.host` is the HTTP proxy's alone: Ray's own servers stay on loopback."""
     ray, _ = _ray_serve()
     options.check()
     if ray.is_initialized():
         return False
-    ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+    init_ray(ray, options.address)
     return True
 
 

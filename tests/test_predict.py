@@ -78,7 +78,9 @@ def test_local_run_resumes_and_reports_the_corrupt_file(exported, images: Path, 
     assert_two_failures(summary)
     assert_matches_runtime(artifact, images, out)
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == sorted(f"{name}.npy" for name in SIZES)  # no temporaries left
+    outputs = [Path(f"{name}.npy") for name in SIZES]
+    records = [p.with_name(f".{p.name}.json") for p in outputs]  # what made each output
+    assert written == sorted(str(p) for p in outputs + records)  # no temporaries left
 
     again = predict(artifact, images, out, batch_size=2)
     assert (again.done, again.skipped, len(again.failures)) == (0, 4, 2)
