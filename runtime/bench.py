@@ -23,7 +23,8 @@ import numpy as np
 from resfuse.artifacts import read_manifest
 from resfuse.compare import ErrorStats, compare
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.runtime.backends import Phases
+from resfuse.runtime.backend_spec import parse_spec as parse_backend
+from resfuse.runtime.backends import THREADED, Phases
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import Shape, markdown_table, shape_str
 from resfuse.runtime.session import Session, load
@@ -34,8 +35,6 @@ ORIGINALS = ("torch", "torch-compile")
 # Options that keep a backend's idle threads from running between its calls, so that they take
 # no cores from the backend timed next; set whenever more than one session is timed.
 _QUIET = {"onnxruntime": {"spinning": False}}
-# Backends that take a CPU thread count (--threads); TensorRT has none to set.
-_THREADED = ("torch", "torch-compile", "onnxruntime", "openvino")
 # Engines are compared within an accuracy class: a faster engine of a coarser class is a
 # different trade, not a better engine.
 ACCURACY_CLASSES = {
@@ -78,30 +77,6 @@ class BenchRecord:
     speedup_vs_torch: float | None = None  # median over rounds of torch p50 / this p50
     speedup_rounds: list[float] | None = None  # those ratios, round by round
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_backend(spec: str) -> tuple[str, dict[str, Any]]:
-    """'openvino:precision=bf16' -> ('openvino', {'precision': 'bf16'}): one backend with its
-    options, so that two settings of one engine can be timed in the same run. Values 'true' and
-    'false' are booleans, whole numbers are ints, anything else a string."""
-    name, *pairs = spec.split(":")
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key or not value:
-            raise ConfigError(
-                f"backend {spec!r}: options go as NAME:KEY=VALUE[:KEY=VALUE], e.g. "
-                f"openvino:precision=bf16; got {pair!r}"
-            )
-        lowered = value.lower()
-        options[key] = (
-            lowered == "true"
-            if lowered in ("true", "false")
-            else int(value)
-            if value.isdigit()
-            else value
-        )
-    return name, options
 
 
 def tail_percentile(samples: np.ndarray, q: int) -> float | None:
@@ -263,7 +238,7 @@ def benchmark(
         def open_session(artifact: Path, spec: str) -> Session:
             backend, asked = parse_backend(spec)
             options: dict[str, Any] = (
-                {"threads": threads} if threads and backend in _THREADED else {}
+                {"threads": threads} if threads and backend in THREADED else {}
             )
             if quiet:
                 options |= _QUIET.get(backend, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from resfuse.errors import ConfigError, ResfuseError
 from resfuse.export.parity import parity_shapes
 from resfuse.images import grayscale_note
 from resfuse.runtime import bench as bench_lib
-from resfuse.runtime.backends import BACKENDS
+from resfuse.runtime.backend_spec import parse_spec, split_specs, with_threads
+from resfuse.runtime.backends import BACKENDS, THREADED
 from resfuse.runtime.check import check_artifact
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import markdown_table, parse_shapes
+from resfuse.runtime.session import prepare
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
@@ -40,6 +43,56 @@ class _FiniteRange(click.FloatRange):
 
 # Numeric options: click names the option, the value and the range in one line, exit code 2.
 _NON_NEGATIVE = _FiniteRange(min=0)
+
+
+class BackendSpec(click.ParamType):
+    """A backend spec, NAME or NAME:KEY=VALUE[,KEY=VALUE], whose NAME is one of `names`; a bad
+    one is a usage error (exit 2) before any work. Option keys are checked by the backend."""
+
+    name = "backend"
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            backend, _ = parse_spec(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+        if backend not in self.names:
+            self.fail(f"{backend!r} is not one of {', '.join(self.names)}", param, ctx)
+        return value
+
+
+def backend_option(names: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--backend of resfuse-check, -predict and -serve: one engine, with options."""
+    return click.option(
+        "--backend",
+        default="onnxruntime",
+        show_default=True,
+        type=BackendSpec(names),
+        help=f"One of {', '.join(names)}, with options as NAME:KEY=VALUE[,KEY=VALUE] "
+        f"(openvino:precision=bf16); README's backend options table lists them.",
+    )
+
+
+# --threads of every command, declared once (as Polygraphy's option groups are).
+threads_option = click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help=f"CPU threads of {', '.join(THREADED)}; refused for a lone backend of another kind "
+    f"(tensorrt) [default: the physical cores this process may use, within its affinity and "
+    f"cgroup CPU quota].",
+)
+
+
+def resolve_backend(artifact: Path, spec: str, device: str, threads: int | None) -> str:
+    """--backend and --threads as one spec, refused here, in one line, when the backend would
+    refuse it: predict's Ray actors and serve's replicas open their sessions later, elsewhere."""
+    spec = with_threads(spec, threads)
+    prepare(artifact, spec, device)  # built, not activated: no engine is loaded twice
+    return spec
 
 
 def _progress() -> Progress:
@@ -79,13 +132,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @click.command(context_settings=_CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option(
-    "--backend",
-    default="onnxruntime",
-    show_default=True,
-    type=click.Choice([b for b in BACKENDS if b != "torch"]),
-)
+@backend_option([b for b in BACKENDS if b != "torch"])
 @click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@threads_option
 @click.option(
     "--images",
     type=click.Path(path_type=Path),
@@ -124,6 +173,7 @@ def check_main(
     artifact: Path,
     backend: str,
     device: str,
+    threads: int | None,
     images: Path | None,
     shapes: str | None,
     resize: str | None,
@@ -140,6 +190,7 @@ def check_main(
     are the tolerance the artifact passed at export, as recorded in its manifest.
     """
     try:
+        backend = with_threads(backend, threads)
         _check_writable(json_path, "--json")
         manifest = read_manifest(artifact)
         overrides = {"atol": atol, "rtol": rtol, "max_rel_l2": max_rel_l2}
@@ -199,7 +250,7 @@ _BASELINE_HEADERS = [
     "--backends",
     default="torch,onnxruntime",
     show_default=True,
-    help=f"Comma-separated, from: {', '.join(BACKENDS)}; options as NAME:KEY=VALUE "
+    help=f"Comma-separated, from: {', '.join(BACKENDS)}; options as NAME:KEY=VALUE[,KEY=VALUE] "
     f"(openvino:precision=bf16), so one engine can run twice. torch-compile compiles on each "
     f"shape's first call (tens of seconds on a CPU), reported as its first call.",
 )
@@ -239,13 +290,7 @@ _BASELINE_HEADERS = [
     type=click.IntRange(min=1),
     help="Rounds of one block per backend, the order rotated each round.",
 )
-@click.option(
-    "--threads",
-    default=None,
-    type=click.IntRange(min=1),
-    help="CPU threads [default: the physical cores this process may use, within its affinity "
-    "and cgroup CPU quota].",
-)
+@threads_option
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "md_path", type=click.Path(path_type=Path), default=None)
 @click.option(
@@ -290,8 +335,8 @@ def bench_main(
     order rotated over --rounds rounds; the ratio to PyTorch is taken round by round (median and
     range). With --also, other exports of the same model (its INT8 artifact, say) join the same
     rounds, so every ratio comes from one run."""
-    names = [b.strip() for b in backends.split(",") if b.strip()]
     try:
+        names = split_specs(backends)
         for path, option in ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot")):
             _check_writable(path, option)
         unknown = [b for b in names if bench_lib.parse_backend(b)[0] not in BACKENDS]

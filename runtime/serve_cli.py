@@ -13,18 +13,19 @@ from rich.markup import escape
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
 from resfuse.runtime.backends import BACKENDS
-from resfuse.runtime.cli import _progress
+from resfuse.runtime.cli import _progress, backend_option, resolve_backend, threads_option
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
-_BACKENDS = click.Choice([b for b in BACKENDS if b not in ("torch", "torch-compile")])
+_BACKENDS = [b for b in BACKENDS if b not in ("torch", "torch-compile")]
 _DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @click.command(context_settings=_CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--backend", default="onnxruntime", show_default=True, type=_BACKENDS)
+@backend_option(_BACKENDS)
 @click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@threads_option
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--max-replicas",
@@ -70,6 +71,7 @@ def serve_main(
     artifact: Path,
     backend: str,
     device: str,
+    threads: int | None,
     replicas: int,
     max_replicas: int | None,
     max_batch: int,
@@ -85,6 +87,10 @@ def serve_main(
     class mask), GET /healthz, GET /metadata."""
     from resfuse.runtime.serve import ServeOptions, connect, deploy, stop
 
+    try:
+        backend = resolve_backend(artifact, backend, device, threads)
+    except ResfuseError as exc:
+        fail(str(exc))
     options = ServeOptions(
         artifact=artifact,
         backend=backend,
@@ -120,8 +126,9 @@ def serve_main(
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("input_dir", type=click.Path(path_type=Path))
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--backend", default="onnxruntime", show_default=True, type=_BACKENDS)
+@backend_option(_BACKENDS)
 @click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@threads_option
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Data pipeline.")
 @click.option("--address", default=None, help="An existing Ray cluster (with --ray).")
@@ -138,6 +145,7 @@ def predict_main(
     output_dir: Path,
     backend: str,
     device: str,
+    threads: int | None,
     batch_size: int,
     use_ray: bool,
     address: str | None,
@@ -149,6 +157,7 @@ def predict_main(
     from resfuse.runtime.predict import predict
 
     try:
+        backend = resolve_backend(artifact, backend, device, threads)
         with _progress() as bar:
             task = bar.add_task("predicting", total=None)
             summary = predict(

@@ -10,6 +10,7 @@ import torch
 
 from resfuse.artifacts import Manifest, read_manifest
 from resfuse.errors import ConfigError, SessionClosedError
+from resfuse.runtime.backend_spec import merge_options
 from resfuse.runtime.backends import Runner, create_runner
 from resfuse.runtime.inputs import check_finite, is_image, load_image
 
@@ -82,6 +83,27 @@ class Session:
         self.close()
 
 
+def prepare(
+    path: str | Path, backend: str = "onnxruntime", device: str = "cpu", **options: Any
+) -> Runner:
+    """The runner load() activates, built but not activated: every check that needs no backend
+    library (manifest, sha256, backend spec, options, device), so a command can refuse a bad one
+    before it starts work elsewhere (Ray replicas, actors)."""
+    from resfuse.runtime.backends.tensorrt import engine_artifact
+
+    name, options = merge_options(backend, options)
+    engine = engine_artifact(path)  # the artifact's manifest holds the contract the Session checks
+    if engine is not None:
+        sidecar, source = engine
+        if name != "tensorrt":
+            raise ConfigError(
+                f"{sidecar.name} is a TensorRT engine, which only backend 'tensorrt' runs, not "
+                f"{name!r}; load it with backend='tensorrt', or load {source.name} instead"
+            )
+        path, options = source, {**options, "engine": sidecar}
+    return create_runner(name, read_manifest(path), device, **options)
+
+
 def load(
     path: str | Path,
     backend: str = "onnxruntime",
@@ -95,20 +117,10 @@ def load(
     tensorrt backend, an engine by its sidecar manifest (or its .plan) with its artifact beside it.
 
     The manifest is validated and the artifact's sha256 checked before any backend reads it.
-    `options` go to the backend (onnxruntime: threads, optimization, mem_pattern, fp16, ...).
+    `backend` is a name or a spec with options ("openvino:precision=bf16"); `options` go to the
+    backend too (onnxruntime: threads, optimization, mem_pattern, fp16, ...), and one set in both
+    to different values is refused.
     """
-    from resfuse.runtime.backends.tensorrt import engine_artifact
-
-    engine = engine_artifact(path)  # the artifact's manifest holds the contract the Session checks
-    if engine is not None:
-        sidecar, source = engine
-        if backend != "tensorrt":
-            raise ConfigError(
-                f"{sidecar.name} is a TensorRT engine, which only backend 'tensorrt' runs, not "
-                f"{backend!r}; load it with backend='tensorrt', or load {source.name} instead"
-            )
-        path, options = source, {**options, "engine": sidecar}
-    manifest = read_manifest(path)
-    runner = create_runner(backend, manifest, device, **options)
+    runner = prepare(path, backend, device, **options)
     runner.activate()
     return Session(runner, finite_check=finite_check, resize=resize)

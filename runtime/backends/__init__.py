@@ -47,6 +47,8 @@ BACKENDS: dict[str, Callable[..., Runner]] = {
     "openvino": _openvino,
     "tensorrt": _tensorrt,
 }
+# Backends that take a CPU thread count (`threads`, --threads); TensorRT runs on the GPU.
+THREADED = ("torch", "torch-compile", "onnxruntime", "openvino")
 
 
 def create_runner(backend: str, manifest: Manifest, device: str, **options: Any) -> Runner:
@@ -55,4 +57,4 @@ def create_runner(backend: str, manifest: Manifest, device: str, **options: Any)
     return BACKENDS[backend](manifest, device, **options)
 
 
-__all__ = ["BACKENDS", "Phases", "Runner", "create_runner"]
+__all__ = ["BACKENDS", "THREADED", "Phases", "Runner", "create_runner"]
