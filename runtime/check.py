@@ -188,11 +188,7 @@ def check_artifact(
     ):
         tol = tolerance or deployed.manifest.tolerance
         report = CheckReport(str(path), backend, device, tol, deployed.manifest.precision)
-        on_images = _sweep_inputs(deployed.manifest).get("kind") == "images"
-        if on_images and images is None and shapes is None:
-            images = _calibration_folder(deployed.manifest)
-        default = [] if on_images else parity_shapes(deployed.contract)
-        grid = list(shapes) if shapes is not None else default
+        grid, images = judged_inputs(deployed.manifest, shapes, images)
         for shape in grid:  # refuse a bad grid before spending time on a good part of it
             deployed.contract.check(shape, "float32")
         generator = np.random.default_rng(seed)
@@ -210,6 +206,18 @@ def check_artifact(
                 report.records.append(_check_one(name, x, deployed, reference, tol, gates))
             progress()
     return report
+
+
+def judged_inputs(
+    manifest: Manifest, shapes: Iterable[Shape] | None, images: str | Path | None
+) -> tuple[list[Shape], str | Path | None]:
+    """The random-input shapes and the image folder a check runs on: what was asked for, else
+    what the export's parity sweep ran on."""
+    on_images = _sweep_inputs(manifest).get("kind") == "images"
+    if on_images and images is None and shapes is None:
+        images = _calibration_folder(manifest)
+    default = [] if on_images else parity_shapes(manifest.contract)
+    return (list(shapes) if shapes is not None else default), images
 
 
 def _sweep_inputs(manifest: Manifest) -> dict[str, Any]:

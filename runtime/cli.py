@@ -16,12 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from resfuse.artifacts import read_manifest, write_json
 from resfuse.console import err, fail, out
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.parity import parity_shapes
 from resfuse.images import grayscale_note
 from resfuse.runtime import bench as bench_lib
 from resfuse.runtime.backend_spec import parse_spec, split_specs, with_threads
 from resfuse.runtime.backends import BACKENDS, THREADED
-from resfuse.runtime.check import check_artifact
+from resfuse.runtime.check import MaskGates, check_artifact, judged_inputs
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import markdown_table, parse_shapes
 from resfuse.runtime.session import prepare
@@ -169,6 +168,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     default=None,
     help="Also write the report as JSON.",
 )
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Models with a head: least share of pixels whose argmax class matches the original's.",
+)
+@click.option(
+    "--min-dice",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Models with a head: least Dice of any class against the original's mask.",
+)
 def check_main(
     artifact: Path,
     backend: str,
@@ -182,12 +193,17 @@ def check_main(
     max_rel_l2: float | None,
     seed: int,
     json_path: Path | None,
+    min_agreement: float | None,
+    min_dice: float | None,
 ) -> None:
     """Check a deployed ARTIFACT (manifest or .onnx) against its PyTorch original.
 
     Exits non-zero when any input is outside the tolerance: |out - ref| <= atol + rtol * |ref|
     everywhere, or for INT8 artifacts a relative L2 error of at most --max-rel-l2. The defaults
-    are the tolerance the artifact passed at export, as recorded in its manifest.
+    are the tolerance the artifact passed at export, as recorded in its manifest, and the inputs
+    its parity sweep ran on (random ones, or an INT8 artifact's calibration images). A model
+    with a head also reports argmax agreement and per-class Dice against the original, gated by
+    --min-agreement and --min-dice.
     """
     try:
         backend = with_threads(backend, threads)
@@ -197,7 +213,8 @@ def check_main(
         tolerance = replace(
             manifest.tolerance, **{k: v for k, v in overrides.items() if v is not None}
         )
-        grid = parse_shapes(shapes) if shapes else parity_shapes(manifest.contract)
+        asked = parse_shapes(shapes) if shapes else None
+        grid, images = judged_inputs(manifest, asked, images)
         files = image_files(images) if images else []
         note = grayscale_note(files, manifest.contract.channels)
         if note is not None:
@@ -215,6 +232,7 @@ def check_main(
                 seed,
                 resize,
                 progress=lambda: bar.advance(task),
+                gates=MaskGates(min_agreement, min_dice),
             )
     except ResfuseError as exc:
         fail(str(exc))

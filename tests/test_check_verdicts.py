@@ -92,3 +92,15 @@ def test_gates_decide_the_verdict(int8_on_images) -> None:
     strict = check_artifact(path, images=photos, gates=MaskGates(min_agreement=1.01))
     assert all(r.mask and r.mask.passed for r in lenient.records)
     assert not strict.passed and "mask agreement" in strict.markdown()
+
+
+def test_the_command_judges_like_the_export_and_gates_masks(int8_on_images) -> None:
+    from click.testing import CliRunner
+
+    from resfuse.runtime.cli import check_main
+
+    path, _ = int8_on_images
+    result = CliRunner().invoke(check_main, [str(path), "--min-agreement", "0"])
+    assert result.exit_code == 0, result.output
+    assert "photo0.png" in result.stdout and "mask agreement" in result.stdout
+    assert "random" not in result.stdout
