@@ -326,10 +326,13 @@ def add_speedups(records: list[BenchRecord]) -> None:
 
 
 def fastest_per_class(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per shape and accuracy class, the record with the lowest p50, in order of first
-    appearance: which engine to deploy for the error a user can accept."""
+    """Per shape and accuracy class, the record with the lowest p50 among those within their
+    artifact's tolerance, in order of first appearance: which engine to deploy for the error a
+    user can accept. An engine outside its tolerance is never recommended, however fast."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in records:
+        if not r["within_tolerance"]:
+            continue
         key = shape_str(r["shape"]), ACCURACY_CLASSES.get(r["precision"], r["precision"])
         if key not in best or r["p50_ms"] < best[key]["p50_ms"]:
             best[key] = r
@@ -396,6 +399,7 @@ def markdown(result: dict[str, Any]) -> str:
             _vs_torch(r),
             f"{r['rel_l2']:.1e}",
             f"{r['max_abs']:.1e}",
+            "pass" if r["within_tolerance"] else "FAIL",
         ]
         for r in result["records"]
     ]
@@ -418,6 +422,7 @@ def markdown(result: dict[str, Any]) -> str:
         "vs torch (rounds)",
         "rel L2",
         "max abs",
+        "tolerance",
     ]
     return markdown_table(headers, rows)
 

@@ -104,3 +104,14 @@ def test_the_command_judges_like_the_export_and_gates_masks(int8_on_images) -> N
     assert result.exit_code == 0, result.output
     assert "photo0.png" in result.stdout and "mask agreement" in result.stdout
     assert "random" not in result.stdout
+
+
+def test_openvino_bf16_over_a_float16_artifact_is_labelled_bfloat16(tmp_path: Path) -> None:
+    from resfuse.artifacts import read_manifest
+    from resfuse.runtime.backends.openvino import OpenVinoRunner
+
+    options = ExportOptions(max_size=128, float16=True)
+    path = export_artifact(ModelConfig("masked"), tmp_path, options).manifest_path
+    manifest = read_manifest(path)
+    assert OpenVinoRunner(manifest, "cpu", precision="bf16").precision == "bfloat16"
+    assert OpenVinoRunner(manifest, "cpu", precision="f32").precision == "float16"

@@ -75,8 +75,9 @@ def test_option_variants_of_one_backend_are_each_timed_on_every_artifact() -> No
     ]
 
 
-def _fake(backend: str, precision: str, p50: float, side: int = 64) -> dict:
+def _fake(backend: str, precision: str, p50: float, side: int = 64, within: bool = True) -> dict:
     return {
+        "within_tolerance": within,
         "artifact": "m",
         "backend": backend,
         "precision": precision,
@@ -104,6 +105,15 @@ def test_the_fastest_engine_is_named_per_shape_and_accuracy_class() -> None:
         ("1x3x64x64", "int8", "onnxruntime"),
         ("1x3x128x128", "float32", "onnxruntime"),
     ]
+
+
+def test_the_bench_recommends_only_engines_within_tolerance() -> None:
+    records = [
+        _fake("slow", "float32", 90.0),
+        _fake("fast-but-wrong", "float32", 40.0, within=False),
+    ]
+    assert [f["backend"] for f in fastest_per_class(records)] == ["slow"]
+    assert fastest_per_class([_fake("wrong", "float32", 40.0, within=False)]) == []
 
 
 @pytest.mark.parametrize(

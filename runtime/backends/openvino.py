@@ -100,8 +100,10 @@ class OpenVinoRunner(Runner):
 
     @property
     def precision(self) -> str:
-        # The hint governs float math; an INT8 artifact's quantized convolutions stay int8.
-        if self.manifest.precision == "float32" and self.options.get("precision") == "bf16":
+        # The hint governs float math, float16 graphs' included (bf16 is not float16); an INT8
+        # artifact's quantized convolutions stay int8.
+        floats = ("float32", "float16")
+        if self.manifest.precision in floats and self.options.get("precision") == "bf16":
             return "bfloat16"
         return self.manifest.precision
 
