@@ -34,6 +34,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ExportResult
     return {m: export_artifact(ModelConfig(m), out, ExportOptions(max_size=1024)) for m in METHODS}
 
 
+@pytest.fixture(scope="session")
+def head_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A masked resnet18 with a 3-class head, so masks have classes to give; exported once for
+    the whole run (serve, predict)."""
+    folder = tmp_path_factory.mktemp("head-artifact")
+    config = ModelConfig("masked", num_classes=3)
+    return export_artifact(config, folder, ExportOptions(max_size=256, max_batch=4)).manifest_path
+
+
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     path = tmp_path / "out"

@@ -13,8 +13,6 @@ import pytest
 Image = pytest.importorskip("PIL.Image", reason="needs Pillow")
 
 from resfuse.errors import ConfigError  # noqa: E402
-from resfuse.export.pipeline import ExportOptions, export_artifact  # noqa: E402
-from resfuse.models import ModelConfig  # noqa: E402
 from resfuse.runtime import load  # noqa: E402
 from resfuse.runtime.predict import MASK_SUFFIX, Summary, predict  # noqa: E402
 
@@ -42,16 +40,6 @@ def images(tmp_path: Path) -> Path:
     folder = tmp_path / "in"
     write_images(folder)
     return folder
-
-
-def head_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same 3-class artifact as tests/test_serve.py's, exported once per test run."""
-    folder = tmp_path_factory.getbasetemp() / "head-artifact"
-    manifest = folder / "masked-resnet18.json"
-    if not manifest.exists():
-        config = ModelConfig("masked", num_classes=3)
-        export_artifact(config, folder, ExportOptions(max_size=256, max_batch=4))
-    return manifest
 
 
 def assert_two_failures(summary: Summary) -> None:
@@ -113,10 +101,8 @@ def test_ray_data_pipeline_matches_the_runtime(exported, images: Path, tmp_path:
     assert_matches_runtime(artifact, images, out)
 
 
-def test_a_head_writes_masks_through_the_command(
-    tmp_path_factory: pytest.TempPathFactory, images: Path, tmp_path: Path
-):
-    artifact = head_export(tmp_path_factory)
+def test_a_head_writes_masks_through_the_command(head_artifact: Path, images: Path, tmp_path: Path):
+    artifact = head_artifact
     out = tmp_path / "masks"
     exe = Path(sys.executable).with_name("resfuse-predict")
     args = [str(exe), str(artifact), str(images), "--output", str(out), "--batch-size", "4"]

@@ -26,8 +26,6 @@ import pytest
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'resfuse[serve]'")
 Image = pytest.importorskip("PIL.Image", reason="needs Pillow")
 
-from resfuse.export.pipeline import ExportOptions, export_artifact  # noqa: E402
-from resfuse.models import ModelConfig  # noqa: E402
 from resfuse.runtime import load  # noqa: E402
 from resfuse.runtime.serve import ServeOptions, start, stop  # noqa: E402
 
@@ -80,22 +78,6 @@ def wait_healthy(url: str, seconds: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not healthy after {seconds} s")
-
-
-def head_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A masked resnet18 with a 3-class head, so masks have classes to give; exported once per
-    test run (tests/test_predict.py finds it in the run's base temp folder)."""
-    folder = tmp_path_factory.getbasetemp() / "head-artifact"
-    manifest = folder / "masked-resnet18.json"
-    if not manifest.exists():
-        config = ModelConfig("masked", num_classes=3)
-        export_artifact(config, folder, ExportOptions(max_size=256, max_batch=4))
-    return manifest
-
-
-@pytest.fixture(scope="module")
-def head_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return head_export(tmp_path_factory)
 
 
 class Server:

@@ -21,21 +21,9 @@ pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'resfuse[s
 if not sys.platform.startswith("linux"):
     pytest.skip("reads listening sockets from /proc (Linux)", allow_module_level=True)
 
-from resfuse.export.pipeline import ExportOptions, export_artifact  # noqa: E402
-from resfuse.models import ModelConfig  # noqa: E402
 from resfuse.runtime.serve import ServeOptions, connect, deploy, stop  # noqa: E402
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
-
-
-def head_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same 3-class artifact as tests/test_serve.py's, exported once per test run."""
-    folder = tmp_path_factory.getbasetemp() / "head-artifact"
-    manifest = folder / "masked-resnet18.json"
-    if not manifest.exists():
-        config = ModelConfig("masked", num_classes=3)
-        export_artifact(config, folder, ExportOptions(max_size=256, max_batch=4))
-    return manifest
 
 
 def free_port() -> int:
@@ -124,14 +112,14 @@ def is_loopback(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def test_a_local_server_listens_on_loopback_only(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+    head_artifact: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
 
     if ray.is_initialized():
         ray.shutdown()  # a Ray left by another test is not the one resfuse starts
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a Ray of its own, not a cluster's
-    options = ServeOptions(head_export(tmp_path_factory), port=free_port(), max_batch=2)
+    options = ServeOptions(head_artifact, port=free_port(), max_batch=2)
     started = connect(options)
     try:
         assert started
