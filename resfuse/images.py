@@ -187,11 +187,23 @@ def load_image(
     problem = preprocess_problem(preprocess, contract.channels)
     if problem is not None:
         raise ConfigError(f"{problem}; fix the preprocess section or re-export the artifact")
+    return to_input(read_pixels(source, contract.channels), preprocess, contract, resize, size=size)
+
+
+def to_input(
+    pixels: Pixels,
+    preprocess: dict[str, Any],
+    contract: InputContract,
+    resize: str | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Raw values (an image file's, or one slice of a volume's) as the model's (1, C, H, W)
+    float32 input, by the same rule load_image applies; `preprocess` is already validated."""
     policy = resize or preprocess.get("resize", "none")
     resize_problem = _resize_problem(policy, "resize policy")
     if resize_problem is not None:
         raise ConfigError(resize_problem)
-    pixels = read_pixels(source, contract.channels)
     to_unit = _intensity(pixels, preprocess)  # from the whole image, before any resize
     if size is None and policy == "fit":
         size = _fit_size(pixels.values.shape[0], pixels.values.shape[1], contract)
