@@ -33,8 +33,9 @@ class InputContract:
     batch: Range = Range(1)
     dtype: str = "float32"
 
-    def check(self, shape: Sequence[int], dtype: str) -> None:
-        """Raise InputContractError naming the first broken rule and how to fix the input."""
+    def check(self, shape: Sequence[int], dtype: str, *, spatial: bool = True) -> None:
+        """Raise InputContractError naming the first broken rule and how to fix the input;
+        `spatial=False` leaves H, W and batch to tiled inference, which cuts them to size."""
         shape = tuple(int(d) for d in shape)
         if len(shape) != 4:
             hint = " (add a batch dimension: x[None])" if len(shape) == 3 else ""
@@ -53,11 +54,13 @@ class InputContract:
                 f"expected dtype {self.dtype}, got {dtype}; convert with .float() / "
                 f".astype(numpy.float32)"
             )
+        if not spatial:
+            return
         for name, value, allowed in (("height", h, self.height), ("width", w, self.width)):
             if value not in allowed:
                 raise InputContractError(
                     f"input {name} {value} is outside the allowed range {allowed.describe()}; "
-                    f"resize or pad the image into that range"
+                    f"run it in tiles (tile='auto', --tile auto) or resize it into that range"
                 )
         if b not in self.batch:
             fix = (

@@ -10,9 +10,11 @@ import torch
 
 from resfuse.artifacts import Manifest, read_manifest
 from resfuse.errors import ConfigError, SessionClosedError
+from resfuse.models.fusion import METHODS
 from resfuse.runtime.backend_spec import merge_options
 from resfuse.runtime.backends import Runner, create_runner
 from resfuse.runtime.inputs import check_finite, is_image, load_image
+from resfuse.runtime.tiling import Tiling, sliding_window
 
 
 class Session:
@@ -30,15 +32,19 @@ class Session:
     def backend(self) -> str:
         return self.runner.name
 
-    def preprocess(self, source: str | Path | Any) -> np.ndarray:
-        """An image file or PIL image as the model's (1, C, H, W) input."""
+    def preprocess(self, source: str | Path | Any, *, resize: str | None = None) -> np.ndarray:
+        """An image file or PIL image as the model's (1, C, H, W) input, resized by `resize`
+        (default: the session's policy, else the manifest's)."""
         return load_image(
-            source, self.manifest.data.get("preprocess", {}), self.contract, self.resize
+            source,
+            self.manifest.data.get("preprocess", {}),
+            self.contract,
+            resize or self.resize,
         )
 
-    def check(self, x: np.ndarray | torch.Tensor) -> None:
+    def check(self, x: np.ndarray | torch.Tensor, *, spatial: bool = True) -> None:
         dtype = str(x.dtype).removeprefix("torch.")
-        self.contract.check(x.shape, dtype)
+        self.contract.check(x.shape, dtype, spatial=spatial)
         if self.finite_check:
             if isinstance(x, torch.Tensor):
                 if not bool(torch.isfinite(x).all()):
@@ -46,15 +52,31 @@ class Session:
             else:
                 check_finite(x)
 
-    def run(self, x: np.ndarray | torch.Tensor | str | Path | Any) -> np.ndarray | torch.Tensor:
-        """Numpy (or an image) in, numpy out; a torch tensor in, a tensor out on its device."""
+    def run(
+        self,
+        x: np.ndarray | torch.Tensor | str | Path | Any,
+        *,
+        tile: int | tuple[int, int] | str | None = None,
+        overlap: float = 0.25,
+        blend: str = "gaussian",
+        sigma_scale: float = 0.125,
+        tile_batch: int | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Numpy (or an image) in, numpy out; a torch tensor in, a tensor out on its device.
+
+        With `tile` ("auto", a size N or (H, W)), inputs of any H x W run as overlapping tiles
+        of that size, `tile_batch` at a time (default: the backend's), blended by `blend`
+        ("gaussian" or "constant") and stitched on the CPU: see resfuse.runtime.tiling."""
         if self.closed:
             raise SessionClosedError(
                 f"the session on {self.manifest.path.name} ({self.backend}) is closed; open a "
                 f"new one with resfuse.runtime.load(), or call run() inside the `with` block"
             )
         if is_image(x):
-            x = self.preprocess(x)
+            x = self.preprocess(x, resize="none" if tile is not None else None)
+        if tile is not None:
+            tiling = self.tiling(tile, overlap, blend, sigma_scale, tile_batch)
+            return self._run_tiled(x, tiling)
         if isinstance(x, torch.Tensor):
             self.check(x)
             infer_tensor = getattr(self.runner, "infer_tensor", None)
@@ -62,13 +84,37 @@ class Session:
                 return infer_tensor(x)
             out = self.runner.infer(np.ascontiguousarray(x.detach().cpu().numpy()))
             return torch.from_numpy(out).to(x.device)
-        if not isinstance(x, np.ndarray):
-            raise TypeError(
-                f"run() takes a numpy array, a torch tensor, an image path or a PIL image, "
-                f"not {type(x).__name__}"
-            )
-        self.check(x)
+        self.check(_array(x))
         return self.runner.infer(np.ascontiguousarray(x))
+
+    def tiling(
+        self,
+        tile: int | tuple[int, int] | str,
+        overlap: float = 0.25,
+        blend: str = "gaussian",
+        sigma_scale: float = 0.125,
+        tile_batch: int | None = None,
+    ) -> Tiling:
+        """The tiling `run(tile=...)` applies on this backend, refused here if it cannot run."""
+        roi, batch = self.runner.default_tile()
+        if tile != "auto":
+            roi = (tile, tile) if isinstance(tile, int) else _pair(tile)
+        tiling = Tiling(roi, overlap, blend, sigma_scale, tile_batch or batch)
+        tiling.fit(self.contract)
+        return tiling
+
+    def _run_tiled(self, x: object, tiling: Tiling) -> np.ndarray | torch.Tensor:
+        """Tiles through the backend, stitched on the CPU; the fused output's image channels
+        are the input's own where the method passes the image through (blending would round
+        them)."""
+        tensor = x if isinstance(x, torch.Tensor) else None
+        array = _array(x if tensor is None else tensor.detach().cpu().numpy())
+        self.check(array, spatial=False)
+        out = sliding_window(lambda tiles: self.runner.infer(tiles), array, tiling)
+        config = self.manifest.config
+        if config.num_classes is None and METHODS[config.method].passes_image:
+            out[:, : array.shape[1]] = array
+        return out if tensor is None else torch.from_numpy(out).to(tensor.device)
 
     def close(self) -> None:
         """Release the backend; idempotent. run() afterwards raises SessionClosedError."""
@@ -81,6 +127,25 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _array(x: object) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"run() takes a numpy array, a torch tensor, an image path or a PIL image, "
+            f"not {type(x).__name__}"
+        )
+    return x
+
+
+def _pair(tile: object) -> tuple[int, int]:
+    if (
+        isinstance(tile, (tuple, list))
+        and len(tile) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in tile)
+    ):
+        return int(tile[0]), int(tile[1])
+    raise ConfigError(f"tile must be 'auto', a size N or (H, W), got {tile!r}; e.g. tile=512")
 
 
 def prepare(

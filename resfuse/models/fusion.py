@@ -72,6 +72,9 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
 
 class FusionMethod(nn.Module):
     name = ""
+    # Whether the fused output's first channels are the image itself, bit for bit (a gate
+    # scales them otherwise): checks compare them exactly, tiling copies them from the input.
+    passes_image = True
 
     def __init__(self, feature_channels: int, stride: int, features: int) -> None:
         super().__init__()
@@ -156,6 +159,8 @@ class MaskedFusion(FusionMethod):
     cat([image * (1 - m), projected_features * m]). Gate and projection are computed on the
     feature grid and brought to H x W by `to_image_grid` (aligned resize, then crop), so each
     cell's gate and features stay centred on its own input block, for every H, W."""
+
+    passes_image = False
 
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)

@@ -12,6 +12,7 @@ import numpy as np
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import ConfigError
+from resfuse.profiles import DEFAULT_MAX_BATCH, OPT_SIZE
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ class Runner(ABC):
     @abstractmethod
     def deactivate(self) -> None:
         """Release the model or session; `activate` may be called again afterwards."""
+
+    def default_tile(self) -> tuple[tuple[int, int], int]:
+        """The tile (H, W) and tiles per call that tiled inference uses unless told: the size
+        engines are tuned for, within the artifact's range, a few tiles at a time."""
+        contract = self.manifest.contract
+        roi = (contract.height.clamp(OPT_SIZE), contract.width.clamp(OPT_SIZE))
+        return roi, contract.batch.clamp(DEFAULT_MAX_BATCH)
 
     @property
     def precision(self) -> str:

@@ -355,6 +355,14 @@ class TensorRTRunner(Runner):
         self._runtime_cache = None
         self.record = self.engine = self._runtime = None
 
+    def default_tile(self) -> tuple[tuple[int, int], int]:
+        """The first profile's opt H x W, the shape its kernels were tuned for, as many at once
+        as that profile's max batch."""
+        if self.record is None:
+            return super().default_tile()
+        profile = self.record.profiles[0]
+        return (profile.opt[2], profile.opt[3]), profile.max[0]
+
     def describe(self) -> dict[str, Any]:
         """The engine's profiles, settings and environment once active; before, those asked."""
         record, engine = self.record, self.options.get("engine")
