@@ -51,20 +51,23 @@ print(json.dumps({"rc": code, "peak_kib": peak_kib, "seconds": time.perf_counter
 
 
 def peak(command: list[str]) -> dict[str, Any]:
-    """The peak resident memory (MiB), exit code and wall time of `command`."""
+    """The peak resident memory (MiB), exit code and wall time of `command`, and the lines it
+    printed (`output`)."""
     wrapper = subprocess.run(
         [sys.executable, "-c", _PEAK, *command], capture_output=True, text=True, check=True
     )
-    result = json.loads(wrapper.stdout.strip().splitlines()[-1])
+    *printed, last = wrapper.stdout.strip().splitlines()
+    result = json.loads(last)
     if result["rc"] != 0:
         raise SystemExit(f"{' '.join(command)} exited {result['rc']}:\n{wrapper.stderr}")
-    return {"peak_mib": result["peak_kib"] / 1024, "seconds": result["seconds"]}
+    return {"peak_mib": result["peak_kib"] / 1024, "seconds": result["seconds"], "output": printed}
 
 
 def measure(artifact: Path, shape: str) -> dict[str, Any]:
     check = Path(sys.executable).with_name("resfuse-check")
     backend = peak([sys.executable, "-c", _BACKEND_ALONE, str(artifact), shape])
     checked = peak([str(check), str(artifact), "--shapes", shape])
+    backend.pop("output"), checked.pop("output")  # the check's table is not a measurement
     return {
         "backend": backend,
         "check": checked,

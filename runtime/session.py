@@ -61,12 +61,14 @@ class Session:
         blend: str = "gaussian",
         sigma_scale: float = 0.125,
         tile_batch: int | None = None,
+        align: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Numpy (or an image) in, numpy out; a torch tensor in, a tensor out on its device.
 
         With `tile` ("auto", a size N or (H, W)), inputs of any H x W run as overlapping tiles
         of that size, `tile_batch` at a time (default: the backend's), blended by `blend`
-        ("gaussian" or "constant") and stitched on the CPU: see resfuse.runtime.tiling."""
+        ("gaussian" or "constant") and stitched on the CPU, windows starting on multiples of
+        `align` (default: the model's stride; 1: MONAI's positions): resfuse.runtime.tiling."""
         if self.closed:
             raise SessionClosedError(
                 f"the session on {self.manifest.path.name} ({self.backend}) is closed; open a "
@@ -75,7 +77,7 @@ class Session:
         if is_image(x):
             x = self.preprocess(x, resize="none" if tile is not None else None)
         if tile is not None:
-            tiling = self.tiling(tile, overlap, blend, sigma_scale, tile_batch)
+            tiling = self.tiling(tile, overlap, blend, sigma_scale, tile_batch, align)
             return self._run_tiled(x, tiling)
         if isinstance(x, torch.Tensor):
             self.check(x)
@@ -94,12 +96,14 @@ class Session:
         blend: str = "gaussian",
         sigma_scale: float = 0.125,
         tile_batch: int | None = None,
+        align: int | None = None,
     ) -> Tiling:
         """The tiling `run(tile=...)` applies on this backend, refused here if it cannot run."""
         roi, batch = self.runner.default_tile()
         if tile != "auto":
             roi = (tile, tile) if isinstance(tile, int) else _pair(tile)
-        tiling = Tiling(roi, overlap, blend, sigma_scale, tile_batch or batch)
+        stride = align or self.manifest.config.stride
+        tiling = Tiling(roi, overlap, blend, sigma_scale, tile_batch or batch, stride)
         tiling.fit(self.contract)
         return tiling
 

@@ -61,8 +61,8 @@ def test_tiled_output_equals_monai_on_the_same_predictor(
     head_session: Session, astronaut: Path, tile: str | tuple[int, int], overlap: float, blend: str
 ) -> None:
     x = head_session.preprocess(astronaut)
-    tiling = head_session.tiling(tile, overlap, blend)
-    ours = np.asarray(head_session.run(astronaut, tile=tile, overlap=overlap, blend=blend))
+    tiling = head_session.tiling(tile, overlap, blend, align=1)
+    ours = np.asarray(head_session.run(astronaut, tile=tile, overlap=overlap, blend=blend, align=1))
     assert ours.shape == (1, 3, 512, 512)
     np.testing.assert_allclose(ours, monai_reference(head_session, x, tiling), rtol=0, atol=1e-5)
 
@@ -117,9 +117,9 @@ def test_an_image_below_the_minimum_is_padded_and_cropped_back(head_session: Ses
     x = np.random.default_rng(0).standard_normal((1, 3, 20, 45)).astype(np.float32)
     with pytest.raises(InputContractError, match="height 20"):
         head_session.run(x)
-    tiling = head_session.tiling(64)
-    out = np.asarray(head_session.run(x, tile=64))
-    assert out.shape == (1, 3, 20, 45)
+    assert np.asarray(head_session.run(x, tile=64)).shape == (1, 3, 20, 45)  # padded at the end
+    tiling = head_session.tiling(64, align=1)
+    out = np.asarray(head_session.run(x, tile=64, align=1))  # padded around, as MONAI pads
     np.testing.assert_allclose(out, monai_reference(head_session, x, tiling), rtol=0, atol=1e-5)
 
 
@@ -165,6 +165,38 @@ def test_window_positions_are_monais(size: int, roi: int, overlap: float) -> Non
     slices = dense_patch_slices((size,), (roi,), (_step(size, roi, overlap),))
     expected = [s[0].start for s in slices]
     assert window_starts(size, roi, overlap) == sorted(set(expected))
+
+
+@given(
+    size=st.integers(1, 700),
+    roi=st.integers(32, 300),
+    overlap=st.floats(0, 0.95),
+    align=st.sampled_from([8, 16, 32]),
+)
+def test_aligned_windows_start_on_the_grid_and_cover_the_image(
+    size: int, roi: int, overlap: float, align: int
+) -> None:
+    size = max(size, roi)
+    starts = window_starts(size, roi, overlap, align)
+    assert all(s % align == 0 for s in starts) and starts[0] == 0
+    assert all(b - a <= roi for a, b in zip(starts, starts[1:], strict=False))  # no gap
+    assert size <= starts[-1] + roi < size + align  # reaches the end, past it by < align
+
+
+def test_stride_aligned_tiles_stay_closer_to_the_whole_image_than_monais(
+    exported: dict[str, ExportResult],
+) -> None:
+    """coffee is 400 x 600: MONAI's last windows start at 144 and 344, off resnet18's stride-32
+    grid, and the features under them shift."""
+    with load(exported["upsample"].manifest_path, "onnxruntime") as session:
+        x = session.preprocess(pil().fromarray(data.coffee()))
+        whole = np.asarray(session.run(x))[:, 3:]
+
+        def distance(align: int | None) -> float:
+            tiled = np.asarray(session.run(x, tile=256, align=align))[:, 3:]
+            return float(np.linalg.norm(tiled - whole) / np.linalg.norm(whole))
+
+        assert distance(None) < 0.5 * distance(1)
 
 
 def _step(size: int, roi: int, overlap: float) -> int:
