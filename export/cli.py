@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from resfuse.console import err, fail, out
@@ -18,6 +19,7 @@ from resfuse.export.pipeline import (
 )
 from resfuse.export.quantize import Calibration
 from resfuse.export.triton import KINDS, TritonOptions, require_schema, write_triton_repo
+from resfuse.images import UNITS
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
 
 PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, float16, int8
@@ -135,13 +137,22 @@ PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, f
     "--intensity-range",
     default=None,
     help="How image files' values map to [0, 1] at run time: dtype (the file type's full "
-    "range, the default), image (each image's min..max) or LOW,HIGH (e.g. 0,4095 for 12-bit).",
+    "range, the default), image (each image's min..max) or LOW,HIGH (e.g. 0,4095 for 12-bit "
+    "radiographs stored unsigned; CT: a range in Hounsfield units such as -1024,3071).",
 )
 @click.option(
     "--window",
     default=None,
-    help="CENTER,WIDTH: an intensity window instead of a range (DICOM: in rescaled units, "
-    "e.g. 40,400 for soft tissue in Hounsfield units).",
+    help="CENTER,WIDTH: an intensity window instead of a range (e.g. 40,400 for soft tissue "
+    "in Hounsfield units).",
+)
+@click.option(
+    "--intensity-units",
+    type=click.Choice(UNITS),
+    default=None,
+    help="What --window or --intensity-range LOW,HIGH is written in, for DICOM: rescaled "
+    "(after RescaleSlope/Intercept, e.g. Hounsfield units; the default) or stored (the "
+    "file's integers). Other files have no rescale: both mean their values.",
 )
 @click.option(
     "--triton-repo",
@@ -194,6 +205,7 @@ def main(
     max_rel_l2: float | None,
     intensity_range: str | None,
     window: str | None,
+    intensity_units: str | None,
     triton_repo: Path | None,
     triton_kind: str,
     triton_instances: int,
@@ -242,6 +254,7 @@ def main(
             max_rel_l2=max_rel_l2,
             intensity_range=_intensity_range(intensity_range),
             window=None if window is None else _pair(window, "--window", "CENTER,WIDTH"),
+            intensity_units=intensity_units,
         )
         if triton_repo is not None:  # a device the artifact is not made for: before the export
             triton.check_targets(options.targets, f"the {options.precision} artifact")
@@ -256,6 +269,7 @@ def main(
                     pretrained,
                     name,
                     progress=lambda step, m=m: status.update(f"[bold]{m}[/]: {step}"),
+                    warn=_warn,
                 )
             out.print(
                 f"\n{result.name} ({options.precision}): ONNX Runtime (CPU) vs PyTorch "
@@ -275,6 +289,10 @@ def main(
     out.print(_summary_table(results))
     for r in results:  # what resfuse-check, resfuse-build and the runtime take
         out.print(f"manifest: {r.manifest_path}", highlight=False, soft_wrap=True)
+
+
+def _warn(note: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _pair(text: str, option: str, form: str) -> tuple[float, float]:

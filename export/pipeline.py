@@ -64,6 +64,8 @@ class ExportOptions:
     max_rel_l2: float | None = None  # a variant's parity bound; None: MAX_REL_L2[precision]
     intensity_range: str | tuple[float, float] | None = None  # resfuse.images: "dtype" default
     window: tuple[float, float] | None = None  # (center, width), e.g. CT in Hounsfield units
+    # what the window or range is written in: "rescaled" (None: the default) or "stored"
+    intensity_units: str | None = None
 
     @property
     def precision(self) -> str:
@@ -112,6 +114,7 @@ class ExportOptions:
             std=norm["std"],
             value_range=self.intensity_range,
             window=window,
+            units=self.intensity_units,
         )
 
     def smallest_size(self, config: ModelConfig) -> int:
@@ -245,10 +248,12 @@ def export_artifact(
     pretrained: bool = False,
     name: str | None = None,
     progress: Callable[[str], None] = lambda step: None,
+    warn: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export `config` into `output_dir`: the manifest <name>.json and the files it names,
     <name>.<tag>.onnx and <name>.<tag>.safetensors (tag: the file's sha256 prefix). `name` is
-    the base name: a variant adds its suffix (artifact_name).
+    the base name: a variant adds its suffix (artifact_name). `warn` hears of each calibration
+    image skipped as unreadable (default: a Python warning).
 
     Nothing is written unless every check passes; then the manifest's rename commits the new
     artifact in one step (resfuse.artifacts). Raises a ResfuseError subclass on any failure.
@@ -284,7 +289,7 @@ def export_artifact(
             "name": artifact_name(config, base=base),
             "onnx_sha256": onnx_export.digest(proto),
         }
-        proto, results = _variant(model, proto, contract, shapes, options, progress)
+        proto, results = _variant(model, proto, contract, shapes, options, progress, warn)
 
     progress("writing the artifact")
     with write_artifact(output_dir, name) as writer:
@@ -357,6 +362,7 @@ def _variant(
     shapes: list[Shape],
     options: ExportOptions,
     progress: Callable[[str], None],
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, list[ParityResult]]:
     """The verified float32 graph in the options' precision, with its own parity sweep, judged
     by relative L2 against the float32 PyTorch original."""
@@ -365,7 +371,8 @@ def _variant(
         progress("converting to float16 (sensitive parts stay float32)")
         variant, hint = to_float16(proto), _FLOAT16_HINT
     else:
-        variant, sample = _quantized(model, proto, options.calibration, contract, options, progress)
+        calibration = options.calibration
+        variant, sample = _quantized(model, proto, calibration, contract, options, progress, warn)
         hint = _INT8_HINT
     onnx_export.check_model(variant)
     onnx_export.check_dynamic_axes(variant, contract)
@@ -393,11 +400,12 @@ def _quantized(
     contract: InputContract,
     options: ExportOptions,
     progress: Callable[[str], None],
+    warn: Callable[[str], None] | None,
 ) -> tuple[onnx.ModelProto, Callable[[Shape, int], np.ndarray] | None]:
     """The INT8 graph, and the sampler its parity sweep draws inputs from."""
     progress("reading the calibration inputs")
     preprocess = options.preprocess(model.config)
-    batches = calibration.inputs(contract, preprocess, options.seed)
+    batches = calibration.inputs(contract, preprocess, options.seed, warn)
     progress(f"calibrating on {len(batches)} inputs and quantizing to INT8")
     quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches, options.symmetric)
     return quantized, calibration.sampler(contract, preprocess)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,19 @@ def _quantized_parts(symmetric: bool) -> str:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibration inputs: up to `count` images from `images` (a folder), or `count` random
-    normal inputs when `images` is None, all at `size` x `size`."""
+    """Calibration inputs: up to `count` readable images from `images` (a folder; unreadable
+    files are skipped with a warning), or `count` random normal inputs when `images` is None,
+    all at `size` x `size`."""
 
     images: str | Path | None = None
     count: int = 32
     size: int = 512
+    # What the last inputs() call read from `images` ("used", "skipped": lists of files), for
+    # the manifest's record and the parity sweep's sampler: which files are readable is only
+    # known once they are read with the artifact's preprocessing.
+    _read: dict[str, list[Path]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -72,18 +80,41 @@ class Calibration:
     def _files(self, images: str | Path) -> list[Path]:
         return image_files(images, "--calib-images")[: self.count]
 
+    def _used(self, images: str | Path) -> list[Path]:
+        """The files inputs() read; before it has run, the ones it would try first."""
+        return self._read.get("used") or self._files(images)
+
     def describe(self) -> dict[str, Any]:
         """The record of the calibration: `count` is the inputs used, fewer than --calib-count
-        when the folder holds fewer images."""
-        source = f"images in {self.images}" if self.images else "random normal inputs"
-        count = len(self._files(self.images)) if self.images else self.count
-        return {"method": "MinMax", "source": source, "count": count, "size": self.size}
+        when the folder holds fewer readable images; `skipped` counts the unreadable ones."""
+        if not self.images:
+            return {
+                "method": "MinMax",
+                "source": "random normal inputs",
+                "count": self.count,
+                "size": self.size,
+            }
+        skipped = self._read.get("skipped", [])
+        return {
+            "method": "MinMax",
+            "source": f"images in {self.images}",
+            "count": len(self._used(self.images)),
+            "size": self.size,
+            "skipped": len(skipped),
+            "skipped_files": [str(p.relative_to(self.images)) for p in skipped],
+        }
 
     def inputs(
-        self, contract: InputContract, preprocess: dict[str, Any], seed: int
+        self,
+        contract: InputContract,
+        preprocess: dict[str, Any],
+        seed: int,
+        warn: Callable[[str], None] | None = None,
     ) -> list[np.ndarray]:
         """The calibration batches, (1, C, size, size) float32 each, at a size the contract
-        accepts (the model's minimum and maximum bound `size`)."""
+        accepts (the model's minimum and maximum bound `size`). An image file that cannot be
+        read is told to `warn` (default: a Python warning) and skipped; none readable is an
+        error."""
         h, w = contract.height.clamp(self.size), contract.width.clamp(self.size)
         if self.images is None:
             rng = np.random.default_rng(seed)
@@ -91,7 +122,23 @@ class Calibration:
                 rng.standard_normal((1, contract.channels, h, w), dtype=np.float32)
                 for _ in range(self.count)
             ]
-        return [_resized(file, h, w, preprocess, contract) for file in self._files(self.images)]
+        batches: list[np.ndarray] = []
+        used: list[Path] = []
+        skipped: list[tuple[Path, str]] = []
+        for file in image_files(self.images, "--calib-images"):
+            if len(used) == self.count:
+                break
+            try:
+                batches.append(_resized(file, h, w, preprocess, contract))
+            except InputContractError as exc:  # unreadable, or a kind of image read with loss
+                skipped.append((file, str(exc)))
+                (warn or _python_warning)(f"skipped a calibration image: {exc}")
+            else:
+                used.append(file)
+        if not used:
+            raise ConfigError(_none_readable(self.images, skipped))
+        self._read.update(used=used, skipped=[file for file, _ in skipped])
+        return batches
 
     def sampler(
         self, contract: InputContract, preprocess: dict[str, Any]
@@ -101,7 +148,7 @@ class Calibration:
         which the sweep's own random inputs already match."""
         if self.images is None:
             return None
-        files = self._files(self.images)
+        files = self._used(self.images)
 
         def sample(shape: Shape, index: int) -> np.ndarray:
             b, _, h, w = shape
@@ -114,12 +161,21 @@ class Calibration:
 def _resized(
     file: Path, h: int, w: int, preprocess: dict[str, Any], contract: InputContract
 ) -> np.ndarray:
-    try:
-        return load_image(file, preprocess, contract, size=(h, w))
-    except InputContractError as exc:  # unreadable, or a kind of image read with loss
-        raise ConfigError(
-            f"cannot read calibration image {file}: {exc}; remove it from --calib-images"
-        ) from exc
+    return load_image(file, preprocess, contract, size=(h, w))
+
+
+def _python_warning(note: str) -> None:
+    warnings.warn(note, UserWarning, stacklevel=3)
+
+
+def _none_readable(folder: str | Path, skipped: list[tuple[Path, str]]) -> str:
+    """One line for a calibration folder none of whose image files can be read."""
+    file, reason = skipped[0]
+    others = "; none of the others could be read either" if len(skipped) > 1 else ""
+    return (
+        f"cannot read calibration image {file}: {reason}{others}; put images the artifact "
+        f"can read into --calib-images {folder}"
+    )
 
 
 def quantization_record(calibration: Calibration, symmetric: bool = False) -> dict[str, Any]:
