@@ -1,8 +1,11 @@
-"""Batch inference over a folder of images: one output file per image, resumable.
+"""Batch inference over a folder of images and volumes: one output file per input, resumable.
 
 Each image under INPUT_DIR (recursively) gives OUT_DIR/<its relative path>.npy, or, for a model
 with a segmentation head, OUT_DIR/<its relative path>.mask.png (the argmax class per pixel). The
 image's own suffix stays in the output name, so `a.png` and `a.jpg` never write the same file.
+Each NIfTI volume (and with `series=True` each folder of DICOM files, as one series) gives
+OUT_DIR/<its relative path>.nii.gz, or .mask.nii.gz, run slice by slice (resfuse.runtime.volumes)
+and written on the input's grid with its affine.
 
 Every output is written to a hidden temporary name and renamed (resfuse.artifacts.replace_file),
 so an output that exists is complete, and a killed run leaves no half file. Beside each output a
@@ -35,19 +38,47 @@ from rich.markup import escape
 from resfuse.artifacts import Manifest, read_manifest, replace_file
 from resfuse.console import err
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.images import find_images, grayscale_note, pil
+from resfuse.images import _is_dicom, find_images, grayscale_note, pil
 from resfuse.runtime.session import Session, load
+from resfuse.runtime.volumes import (
+    find_volumes,
+    is_nifti,
+    predict_volume,
+    read_volume,
+    series_files,
+)
+from resfuse.runtime.volumes import nifti_bytes as volume_bytes
 
 MASK_SUFFIX = ".mask.png"
+VOLUME_SUFFIXES = (".mask.nii.gz", ".nii.gz")  # (a model with a head, without)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How inputs run, besides the artifact and the batch size."""
+
+    axis: int | None = None  # volumes: the slice axis; None: the one closest to axial
+    volume_index: int | None = None  # 4-D NIfTI: the volume to read
+    tiling: dict[str, Any] = field(default_factory=dict)  # session.run's tiling keywords
+
+    def volume_record(self) -> dict[str, Any]:
+        """What a volume's record must match to be resumed, besides artifact and input."""
+        return {"axis": self.axis, "volume_index": self.volume_index}
 
 
 @dataclass(frozen=True)
 class Job:
-    """One image and the file its output goes to."""
+    """One image or volume and the file its output goes to."""
 
     source: Path
     output: Path
     stale: bool = False  # its output exists, but another artifact or input made it
+
+    @property
+    def is_volume(self) -> bool:
+        """A NIfTI file or a series folder: known from the path alone, so Ray actors, which
+        get only paths, tell them apart too."""
+        return self.source.is_dir() or is_nifti(self.source)
 
 
 @dataclass
@@ -114,13 +145,29 @@ def artifact_identity(manifest: Manifest) -> dict[str, Any]:
 
 def input_identity(source: Path) -> dict[str, Any]:
     """The size and sha256 of the bytes of `source`: a replaced image is caught whatever its
-    timestamps say (copies, archives and checkouts set them at will)."""
+    timestamps say (copies, archives and checkouts set them at will). A series folder: the
+    total size, and the sha256 of its DICOM files' names and sha256s."""
+    if not source.is_dir():
+        return _file_identity(source)
+    files = series_files(source)
+    lines = [f"{p.name}\0{_file_identity(p)['sha256']}\n" for p in files]
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+    return {"bytes": _input_size(source), "sha256": digest}
+
+
+def _file_identity(source: Path) -> dict[str, Any]:
     digest, size = hashlib.sha256(), 0
     with open(source, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
             size += len(block)
     return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _input_size(source: Path) -> int:
+    if source.is_dir():
+        return sum(p.stat().st_size for p in series_files(source))
+    return source.stat().st_size
 
 
 def is_current(source: Path, output: Path, artifact: dict[str, Any]) -> bool:
@@ -130,32 +177,63 @@ def is_current(source: Path, output: Path, artifact: dict[str, Any]) -> bool:
         record = json.loads(record_path(output).read_bytes())
         if not output.is_file() or record["artifact"] != artifact:
             return False
-        if record["input"]["bytes"] != source.stat().st_size:  # no need to hash
+        if record["input"]["bytes"] != _input_size(source):  # no need to hash
             return False
         return bool(record["input"] == input_identity(source))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+def job_artifact(job: Job, manifest: Manifest, options: Options) -> dict[str, Any]:
+    """What `job`'s output depends on besides its input: for a volume, the slice axis and the
+    volume index too (images' records keep the form older runs wrote)."""
+    artifact = artifact_identity(manifest)
+    if options.tiling:  # how large inputs were cut: JSON's form, so a read record compares
+        artifact["tiling"] = json.loads(json.dumps(options.tiling))
+    return {**artifact, "volume": options.volume_record()} if job.is_volume else artifact
+
+
 # Planning
 
 
-def plan(input_dir: Path, output_dir: Path, manifest: Manifest) -> tuple[list[Job], int]:
-    """The jobs whose output is missing or stale, and how many images there are in all."""
+def plan(
+    input_dir: Path,
+    output_dir: Path,
+    manifest: Manifest,
+    options: Options | None = None,
+    *,
+    series: bool = False,
+) -> tuple[list[Job], int]:
+    """The jobs whose output is missing or stale, and how many inputs there are in all. With
+    `series`, each folder of DICOM files is one volume and its files are no images."""
+    options = options or Options()
     if output_dir.resolve().is_relative_to(input_dir.resolve()):
         raise ConfigError(
             f"--output {output_dir} is inside INPUT_DIR {input_dir}, so outputs would be read "
             f"as inputs on the next run; choose an output folder outside it"
         )
-    suffix = MASK_SUFFIX if manifest.config.num_classes is not None else ".npy"
-    artifact = artifact_identity(manifest)
+    head = manifest.config.num_classes is not None
     images = find_images(input_dir, "INPUT_DIR")
+    volumes = find_volumes(input_dir, series)
+    folders = {v for v in volumes if v.is_dir()}
+    images = [p for p in images if not (p.parent in folders and _is_dicom(p))]
     jobs = []
-    for source in images:
-        output = output_dir / f"{source.relative_to(input_dir)}{suffix}"
-        if not is_current(source, output, artifact):
-            jobs.append(Job(source, output, stale=output.is_file()))
-    return jobs, len(images)
+    for source in [*images, *volumes]:
+        job = Job(source, _output_path(source, input_dir, output_dir, head))
+        if not is_current(source, job.output, job_artifact(job, manifest, options)):
+            jobs.append(Job(job.source, job.output, stale=job.output.is_file()))
+    return jobs, len(images) + len(volumes)
+
+
+def _output_path(source: Path, input_dir: Path, output_dir: Path, head: bool) -> Path:
+    if is_nifti(source) or source.is_dir():
+        suffix = VOLUME_SUFFIXES[0] if head else VOLUME_SUFFIXES[1]
+    else:
+        suffix = MASK_SUFFIX if head else ".npy"
+    relative = source.relative_to(input_dir)
+    if relative == Path():  # INPUT_DIR itself is the series: named after it
+        relative = Path(input_dir.resolve().name)
+    return output_dir / f"{relative}{suffix}"
 
 
 def check_writable(output_dir: Path) -> None:
@@ -218,39 +296,78 @@ def _chunks(members: list[int], arrays: list[np.ndarray], limit: int) -> Iterato
         yield chunk
 
 
-def write_output(job: Job, output: np.ndarray, head: bool, record: dict[str, Any]) -> None:
-    """The output and its record. The old record goes first and the new one comes last, so
-    wherever a run is killed, a record never describes an output it did not see written."""
+def write_output(job: Job, data: bytes, record: dict[str, Any]) -> None:
+    """The output's bytes and its record. The old record goes first and the new one comes
+    last, so wherever a run is killed, a record never describes an output it did not see
+    written."""
     job.output.parent.mkdir(parents=True, exist_ok=True)
     sidecar = record_path(job.output)
     sidecar.unlink(missing_ok=True)
-    replace_file(job.output, mask_png(output) if head else npy_bytes(output))
+    replace_file(job.output, data)
     replace_file(sidecar, json.dumps(record, sort_keys=True).encode())
 
 
-def process(session: Session, jobs: list[Job], limit: int) -> list[tuple[Job, str | None]]:
-    """Read, run and write `jobs`; (job, None) when written, (job, reason) when it failed."""
+def process(
+    session: Session, jobs: list[Job], limit: int, options: Options | None = None
+) -> list[tuple[Job, str | None]]:
+    """Read, run and write `jobs`; (job, None) when written, (job, reason) when it failed.
+    Images of one size share batches; each volume runs alone, slice batches of `limit`."""
+    options = options or Options()
+    results = [process_volume(session, job, limit, options) for job in jobs if job.is_volume]
+    return results + _process_images(
+        session, [job for job in jobs if not job.is_volume], limit, options
+    )
+
+
+def process_volume(
+    session: Session, job: Job, limit: int, options: Options
+) -> tuple[Job, str | None]:
+    """One volume read, run slice by slice and written; (job, reason) when any step failed."""
+    artifact = job_artifact(job, session.manifest, options)
+    try:
+        # hashed before it is read, as an image is
+        record = {"artifact": artifact, "input": input_identity(job.source)}
+        volume = read_volume(job.source, index=options.volume_index)
+        output = predict_volume(
+            session, volume, axis=options.axis, batch_size=limit, **options.tiling
+        )
+        data = volume_bytes(volume, output)
+    except Exception as exc:  # noqa: BLE001 - no one volume (or a backend failure) aborts
+        return job, str(exc)
+    try:
+        write_output(job, data, record)
+    except OSError as exc:
+        return job, f"cannot write {job.output}: {exc}"
+    return job, None
+
+
+def _process_images(
+    session: Session, jobs: list[Job], limit: int, options: Options
+) -> list[tuple[Job, str | None]]:
     head = has_head(session)
-    artifact = artifact_identity(session.manifest)  # the one that runs, wherever this runs
     results: list[tuple[Job, str | None]] = []
     ready: list[tuple[Job, np.ndarray, dict[str, Any]]] = []
+    tiled: list[tuple[Job, np.ndarray, dict[str, Any]]] = []
     for job in jobs:
         try:
             # hashed before it is read: if the file changes in between, the record is the
             # older one, so the next run redoes it rather than keeping a wrong output
+            artifact = job_artifact(job, session.manifest, options)  # the one that runs here
             record = {"artifact": artifact, "input": input_identity(job.source)}
-            x = session.preprocess(job.source)
-            session.check(x)  # alone: an image out of the size range fails by itself
-            ready.append((job, x, record))
+            x = session.preprocess(job.source, on_clip=_warn)
+            whole = not options.tiling or session.runner.accepts(*x.shape[2:])
+            session.check(x, spatial=whole)  # alone: an image out of range fails by itself
+            (ready if whole else tiled).append((job, x, record))
         except Exception as exc:  # noqa: BLE001 - no one file (a decompression bomb) aborts
             results.append((job, str(exc)))
-    try:
+    try:  # same sizes batched whole; an image too large for one call alone, in tiles
         outputs = run_groups(session, [x for _, x, _ in ready], limit)
+        outputs += [np.asarray(session.run(x, **options.tiling)) for _, x, _ in tiled]
     except (ResfuseError, RuntimeError, ValueError) as exc:  # a backend failure: this batch only
-        return results + [(job, f"inference failed: {exc}") for job, _, _ in ready]
-    for (job, _, record), output in zip(ready, outputs, strict=True):
+        return results + [(job, f"inference failed: {exc}") for job, _, _ in ready + tiled]
+    for (job, _, record), output in zip(ready + tiled, outputs, strict=True):
         try:
-            write_output(job, output, head, record)
+            write_output(job, mask_png(output) if head else npy_bytes(output), record)
             results.append((job, None))
         except OSError as exc:
             results.append((job, f"cannot write {job.output}: {exc}"))
@@ -282,16 +399,27 @@ def predict(
     workers: int = 1,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
+    series: bool = False,
+    axis: int | None = None,
+    volume_index: int | None = None,
+    tiling: dict[str, Any] | None = None,
 ) -> Summary:
-    """Write every missing or stale output; `on_plan(n)` is told how many images are to be
-    done, and `progress(k)` after each k of them (written or failed)."""
+    """Write every missing or stale output; `on_plan(n)` is told how many inputs are to be
+    done, and `progress(k)` after each k of them (written or failed). Volumes: NIfTI files, and
+    with `series` every folder of DICOM files; `axis` and `volume_index` as predict_volume and
+    read_volume take them. `tiling` (Session.run's tile keywords) runs the images and volume
+    slices the backend cannot take whole as tiles; it is part of each output's record."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     manifest = read_manifest(artifact)
     check_batch_size(batch_size, manifest)
-    jobs, total = plan(input_dir, output_dir, manifest)
+    if axis is not None and axis not in (0, 1, 2):
+        raise ConfigError(f"--axis {axis} is not a voxel axis of a volume; use 0, 1 or 2")
+    options = Options(axis, volume_index, dict(tiling or {}))
+    jobs, total = plan(input_dir, output_dir, manifest, options, series=series)
     if jobs:
         check_writable(output_dir)
-        _warn_grayscale([job.source for job in jobs], manifest.contract.channels)
+        images = [job.source for job in jobs if not job.is_volume]
+        _warn_grayscale(images, manifest.contract.channels)
     summary = Summary(total=total, skipped=total - len(jobs))
     if on_plan is not None:
         on_plan(len(jobs))
@@ -299,17 +427,22 @@ def predict(
     start = time.perf_counter()
     if jobs:
         run = _predict_ray if use_ray else _predict_local
-        for results in run(artifact, jobs, backend, device, batch_size, address, workers):
+        for results in run(artifact, jobs, backend, device, batch_size, address, workers, options):
             _record(summary, results)
             tick(len(results))
     summary.seconds = time.perf_counter() - start
     return summary
 
 
+def _warn(note: str) -> None:
+    """A warning on stderr: the driver's when local, the actor's log under Ray."""
+    err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
 def _warn_grayscale(sources: list[Path], channels: int) -> None:
     note = grayscale_note(sources, channels)
     if note is not None:
-        err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        _warn(note)
 
 
 def _predict_local(
@@ -320,6 +453,7 @@ def _predict_local(
     batch_size: int,
     address: str | None,
     workers: int,
+    options: Options,
 ) -> Iterator[list[tuple[Job, str | None]]]:
     """Jobs sorted by image size (read from headers), so same-size images share batches."""
     if address is not None:
@@ -327,7 +461,7 @@ def _predict_local(
     with load(artifact, backend, device) as session:
         ordered = sorted(jobs, key=lambda job: _size_key(job.source))
         for i in range(0, len(ordered), batch_size):
-            yield process(session, ordered[i : i + batch_size], batch_size)
+            yield process(session, ordered[i : i + batch_size], batch_size, options)
 
 
 def _size_key(path: Path) -> tuple[int, int]:
@@ -344,15 +478,18 @@ def _size_key(path: Path) -> tuple[int, int]:
 class Predictor:
     """A Ray Data actor: one Session for its life, a batch of jobs per call."""
 
-    def __init__(self, artifact: str, backend: str, device: str, batch_size: int) -> None:
+    def __init__(
+        self, artifact: str, backend: str, device: str, batch_size: int, options: Options
+    ) -> None:
         self.session = load(artifact, backend, device)
         self.batch_size = batch_size
+        self.options = options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         jobs = [
             Job(Path(s), Path(o)) for s, o in zip(batch["source"], batch["output"], strict=True)
         ]
-        results = process(self.session, jobs, self.batch_size)
+        results = process(self.session, jobs, self.batch_size, self.options)
         return {
             "source": np.array([str(job.source) for job, _ in results]),
             "output": np.array([str(job.output) for job, _ in results]),
@@ -368,6 +505,7 @@ def _predict_ray(
     batch_size: int,
     address: str | None,
     workers: int,
+    options: Options,
 ) -> Iterator[list[tuple[Job, str | None]]]:
     """Paths travel, not pixels: on a cluster, INPUT_DIR, OUT_DIR and the artifact must be at
     the same paths on every node (a shared file system)."""
@@ -389,6 +527,7 @@ def _predict_ray(
                 "backend": backend,
                 "device": device,
                 "batch_size": batch_size,
+                "options": options,
             },
             batch_size=batch_size,
             batch_format="numpy",

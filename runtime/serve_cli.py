@@ -13,7 +13,14 @@ from rich.markup import escape
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
 from resfuse.runtime.backends import BACKENDS
-from resfuse.runtime.cli import _progress, backend_option, resolve_backend, threads_option
+from resfuse.runtime.cli import (
+    _progress,
+    backend_option,
+    resolve_backend,
+    threads_option,
+    tile_options,
+    tiling_options,
+)
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 _BACKENDS = [b for b in BACKENDS if b not in ("torch", "torch-compile")]
@@ -67,6 +74,7 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
     type=click.FloatRange(min=0, min_open=True, max=4096),
     help="Largest request body; larger ones get 413.",
 )
+@tile_options
 def serve_main(
     artifact: Path,
     backend: str,
@@ -80,11 +88,15 @@ def serve_main(
     port: int,
     address: str | None,
     max_body_mb: float,
+    tile: str | tuple[int, int] | None,
+    overlap: float,
+    blend: str,
 ) -> None:
     """Serve ARTIFACT over HTTP on Ray Serve until SIGINT or SIGTERM.
 
-    POST /predict (PNG/JPEG/TIFF, or .npy as application/octet-stream; ?format=png for a
-    class mask), GET /healthz, GET /metadata."""
+    POST /predict (PNG/JPEG/TIFF, DICOM, NIfTI, or .npy as application/octet-stream;
+    ?format=png for a class mask, ?tile=auto for images larger than the artifact's range),
+    GET /healthz, GET /metadata."""
     from resfuse.runtime.serve import ServeOptions, connect, deploy, stop
 
     try:
@@ -103,6 +115,9 @@ def serve_main(
         port=port,
         address=address,
         max_body_mb=max_body_mb,
+        tile=tile,
+        overlap=overlap,
+        blend=blend,
     )
     try:
         started = connect(options)
@@ -139,6 +154,24 @@ def serve_main(
     type=click.IntRange(min=1),
     help="Ray actors, one Session each (with --ray).",
 )
+@click.option(
+    "--series",
+    is_flag=True,
+    help="Read each folder holding DICOM files as one series (a volume), not as 2-D images.",
+)
+@click.option(
+    "--axis",
+    default=None,
+    type=click.IntRange(0, 2),
+    help="Volumes: the voxel axis to slice along [default: the one closest to axial].",
+)
+@click.option(
+    "--volume-index",
+    default=None,
+    type=click.IntRange(min=0),
+    help="4-D NIfTI files: the volume (0-based) to run; 3-D files are read whole.",
+)
+@tile_options
 def predict_main(
     artifact: Path,
     input_dir: Path,
@@ -150,10 +183,18 @@ def predict_main(
     use_ray: bool,
     address: str | None,
     workers: int,
+    series: bool,
+    axis: int | None,
+    volume_index: int | None,
+    tile: object,
+    overlap: float,
+    blend: str,
 ) -> None:
-    """Run ARTIFACT on every image under INPUT_DIR; write OUTPUT/<relative path>.npy (a model
-    with a head: .mask.png). Outputs that exist are complete and skipped, so a rerun resumes.
-    Exits 1 when any image failed (each is listed); the others are written."""
+    """Run ARTIFACT on every image and volume under INPUT_DIR; write OUTPUT/<relative
+    path>.npy (a model with a head: .mask.png), for NIfTI volumes (and with --series DICOM
+    series folders) OUTPUT/<relative path>.nii.gz (.mask.nii.gz). Outputs that exist are
+    complete and skipped, so a rerun resumes. Exits 1 when any input failed (each is listed);
+    the others are written."""
     from resfuse.runtime.predict import predict
 
     try:
@@ -172,6 +213,10 @@ def predict_main(
                 workers=workers,
                 on_plan=lambda n: bar.update(task, total=n),
                 progress=lambda k: bar.advance(task, k),
+                series=series,
+                axis=axis,
+                volume_index=volume_index,
+                tiling=tiling_options(tile, overlap, blend),
             )
     except ResfuseError as exc:
         fail(str(exc))

@@ -1,0 +1,459 @@
+"""Volumes: NIfTI files and DICOM series, run slice by slice through a 2D model, geometry kept.
+
+A volume is its values on a voxel grid (i, j, k) and the affine that places that grid in the
+patient's RAS+ world (millimetres), as NIfTI stores it. The model sees one slice at a time along
+one voxel axis (by default the one closest to the world's superior axis: axial slices), each
+slice turned into a model input by the very rule that image files follow
+(resfuse.images.to_input). The output volume keeps the input's grid: same voxel axes, same
+affine (and, for a NIfTI input, its header), so it overlays the input in any viewer. Nothing is
+ever resampled or reoriented.
+
+A DICOM series is read into voxel axes (row, column, slice): each slice is exactly the 2D image
+its file gives alone, so a model sees a series' slices as it sees its files one by one.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resfuse.artifacts import replace_file
+from resfuse.errors import ConfigError, InputContractError
+from resfuse.images import Pixels, _check_dicom, _from_dicom, _is_dicom, pydicom, to_input
+from resfuse.images import preprocess_problem as _preprocess_problem
+from resfuse.runtime.session import Session
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_DEFAULT_BATCH = 16  # slices per call when the artifact sets no batch limit
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes are L, P, S; NIfTI's R, A, S
+_ORIENTATION_TOL = 1e-4  # direction cosines as scanners write them (6 decimals, some rounding)
+_SPACING_TOL = 0.01  # relative: slice gaps differing by more are not one regular grid
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index, not an image
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One 3-D volume's raw values, where they lie in the world, and what "dtype" means for them."""
+
+    data: np.ndarray  # (i, j, k) raw values: NIfTI scaled by scl_slope/inter, DICOM rescaled
+    affine: np.ndarray  # 4x4, voxel (i, j, k) -> RAS+ world in mm
+    header: Any | None  # the NIfTI input's header, kept for the output; None for DICOM
+    full_range: tuple[float, float] | None  # the "dtype" rule's range; None: float, as 0..1
+    name: str  # for messages
+
+
+# Reading
+
+
+def read_volume(source: str | Path, *, index: int | None = None) -> Volume:
+    """A .nii / .nii.gz file, or a folder holding one DICOM series. `index` picks one volume of
+    a 4-D NIfTI file (3-D files and series have one, and ignore it)."""
+    path = Path(source)
+    if path.is_dir():
+        return read_series(path)
+    if is_nifti(path):
+        return _read_nifti(path, index)
+    raise InputContractError(
+        f"{path} is neither a NIfTI file ({'/'.join(NIFTI_SUFFIXES)}) nor a folder holding a "
+        f"DICOM series; pass one of those"
+    )
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nibabel() -> Any:
+    """The nibabel module, or an error naming the extra that installs it."""
+    try:
+        import nibabel as module
+    except ImportError as exc:
+        raise ConfigError("NIfTI volumes need nibabel: pip install 'resfuse[medical]'") from exc
+    return module
+
+
+def _read_nifti(path: Path, index: int | None) -> Volume:
+    nib = nibabel()
+    try:
+        image = nib.load(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib each raise their own
+        raise InputContractError(f"cannot read {path} as NIfTI: {_one_line(exc)}") from exc
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputContractError(
+            f"{path} is a {type(image).__name__}, not NIfTI; convert it to .nii or .nii.gz"
+        )
+    header = image.header
+    stored = np.dtype(header.get_data_dtype())
+    if stored.kind not in "iuf":  # complex, RGB: no grayscale values to give a 2D model
+        raise InputContractError(
+            f"{path} holds {stored} values; resfuse reads real-valued grayscale volumes: "
+            f"convert it to integers or float32"
+        )
+    shape = _spatial_shape(path, tuple(image.shape), index)
+    try:
+        data = np.asarray(_pick(image.dataobj, len(image.shape), index))
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file shows only now
+        raise InputContractError(f"cannot read the values of {path}: {_one_line(exc)}") from exc
+    data = data.reshape(shape)  # drops the trailing 1s _spatial_shape found
+    # nibabel moves the file's scl_slope/inter into the proxy and clears them in the header
+    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+    return Volume(
+        data.astype(data.dtype.newbyteorder("="), copy=False),  # native order: numpy's fast paths
+        np.asarray(image.affine, dtype=np.float64),
+        header.copy(),
+        _scaled_range(stored, slope, inter),
+        str(path),
+    )
+
+
+def _spatial_shape(path: Path, shape: tuple[int, ...], index: int | None) -> tuple[int, int, int]:
+    """The (i, j, k) shape of the volume to read: a 4-D file needs `index` (unless it holds one
+    volume); trailing dimensions of 1 are ignored."""
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) < 3:
+        raise InputContractError(
+            f"{path} holds a {len(shape)}-D image {_dims(shape)}; resfuse reads 3-D volumes: "
+            f"save it as a volume of one slice, or as a PNG/TIFF image"
+        )
+    if len(shape) > 4:
+        raise InputContractError(
+            f"{path} is {len(shape)}-D {_dims(shape)}; resfuse reads 3-D volumes, or one volume "
+            f"of a 4-D file: split it into 3-D files"
+        )
+    if len(shape) == 4:
+        count = shape[3]
+        if index is None:
+            raise InputContractError(
+                f"{path} is 4-D {_dims(shape)}: {count} volumes; pick one with index= "
+                f"(--volume-index) 0..{count - 1}"
+            )
+        if not 0 <= index < count:
+            raise InputContractError(
+                f"volume index {index} is outside {path}'s {count} volumes; use 0..{count - 1}"
+            )
+    return shape[0], shape[1], shape[2]
+
+
+def _pick(proxy: Any, ndim: int, index: int | None) -> Any:
+    """The one 3-D volume of a file's array proxy: read alone, never the whole 4-D file."""
+    if ndim == 3:
+        return proxy
+    return proxy[(slice(None),) * 3 + (index or 0,) + (0,) * (ndim - 4)]
+
+
+def _scaled_range(stored: np.dtype, slope: float, inter: float) -> tuple[float, float] | None:
+    """What the stored integer type can hold, after the header's scaling; None for floats
+    (taken as 0..1, as float images are)."""
+    if stored.kind == "f":
+        return None
+    info = np.iinfo(stored)
+    a, b = float(info.min) * slope + inter, float(info.max) * slope + inter
+    return (min(a, b), max(a, b))  # a negative slope swaps the ends
+
+
+def read_series(folder: Path) -> Volume:
+    """The DICOM files directly in `folder` as one volume, slices sorted by position along the
+    slice normal (file names and InstanceNumber say nothing reliable about position)."""
+    datasets = _series_datasets(folder)
+    orientation = _common(datasets, folder, "ImageOrientationPatient", _same_orientation)
+    _common(datasets, folder, "PixelSpacing", _same_numbers)
+    row, col = orientation[:3], orientation[3:]
+    normal = np.cross(row, col)
+    positions = [_numbers(ds, "ImagePositionPatient", folder) for ds in datasets]
+    order = np.argsort([float(normal @ p) for p in positions], kind="stable")
+    datasets = [datasets[i] for i in order]
+    positions = [positions[i] for i in order]
+    step = _slice_step(datasets, positions, normal, folder)
+    slices = [_from_dicom(ds, _dicom_name(ds, folder)) for ds in datasets]
+    shapes = {s.values.shape for s in slices}
+    if len(shapes) > 1:
+        raise InputContractError(
+            f"the DICOM series in {folder} mixes slice sizes {sorted(s[:2] for s in shapes)}; "
+            f"pass a folder holding one series of equal slices"
+        )
+    data = np.stack([s.values[..., 0] for s in slices], axis=-1)  # (rows, columns, slices)
+    ranges = [s.full_range for s in slices if s.full_range is not None]
+    spacing = _numbers(datasets[0], "PixelSpacing", folder)  # (between rows, between columns)
+    lps = np.eye(4)
+    lps[:3, 0] = col * spacing[0]  # down the rows: along the column direction
+    lps[:3, 1] = row * spacing[1]  # along a row
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    # one range for the volume (slices may rescale differently): the union of theirs
+    full_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+    return Volume(data, _LPS_TO_RAS @ lps, None, full_range, str(folder))
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in `folder` (by suffix or preamble), hidden ones skipped."""
+    files = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and p.is_file()]
+    return [p for p in files if _is_dicom(p)]
+
+
+def _series_datasets(folder: Path) -> list[Any]:
+    """Every image of the one series in `folder`: several series are refused, not mixed."""
+    module = pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    by_series: dict[str, list[Any]] = {}
+    for path in series_files(folder):
+        try:
+            dataset = module.dcmread(path)
+        except (OSError, InvalidDicomError) as exc:
+            raise InputContractError(f"cannot read {path} as DICOM: {_one_line(exc)}") from exc
+        if _is_directory(dataset):
+            continue  # a DICOMDIR indexes files; it holds no slice
+        uid = str(dataset.get("SeriesInstanceUID", "") or "")
+        by_series.setdefault(uid, []).append(dataset)
+    if not by_series:
+        raise InputContractError(
+            f"{folder} holds no DICOM image files; pass a folder of one series"
+        )
+    if len(by_series) > 1:
+        raise InputContractError(
+            f"{folder} holds {len(by_series)} DICOM series "
+            f"({', '.join(uid or '(no SeriesInstanceUID)' for uid in sorted(by_series))}); "
+            f"put each series in a folder of its own"
+        )
+    datasets = next(iter(by_series.values()))
+    for dataset in datasets:
+        _check_dicom(dataset, _dicom_name(dataset, folder))  # before any geometry is trusted
+    return datasets
+
+
+def _is_directory(dataset: Any) -> bool:
+    meta = getattr(dataset, "file_meta", None)
+    return str(getattr(meta, "MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS
+
+
+def _dicom_name(dataset: Any, folder: Path) -> str:
+    return str(getattr(dataset, "filename", None) or folder)
+
+
+def _numbers(dataset: Any, keyword: str, folder: Path) -> np.ndarray:
+    value = dataset.get(keyword, None)
+    if value is None:
+        raise InputContractError(
+            f"{_dicom_name(dataset, folder)} has no {keyword}, so its place in a volume is "
+            f"unknown; read its files as 2-D images instead (without --series)"
+        )
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def _same_orientation(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, atol=_ORIENTATION_TOL))
+
+
+def _same_numbers(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-6, atol=1e-6))
+
+
+def _common(datasets: list[Any], folder: Path, keyword: str, same: Any) -> np.ndarray:
+    """The value of `keyword` that every slice shares; slices that differ are no one grid."""
+    values = [_numbers(ds, keyword, folder) for ds in datasets]
+    for dataset, value in zip(datasets, values, strict=True):
+        if not same(values[0], value):
+            raise InputContractError(
+                f"the DICOM series in {folder} is no regular volume: {keyword} of "
+                f"{_dicom_name(dataset, folder)} is {_listed(value)}, of "
+                f"{_dicom_name(datasets[0], folder)} {_listed(values[0])}; pass a series "
+                f"of parallel, equal slices"
+            )
+    return values[0]
+
+
+def _slice_step(
+    datasets: list[Any], positions: list[np.ndarray], normal: np.ndarray, folder: Path
+) -> np.ndarray:
+    """The world vector from one slice to the next: the actual step (a tilted gantry's slices
+    are sheared, not stacked on the normal), which must be the same for every pair."""
+    if len(positions) == 1:  # one slice: its thickness, along the normal
+        thickness = datasets[0].get("SpacingBetweenSlices", None) or datasets[0].get(
+            "SliceThickness", None
+        )
+        return normal * float(thickness or 1.0)
+    gaps = np.diff([float(normal @ p) for p in positions])
+    if gaps.min() <= 1e-6 * max(1.0, float(abs(gaps).max())):
+        raise InputContractError(
+            f"the DICOM series in {folder} has several slices at one position (echoes, phases "
+            f"or repeats); put each volume's slices in a folder of its own"
+        )
+    if gaps.max() - gaps.min() > _SPACING_TOL * gaps.mean():
+        raise InputContractError(
+            f"the DICOM series in {folder} is not evenly spaced (slice gaps "
+            f"{gaps.min():.4g}..{gaps.max():.4g} mm), so no affine describes it; resample it "
+            f"to a regular grid, or leave out the slices that break it"
+        )
+    return np.asarray((positions[-1] - positions[0]) / (len(positions) - 1))
+
+
+# Running
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The voxel axis whose direction is closest to the world's superior axis: its slices are
+    the axial ones."""
+    directions = np.asarray(affine, dtype=np.float64)[:3, :3]
+    cosines = np.abs(directions[2]) / np.linalg.norm(directions, axis=0)
+    return int(np.argmax(cosines))
+
+
+def predict_volume(
+    session: Session,
+    volume: Volume,
+    *,
+    axis: int | None = None,
+    channels: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    **tiling: Any,
+) -> np.ndarray:
+    """Run each slice along `axis` (default: slice_axis) through the session; the output has
+    the volume's voxel axes: the argmax class per voxel for a model with a head (uint8, uint16
+    above 256 classes), else the fused channels (or those in `channels`) as a last axis, float32.
+    Slices go `batch_size` at a time (default and at most the artifact's batch limit);
+    `tiling` is passed to every session.run."""
+    axis = slice_axis(volume.affine) if axis is None else axis
+    if axis not in (0, 1, 2):
+        raise ConfigError(f"slice axis {axis} is not a voxel axis of a volume; use 0, 1 or 2")
+    head = session.manifest.config.num_classes
+    if head is not None and channels is not None:
+        raise ConfigError(
+            "channels= selects fused output channels, but this model has a head and gives a "
+            "class mask; drop channels="
+        )
+    slices = np.moveaxis(volume.data, axis, 0)
+    parts = []
+    for batch in _batches(session, volume, slices, axis, batch_size):
+        output = _run(session, batch, volume, axis, tiling)
+        if head is not None:
+            parts.append(output.argmax(axis=1).astype(np.uint8 if head <= 256 else np.uint16))
+        else:
+            parts.append(_select(output, channels).transpose(0, 2, 3, 1))
+    return np.moveaxis(np.concatenate(parts), 0, axis)
+
+
+def _batches(
+    session: Session, volume: Volume, slices: np.ndarray, axis: int, batch_size: int | None
+) -> Iterator[np.ndarray]:
+    """(n, C, H, W) inputs, slice by slice by the manifest's intensity rule.
+    Never resized (the output must keep the input's grid): a slice outside the artifact's size
+    range fails with the contract's message."""
+    contract = session.contract
+    preprocess = session.manifest.data.get("preprocess", {})
+    if contract.channels not in (1, 3):
+        raise ConfigError(
+            f"volumes give 1 channel (3 repeated); this model takes {contract.channels}: pass "
+            f"arrays to session.run"
+        )
+    problem = _preprocess_problem(preprocess, contract.channels)
+    if problem is not None:
+        raise ConfigError(f"{problem}; fix the preprocess section or re-export the artifact")
+    limit = _batch_limit(contract.batch.max, batch_size)
+    for start in range(0, slices.shape[0], limit):
+        inputs = []
+        for k in range(start, min(start + limit, slices.shape[0])):
+            values = np.repeat(slices[k][..., None], contract.channels, axis=2)
+            pixels = Pixels(values, volume.full_range, f"{volume.name} slice {k} (axis {axis})")
+            inputs.append(to_input(pixels, preprocess, contract, "none"))
+        yield np.concatenate(inputs)
+
+
+def _batch_limit(contract_max: int | None, batch_size: int | None) -> int:
+    limit = batch_size or contract_max or _DEFAULT_BATCH
+    return min(limit, contract_max) if contract_max is not None else limit
+
+
+def _run(
+    session: Session, batch: np.ndarray, volume: Volume, axis: int, tiling: dict[str, Any]
+) -> np.ndarray:
+    try:
+        return np.asarray(session.run(batch, **tiling))
+    except InputContractError as exc:  # name the volume and axis: the slice size alone is vague
+        h, w = batch.shape[2:]
+        raise InputContractError(
+            f"{volume.name}: slices along axis {axis} are {h}x{w}: {_one_line(exc)} (or slice "
+            f"along another axis)"
+        ) from exc
+
+
+def _select(output: np.ndarray, channels: Sequence[int] | None) -> np.ndarray:
+    if channels is None:
+        return output.astype(np.float32, copy=False)
+    wanted = list(channels)
+    count = output.shape[1]
+    bad = [c for c in wanted if not 0 <= c < count]
+    if not wanted or bad:
+        raise ConfigError(
+            f"channels {wanted} must be a non-empty list of output channels 0..{count - 1} "
+            f"(the fused output has {count}); fix channels="
+        )
+    return output[:, wanted].astype(np.float32, copy=False)
+
+
+# Writing
+
+
+def nifti_bytes(volume: Volume, output: np.ndarray) -> bytes:
+    """`output` (the volume's voxel axes first) as .nii.gz bytes with the input's affine, and
+    for a NIfTI input a copy of its header (its sform/qform codes, units, description) set to
+    the output's shape and type, unscaled."""
+    nib = nibabel()
+    if output.shape[:3] != volume.data.shape:
+        raise ConfigError(
+            f"an output of shape {output.shape} does not lie on {volume.name}'s grid "
+            f"{volume.data.shape}; give one value (or channel vector) per voxel"
+        )
+    header = volume.header.copy() if volume.header is not None else None
+    kind = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    # nibabel writes an array as it is: scl_slope/inter cleared whatever the copied header said,
+    # so a class stays a class
+    image = kind(output, volume.affine, header=header)
+    image.header.set_data_dtype(output.dtype)
+    image.header["cal_min"], image.header["cal_max"] = 0.0, 0.0  # the input's window fits no mask
+    if header is None:  # DICOM positions are the scanner's own coordinates
+        image.set_sform(volume.affine, code="scanner")
+        image.set_qform(volume.affine, code="scanner")
+    # mtime 0: the same output is the same bytes
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+
+
+def write_nifti(path: str | Path, volume: Volume, output: np.ndarray) -> None:
+    """nifti_bytes written atomically (a hidden temporary renamed over `path`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, nifti_bytes(volume, output))
+
+
+# Finding volumes in a folder
+
+
+def find_volumes(folder: Path, series: bool) -> list[Path]:
+    """NIfTI files under `folder` (recursively, hidden ones skipped), and with `series` every
+    folder (`folder` included) that holds DICOM files; sorted."""
+    found = []
+    for path in [folder, *folder.rglob("*")]:
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.is_file() and is_nifti(path):
+            found.append(path)
+        elif series and path.is_dir() and series_files(path):
+            found.append(path)
+    return sorted(found)
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _listed(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
