@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import torch
 
-from resfuse.compare import ErrorStats, Tolerance, compare
+from resfuse.compare import ErrorStats, Tolerance, compare_output
 from resfuse.contract import InputContract
 from resfuse.models import FusionModel
 
@@ -75,7 +75,8 @@ def run_parity(
             x = torch.from_numpy(sample(shape, i))
         with torch.inference_mode():
             reference = model(x).numpy()
-        results.append(ParityResult(shape, compare(reference, candidate(x.numpy()), tol)))
+        stats = compare_output(reference, candidate(x.numpy()), tol, model.config.image_channels)
+        results.append(ParityResult(shape, stats))
     return results
 
 

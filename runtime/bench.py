@@ -10,21 +10,24 @@ round by round and summarised by their median and range.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from resfuse.artifacts import read_manifest
-from resfuse.compare import ErrorStats, compare
+from resfuse.compare import ErrorStats, compare_output
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.runtime.backend_spec import parse_spec as parse_backend
 from resfuse.runtime.backends import THREADED, Phases
+from resfuse.runtime.check import MaskGates, mask_agreement
+from resfuse.runtime.inputs import image_files
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import Shape, markdown_table, shape_str
 from resfuse.runtime.session import Session, load
@@ -71,12 +74,87 @@ class BenchRecord:
     compute_ms: float
     d2h_ms: float
     round_p50_ms: list[float]  # each round's block median
-    rel_l2: float  # against torch (eager) on the timed input, from the first call's output
+    rel_l2: float  # against torch (eager): the timed input's first call, or the worst image
     max_abs: float
     within_tolerance: bool  # by the artifact's manifest tolerance, as resfuse-check judges
+    agreement: float | None = None  # a model with a head: share of pixels with torch's argmax
+    judged_on: str = "random"  # the error's inputs: "random" (the timed one) or "images"
     speedup_vs_torch: float | None = None  # median over rounds of torch p50 / this p50
     speedup_rounds: list[float] | None = None  # those ratios, round by round
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A session's error against torch eager, and the inputs that gave it."""
+
+    stats: ErrorStats
+    agreement: float | None  # a model with a head: argmax agreement; None for fused outputs
+    inputs: str = "random"  # "random" (the timed input) or "images" (the worst of them)
+
+
+def judge(reference: np.ndarray, output: np.ndarray, session: Session) -> Judgement:
+    """`output` of `session` against torch's on the same input, by the artifact's tolerance."""
+    config = session.manifest.config
+    stats = compare_output(reference, output, session.manifest.tolerance, config.image_channels)
+    if session.manifest.config.num_classes is None:
+        return Judgement(stats, None)
+    return Judgement(stats, mask_agreement(reference, output, MaskGates()).agreement)
+
+
+def worst(judgements: Sequence[Judgement], inputs: str) -> Judgement:
+    """Several inputs' judgements as one: the largest error of any input, the lowest agreement,
+    and passed only where every input passed."""
+    stats = [j.stats for j in judgements]
+    worst_one = max(stats, key=lambda s: (not s.passed, s.rel_l2))
+    combined = replace(
+        worst_one,
+        max_abs=max(s.max_abs for s in stats),
+        rel_l2=max(s.rel_l2 for s in stats),
+        nonfinite=sum(s.nonfinite for s in stats),
+        passed=all(s.passed for s in stats),
+    )
+    agreements = [j.agreement for j in judgements if j.agreement is not None]
+    return Judgement(combined, min(agreements) if agreements else None, inputs)
+
+
+def judge_on_images(
+    sessions: Sequence[Session],
+    reference: Session,
+    folder: Path,
+    progress: Callable[[], None] = lambda: None,
+) -> dict[int, Judgement]:
+    """By session index, each deployed session's error on every image under `folder` (each at
+    its own size, read by its own artifact's preprocess, as resfuse-check reads it) against torch
+    eager on the same input: the worst image. The originals are left to the timed input:
+    torch-compile would compile a graph for every image size."""
+    deployed = [k for k, s in enumerate(sessions) if s.backend not in ORIGINALS]
+    found: dict[int, list[Judgement]] = {k: [] for k in deployed}
+    for file in image_files(folder):
+        expected: dict[bytes, np.ndarray] = {}  # torch's output, by input
+        for k in deployed:
+            x = _image_input(sessions[k], file, folder)
+            key = hashlib.sha256(repr(x.shape).encode() + x.tobytes()).digest()
+            if key not in expected:
+                expected[key] = np.asarray(_run(reference, x, file, folder))
+            output = np.asarray(_run(sessions[k], x, file, folder))
+            found[k].append(judge(expected[key], output, sessions[k]))
+            progress()
+    return {k: worst(judged, "images") for k, judged in found.items()}
+
+
+def _image_input(session: Session, file: Path, folder: Path) -> np.ndarray:
+    try:
+        return session.preprocess(file)
+    except ResfuseError as exc:
+        raise ConfigError(f"--images {file.relative_to(folder)}: {exc}") from exc
+
+
+def _run(session: Session, x: np.ndarray, file: Path, folder: Path) -> np.ndarray:
+    try:
+        return np.asarray(session.run(x))
+    except ResfuseError as exc:
+        raise ConfigError(f"--images {file.relative_to(folder)}: {exc}") from exc
 
 
 def tail_percentile(samples: np.ndarray, q: int) -> float | None:
@@ -104,6 +182,8 @@ def _record(
     first_call_ms: float,
     error: ErrorStats,
     label: str,
+    agreement: float | None = None,
+    judged_on: str = "random",
 ) -> BenchRecord:
     """times: (rounds, iters) ms; phases: (rounds, iters, 3) ms of copy in, compute, copy out."""
     flat = times.ravel()
@@ -136,6 +216,8 @@ def _record(
         rel_l2=error.rel_l2,
         max_abs=error.max_abs,
         within_tolerance=error.passed,
+        agreement=agreement,
+        judged_on=judged_on,
         settings=session.runner.describe(),
     )
 
@@ -159,11 +241,13 @@ def time_shape(
     labels: list[str] | None = None,
     seed: int = 0,
     progress: Callable[[], None] = lambda: None,
+    judged: dict[int, Judgement] | None = None,
 ) -> list[BenchRecord]:
     """Warm every session up (`warmup` >= 1 calls; the first is timed apart and its output
-    judged against `reference`, torch eager, on the same input), then time the sessions in
-    rotated blocks (see the module docstring). `labels` name the records (default: the
-    backends' names)."""
+    judged against `reference`, torch eager, on the same input, unless `judged` holds the
+    session's error from elsewhere: images), then time the sessions in rotated blocks (see the
+    module docstring). `labels` name the records (default: the backends' names)."""
+    judged = judged or {}
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def call(k: int) -> tuple[np.ndarray, float, Phases]:
@@ -171,12 +255,12 @@ def time_shape(
         return _timed_call(sessions[k], x)
 
     expected = None if reference in sessions else reference.runner.infer(x)
-    first: dict[int, tuple[float, ErrorStats]] = {}  # first call's ms and error, by session
+    first: dict[int, tuple[float, Judgement]] = {}  # first call's ms and error, by session
     # A timed reference warms up first: its first output is then the expected one.
     for k in sorted(range(len(sessions)), key=lambda k: sessions[k] is not reference):
         out, ms, _ = call(k)
         expected = out if expected is None else expected
-        first[k] = ms, compare(expected, out, sessions[k].manifest.tolerance)
+        first[k] = ms, judged.get(k) or judge(expected, out, sessions[k])
         for _ in range(warmup - 1):
             call(k)
     times = np.empty((len(sessions), rounds, iters))
@@ -194,8 +278,10 @@ def time_shape(
             phases[k],
             warmup=warmup,
             first_call_ms=first[k][0],
-            error=first[k][1],
+            error=first[k][1].stats,
             label=labels[k] if labels else s.backend,
+            agreement=first[k][1].agreement,
+            judged_on=first[k][1].inputs,
         )
         for k, s in enumerate(sessions)
     ]
@@ -213,20 +299,24 @@ def benchmark(
     device: str = "cpu",
     progress: Callable[[], None] = lambda: None,
     also: Iterable[str | Path] = (),
+    images: str | Path | None = None,
 ) -> dict[str, Any]:
-    """{"format", "artifact", "machine", "records"}: one record per artifact x backend x shape.
+    """{"format", "artifact", "inputs", "machine", "records", "fastest"}: one record per
+    artifact x backend x shape.
 
     `warmup` calls per session and shape (at least 1: the first call is reported apart, and
     judged against torch), then `rounds` rounds of one block per session: one call not counted,
     then `iters` timed calls. `also`: other artifacts of the same PyTorch original (an INT8
     export, another opset); their deployed backends join the same rounds, so their ratios to
-    torch stay fair."""
+    torch stay fair. `images`: a folder whose images (recursively, each at its own size) judge
+    the deployed engines' error instead of the timed random input; timing stays on `shapes`."""
     if warmup < 1 or iters < 1 or rounds < 1:
         raise ConfigError(
             f"need --warmup, --iters and --rounds of at least 1, got {warmup}, {iters} and {rounds}"
         )
     backends, shapes = list(backends), list(shapes)
     _require_same_original(path, [Path(p) for p in also])
+    count = len(image_files(images)) if images is not None else 0  # a bad folder fails first
     if any(parse_backend(b)[0] == "torch-compile" for b in backends):
         _require_compile_limit(len(shapes))
     runs = timed_sessions(path, backends, also)
@@ -249,6 +339,11 @@ def benchmark(
         sessions = [open_session(p, b) for p, b in runs]
         torch_eager = [s for s in sessions if s.backend == "torch"]
         reference = torch_eager[0] if torch_eager else open_session(Path(path), "torch")
+        judged = (
+            judge_on_images(sessions, reference, Path(images), progress)
+            if images is not None
+            else {}
+        )
         for shape in shapes:
             records += time_shape(
                 sessions,
@@ -259,18 +354,34 @@ def benchmark(
                 reference=reference,
                 labels=[b for _, b in runs],
                 progress=progress,
+                judged=judged,
             )
     add_speedups(records)
     rows = [asdict(r) for r in records]
     return {
         "format": BENCH_FORMAT,
         "artifact": str(path),
+        "inputs": error_inputs(images, count),
         # Other work on the machine slows every engine, not alike: the load says how quiet it was.
         "machine": machine_info()
         | {"load_average": {"before": load_before, "after": os.getloadavg()}},
         "records": rows,
         "fastest": fastest_per_class(rows),
     }
+
+
+def error_inputs(images: str | Path | None, count: int) -> dict[str, Any]:
+    """What the error columns were judged on, in the form of a manifest's parity inputs."""
+    if images is None:
+        return {"kind": "random normal", "at": "each timed shape"}
+    return {"kind": "images", "folder": str(Path(images).resolve()), "count": count}
+
+
+def describe_inputs(inputs: dict[str, Any]) -> str:
+    """'images (12 from DIR)' or 'random': the line a report gives the error columns."""
+    if inputs.get("kind") != "images":
+        return "random"
+    return f"images ({inputs['count']} from {inputs['folder']})"
 
 
 def timed_sessions(
@@ -282,6 +393,12 @@ def timed_sessions(
     runs = [(Path(path), b) for b in backends]
     deployed = [b for b in backends if parse_backend(b)[0] not in ORIGINALS]
     return runs + [(Path(p), b) for p in also for b in deployed]
+
+
+def image_calls(runs: Iterable[tuple[Path, str]], images: int) -> int:
+    """The calls judge_on_images makes on the sessions of `runs`: each image on each deployed
+    engine (the originals are judged on the timed input)."""
+    return images * sum(parse_backend(b)[0] not in ORIGINALS for _, b in runs)
 
 
 def _require_compile_limit(shapes: int) -> None:
@@ -399,7 +516,9 @@ def markdown(result: dict[str, Any]) -> str:
             _vs_torch(r),
             f"{r['rel_l2']:.1e}",
             f"{r['max_abs']:.1e}",
+            "-" if r.get("agreement") is None else f"{r['agreement']:.2%}",
             "pass" if r["within_tolerance"] else "FAIL",
+            r.get("judged_on", "random"),
         ]
         for r in result["records"]
     ]
@@ -422,7 +541,9 @@ def markdown(result: dict[str, Any]) -> str:
         "vs torch (rounds)",
         "rel L2",
         "max abs",
+        "agreement",
         "tolerance",
+        "judged on",
     ]
     return markdown_table(headers, rows)
 
@@ -435,11 +556,28 @@ def report(result: dict[str, Any]) -> str:
     load = machine["load_average"]
     return (
         f"{markdown(result)}\n\nfastest per accuracy class:\n\n{fastest_markdown(result)}\n\n"
+        f"{_error_note(result)}\n"
         f"Latency figures: {r['rounds']} rounds x {r['iters']} timed calls per backend and shape "
         f"(n), blocks rotated each round; 'vs torch': median ratio of the rounds' block medians "
         f"(range). CPU: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, "
         f"{' '.join(flags) or 'no vector flags reported'}; 1-minute load average "
         f"{load['before'][0]:.2f} before, {load['after'][0]:.2f} after.{_busy(machine)}"
+    )
+
+
+def _error_note(result: dict[str, Any]) -> str:
+    """What the error columns (rel L2, max abs, agreement, tolerance) were judged on."""
+    inputs = result.get("inputs", {})
+    if inputs.get("kind") != "images":
+        return (
+            "Error against torch eager on the timed random input (first call); 'agreement': "
+            "share of pixels with torch's argmax class, models with a head."
+        )
+    return (
+        f"Error against torch eager on {describe_inputs(inputs)}, each at its own size: the "
+        f"worst image per engine ('judged on: images'); the originals (torch, torch-compile) on "
+        f"the timed random input. 'agreement': share of pixels with torch's argmax class, "
+        f"models with a head."
     )
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from resfuse.artifacts import Manifest
-from resfuse.compare import ErrorStats, Tolerance, compare
+from resfuse.compare import ErrorStats, Tolerance, compare, compare_output
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.export.parity import parity_shapes
+from resfuse.models.fusion import METHODS
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import Shape, markdown_table, shape_str
 from resfuse.runtime.session import Session, load
@@ -126,17 +127,17 @@ class CheckReport:
             if s is None:
                 rows.append(
                     [
-                        r.source,
+                        _cell(r.source),
                         shape_str(r.shape) if r.shape else "-",
                         *["-"] * 7,
                         "-",
-                        f"ERROR: {r.error}",
+                        _cell(f"ERROR: {r.error}"),
                     ]
                 )
                 continue
             rows.append(
                 [
-                    r.source,
+                    _cell(r.source),
                     shape_str(r.shape or ()),
                     f"{s.max_abs:.2e}",
                     f"{s.mean_abs:.2e}",
@@ -165,6 +166,12 @@ class CheckReport:
         return markdown_table(headers, rows)
 
 
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: a message from a library (pydicom's span several
+    lines) or a file name may hold newlines and pipes, which would end the row or the cell."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def check_artifact(
     path: str | Path,
     backend: str = "onnxruntime",
@@ -176,12 +183,17 @@ def check_artifact(
     resize: str | None = None,
     progress: Callable[[], None] = lambda: None,
     gates: MaskGates = MaskGates(),
+    on_clip: Callable[[str], None] | None = None,
+    tiling: dict[str, Any] | None = None,
     **options: Any,
 ) -> CheckReport:
     """Judges as the export did: on the shapes of its parity sweep with random inputs, or, for
     an INT8 artifact swept on its calibration images, on images (those, unless `images` names
     others), random ones only at `shapes` asked for. A model with a head also gets argmax
-    agreement and per-class Dice against the original, gated by `gates`."""
+    agreement and per-class Dice against the original, gated by `gates`. `on_clip` hears, once
+    per image file, that the artifact's intensity range clips much of it (resfuse.images).
+    `tiling` (Session.run's tile keywords) runs an input the deployed backend cannot take in one
+    call as tiles, on both backends alike."""
     with (
         load(path, backend, device, resize=resize, **options) as deployed,
         load(path, "torch", "cpu") as reference,
@@ -190,20 +202,24 @@ def check_artifact(
         report = CheckReport(str(path), backend, device, tol, deployed.manifest.precision)
         grid, images = judged_inputs(deployed.manifest, shapes, images)
         for shape in grid:  # refuse a bad grid before spending time on a good part of it
-            deployed.contract.check(shape, "float32")
+            deployed.contract.check(shape, "float32", spatial=not tiling)
+        tiles = _Tiles(deployed, tiling or {})
         generator = np.random.default_rng(seed)
         for shape in grid:
             x = generator.standard_normal(shape, dtype=np.float32)
-            report.records.append(_check_one("random", x, deployed, reference, tol, gates))
+            report.records.append(_check_one("random", x, tiles, reference, tol, gates))
             progress()
+        skipped = _skipped_at_export(deployed.manifest, images)
         for file in image_files(images) if images else []:
             name = str(file.relative_to(images))  # recursive: sub/a.png and a.png both exist
+            if name in skipped:
+                continue
             try:
-                x = deployed.preprocess(file)
+                x = deployed.preprocess(file, on_clip=on_clip)
             except ResfuseError as exc:
                 report.records.append(CheckRecord(name, None, error=str(exc)))
             else:
-                report.records.append(_check_one(name, x, deployed, reference, tol, gates))
+                report.records.append(_check_one(name, x, tiles, reference, tol, gates))
             progress()
     return report
 
@@ -218,6 +234,18 @@ def judged_inputs(
         images = _calibration_folder(manifest)
     default = [] if on_images else parity_shapes(manifest.contract)
     return (list(shapes) if shapes is not None else default), images
+
+
+def _skipped_at_export(manifest: Manifest, images: str | Path | None) -> set[str]:
+    """The files of the calibration folder that INT8 calibration skipped as unreadable, when
+    `images` is that folder: the export judged without them, and so does the check."""
+    inputs = _sweep_inputs(manifest)
+    if images is None or inputs.get("kind") != "images":
+        return set()
+    if Path(images).resolve() != Path(inputs["folder"]):
+        return set()
+    calibration = manifest.data.get("quantization", {}).get("calibration", {})
+    return set(calibration.get("skipped_files", []))
 
 
 def _sweep_inputs(manifest: Manifest) -> dict[str, Any]:
@@ -238,25 +266,45 @@ def _calibration_folder(manifest: Manifest) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class _Tiles:
+    """The deployed session and how inputs it cannot take whole are tiled: the same tiles (its
+    own "auto" size included) for the reference, so both are judged on one computation."""
+
+    deployed: Session
+    tiling: dict[str, Any]
+
+    def keywords(self, x: np.ndarray) -> dict[str, Any]:
+        if not self.tiling or self.deployed.runner.accepts(*x.shape[2:]):
+            return {}
+        roi = self.deployed.tiling(**self.tiling).roi
+        return {**self.tiling, "tile": roi}
+
+
 def _check_one(
     source: str,
     x: np.ndarray,
-    deployed: Session,
+    tiles: _Tiles,
     reference: Session,
     tol: Tolerance,
     gates: MaskGates,
 ) -> CheckRecord:
     shape: Shape = tuple(int(d) for d in x.shape)  # type: ignore[assignment]
+    deployed, tiling = tiles.deployed, tiles.keywords(x)
     fused = deployed.manifest.config.num_classes is None
     try:
         # The reference first: torch hands its working memory back when a call ends, while
         # ONNX Runtime's arena keeps its own, so this order keeps the two peaks apart.
-        ref = np.asarray(reference.run(x))
-        image = _expected_image(x, reference) if fused else None
-        out = np.asarray(deployed.run(x))
+        ref = np.asarray(reference.run(x, **tiling))
+        # a gate computed per tile is no whole-image gate: tiled, a gated image part is judged
+        # with the rest of the output
+        passes = METHODS[deployed.manifest.config.method].passes_image
+        image = _expected_image(x, reference) if fused and (passes or not tiling) else None
+        out = np.asarray(deployed.run(x, **tiling))
     except ResfuseError as exc:
         return CheckRecord(source, shape, error=str(exc))
-    record = CheckRecord(source, shape, compare(ref, out, tol))
+    image_channels = deployed.manifest.config.image_channels
+    record = CheckRecord(source, shape, compare_output(ref, out, tol, image_channels))
     if not fused:
         record.mask = mask_agreement(ref, out, gates)
     if image is not None:
@@ -268,7 +316,7 @@ def _expected_image(x: np.ndarray, reference: Session) -> tuple[np.ndarray, bool
     """What the fused output's first C channels must be, and whether a mask gates them: the
     image itself (upsample, spp), or image * (1 - mask) with the reference's mask (masked)."""
     model = getattr(reference.runner, "model", None)
-    if model is None or model.config.method != "masked":
+    if model is None or model.fusion.passes_image:
         return x, False
     with torch.inference_mode():
         t = torch.from_numpy(x)

@@ -24,6 +24,7 @@ from resfuse.runtime.check import MaskGates, check_artifact, judged_inputs
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import markdown_table, parse_shapes
 from resfuse.runtime.session import prepare
+from resfuse.runtime.tiling import BLENDS, parse_tile
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
@@ -86,6 +87,51 @@ threads_option = click.option(
 )
 
 
+def _tile(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
+    try:
+        return None if value is None else parse_tile(value)
+    except ResfuseError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--tile "), ctx, param) from exc
+
+
+def tile_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--tile, --overlap and --blend of resfuse-check, -predict and -serve, declared once;
+    `tiling_options` turns them into Session.run's keywords."""
+    options = (
+        click.option(
+            "--tile",
+            default=None,
+            metavar="auto|N|HxW",
+            callback=_tile,
+            help="Run inputs outside the H x W range one backend call takes (the artifact's, "
+            "or the engine profiles') as overlapping tiles of this size, stitched back to "
+            "full size on the CPU; auto: the backend's size (TensorRT: the profile's opt).",
+        ),
+        click.option(
+            "--overlap",
+            default=0.25,
+            show_default=True,
+            type=click.FloatRange(0, 1, max_open=True),
+            help="With --tile: the fraction of a tile its neighbour covers too.",
+        ),
+        click.option(
+            "--blend",
+            default="gaussian",
+            show_default=True,
+            type=click.Choice(BLENDS),
+            help="With --tile: how overlapping tiles are weighted (gaussian: centres count more).",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def tiling_options(tile: object, overlap: float, blend: str) -> dict[str, Any]:
+    """Session.run's tiling keywords from --tile/--overlap/--blend; none without --tile."""
+    return {} if tile is None else {"tile": tile, "overlap": overlap, "blend": blend}
+
+
 def resolve_backend(artifact: Path, spec: str, device: str, threads: int | None) -> str:
     """--backend and --threads as one spec, refused here, in one line, when the backend would
     refuse it: predict's Ray actors and serve's replicas open their sessions later, elsewhere."""
@@ -103,6 +149,10 @@ def _progress() -> Progress:
         console=err,
         transient=True,
     )
+
+
+def _warn(note: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def _check_writable(path: Path | None, option: str) -> None:
@@ -180,6 +230,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     default=None,
     help="Models with a head: least Dice of any class against the original's mask.",
 )
+@tile_options
 def check_main(
     artifact: Path,
     backend: str,
@@ -195,6 +246,9 @@ def check_main(
     json_path: Path | None,
     min_agreement: float | None,
     min_dice: float | None,
+    tile: object,
+    overlap: float,
+    blend: str,
 ) -> None:
     """Check a deployed ARTIFACT (manifest or .onnx) against its PyTorch original.
 
@@ -203,7 +257,8 @@ def check_main(
     are the tolerance the artifact passed at export, as recorded in its manifest, and the inputs
     its parity sweep ran on (random ones, or an INT8 artifact's calibration images). A model
     with a head also reports argmax agreement and per-class Dice against the original, gated by
-    --min-agreement and --min-dice.
+    --min-agreement and --min-dice. With --tile, an input the backend cannot take whole (a
+    large image, --shapes beyond the range) runs in tiles on both.
     """
     try:
         backend = with_threads(backend, threads)
@@ -233,6 +288,8 @@ def check_main(
                 resize,
                 progress=lambda: bar.advance(task),
                 gates=MaskGates(min_agreement, min_dice),
+                on_clip=_warn,
+                tiling=tiling_options(tile, overlap, blend),
             )
     except ResfuseError as exc:
         fail(str(exc))
@@ -288,6 +345,14 @@ _BASELINE_HEADERS = [
     "repeatable.",
 )
 @click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A folder of images (searched recursively, each at its own size) that judge each "
+    "deployed engine's error instead of random inputs: the worst image is reported. Timing "
+    "stays on --shapes.",
+)
+@click.option(
     "--warmup",
     default=2,
     show_default=True,
@@ -337,6 +402,7 @@ def bench_main(
     device: str,
     shapes: str,
     also: tuple[Path, ...],
+    images: Path | None,
     warmup: int,
     iters: int,
     rounds: int,
@@ -352,7 +418,8 @@ def bench_main(
     Backends are timed in blocks of --iters consecutive calls, one block each per round, the
     order rotated over --rounds rounds; the ratio to PyTorch is taken round by round (median and
     range). With --also, other exports of the same model (its INT8 artifact, say) join the same
-    rounds, so every ratio comes from one run."""
+    rounds, so every ratio comes from one run. The error against PyTorch is judged on the
+    timed random input, or with --images on real images."""
     try:
         names = split_specs(backends)
         for path, option in ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot")):
@@ -362,10 +429,12 @@ def bench_main(
             raise ResfuseError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
         grid = parse_shapes(shapes)
         old = bench_lib.read_result(baseline) if baseline else None
+        count = _bench_images(artifact, images)
         with _progress() as bar:
-            sessions = len(bench_lib.timed_sessions(artifact, names, also))
+            runs = bench_lib.timed_sessions(artifact, names, also)
             calls = warmup + rounds * (iters + 1)  # each block runs one call not counted
-            task = bar.add_task("timing", total=sessions * len(grid) * calls)
+            judging = bench_lib.image_calls(runs, count)
+            task = bar.add_task("timing", total=len(runs) * len(grid) * calls + judging)
             result = bench_lib.benchmark(
                 artifact,
                 backends=names,
@@ -377,6 +446,7 @@ def bench_main(
                 device=device,
                 progress=lambda: bar.advance(task),
                 also=also,
+                images=images,
             )
         table = bench_lib.report(result)
         out.print(table, highlight=False, markup=False, soft_wrap=True)
@@ -399,6 +469,18 @@ def bench_main(
                 fail(f"p50 latency regressed by more than {max_regression:.0%}")
     except (ResfuseError, OSError) as exc:
         fail(str(exc))
+
+
+def _bench_images(artifact: Path, images: Path | None) -> int:
+    """How many images --images holds (0 without it), refusing a folder with none before any
+    work, and saying once when grayscale files go into a 3-channel model."""
+    if images is None:
+        return 0
+    files = image_files(images)
+    note = grayscale_note(files, read_manifest(artifact).contract.channels)
+    if note is not None:
+        _warn(note)
+    return len(files)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from resfuse.errors import ConfigError, ResfuseError
 from resfuse.runtime.bench import _record, add_speedups, benchmark, compare_baseline
 from resfuse.runtime.check import check_artifact
 from resfuse.runtime.cli import bench_main, check_main
+from resfuse.runtime.inputs import image_files
 
 BIN = Path(sys.executable).parent
 
@@ -424,3 +425,73 @@ def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
     assert "p50 latency regressed by more than 10%" in slow.stderr
     bad = run("resfuse-bench", path, "--backends", "torch,tvm")
     assert bad.returncode == 1 and "unknown backends ['tvm']" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photographs (scikit-image's) at sizes a max-256 artifact takes, one in a subfolder
+    and one grayscale, as a user's folder holds them."""
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "sub").mkdir()
+    sizes = {"astronaut": (128, 96), "coffee": (120, 80), "chelsea": (100, 150)}
+    for name, size in sizes.items():
+        Image.fromarray(getattr(skimage.data, name)()).resize(size).save(folder / f"{name}.png")
+    Image.fromarray(skimage.data.camera()).resize((90, 90)).save(folder / "sub" / "camera.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _bench_json(path: Path, out: Path, *args: str) -> tuple[dict, str, str]:
+    common = ["--shapes", "1x3x64x64", "--warmup", "1", "--iters", "1", "--rounds", "1"]
+    result = CliRunner().invoke(
+        bench_main, [str(path), *common, "--threads", "1", "--json", str(out), *args]
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text()), result.stdout, result.stderr
+
+
+def test_bench_images_judge_the_error_column(head_artifact, photos, tmp_path: Path) -> None:
+    """--images: each deployed engine's error is its worst image's, as resfuse-check measures
+    it on the same files; the JSON and the table say so, and timing stays on --shapes."""
+    judged, table, stderr = _bench_json(head_artifact, tmp_path / "i.json", "--images", str(photos))
+    noise, _, _ = _bench_json(head_artifact, tmp_path / "r.json")
+    assert judged["inputs"] == {"kind": "images", "folder": str(photos.resolve()), "count": 4}
+    assert noise["inputs"]["kind"] == "random normal"
+    torch_eager, deployed = judged["records"]
+    assert (torch_eager["judged_on"], deployed["judged_on"]) == ("random", "images")
+    assert deployed["shape"] == [1, 3, 64, 64] and deployed["n"] == 1
+    # The same engines, settings and files, independently: the worst image, to the last bit.
+    with (
+        runtime.load(head_artifact, "onnxruntime", threads=1) as deployed_engine,
+        runtime.load(head_artifact, "torch", threads=1) as eager,
+    ):
+        inputs = [deployed_engine.preprocess(f) for f in image_files(photos)]
+        errors = [compare(eager.run(x), deployed_engine.run(x), Tolerance()) for x in inputs]
+    sizes = {x.shape[2:] for x in inputs}  # each at its own size, not a timed shape
+    assert sizes == {(96, 128), (80, 120), (150, 100), (90, 90)}
+    assert deployed["rel_l2"] == max(e.rel_l2 for e in errors)
+    assert deployed["max_abs"] == max(e.max_abs for e in errors)
+    assert deployed["rel_l2"] != noise["records"][1]["rel_l2"]  # what random inputs gave
+    assert deployed["within_tolerance"] and deployed["agreement"] == 1.0
+    assert re.search(r"\| onnxruntime \|.*\|\s+pass \|\s+images \|", table), table
+    assert f"on images (4 from {photos.resolve()})" in table
+    assert "grayscale" in stderr  # sub/camera.png into a 3-channel model: said once
+
+
+def test_bench_images_refuses_what_it_cannot_judge(head_artifact, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.new("RGB", (300, 64)).save(big / "wide.png")  # the artifact takes at most 256
+    for folder, text in [
+        (tmp_path / "empty", "holds no"),
+        (tmp_path / "none", "is not a folder"),
+        (big, "--images wide.png: "),
+    ]:
+        result = CliRunner().invoke(
+            bench_main, [str(head_artifact), "--shapes", "1x3x64x64", "--images", str(folder)]
+        )
+        assert result.exit_code == 1 and text in result.stderr, result.output
+        assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1

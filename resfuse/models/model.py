@@ -43,6 +43,12 @@ class ModelConfig:
         object.__setattr__(self, "levels", tuple(int(k) for k in self.levels))
 
     @property
+    def image_channels(self) -> int | None:
+        """How many leading output channels carry the image: a fused output's; none under a
+        segmentation head."""
+        return None if self.num_classes else self.in_channels
+
+    @property
     def stride(self) -> int:
         return 2 ** (self.stage + 1)
 
