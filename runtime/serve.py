@@ -1,17 +1,24 @@
 """Online inference on Ray Serve: one Session per replica, same-size requests batched.
 
 HTTP API (the deployment answers at the route prefix "/"):
-- POST /predict: a PNG/JPEG/TIFF body (Content-Type image/png, image/jpeg, image/tiff), run
-  through the manifest's preprocessing, or a float32 NCHW tensor as .npy bytes (Content-Type
-  application/octet-stream). The answer is the output as .npy bytes, or with ?format=png, for a
-  model with a segmentation head and one image, the argmax class mask as a PNG.
+- POST /predict: a PNG/JPEG/TIFF body (Content-Type image/png, image/jpeg, image/tiff) or a
+  DICOM file (application/dicom), run through the manifest's preprocessing, or a float32 NCHW
+  tensor as .npy bytes (Content-Type application/octet-stream; a DICOM or NIfTI file sent as
+  octet-stream is known by its own header). The answer is the output as .npy bytes, or with
+  ?format=png, for a model with a segmentation head and one image, the argmax class mask as a
+  PNG. A NIfTI volume (application/x-nifti, .nii or .nii.gz bytes) runs slice by slice and is
+  answered as .nii.gz bytes (application/gzip) with the input's affine.
+  ?tile=auto|N|HxW (&overlap=, &blend=; default: resfuse-serve --tile) runs an image outside
+  the artifact's H x W range as overlapping tiles, stitched back to its full size.
 - GET /healthz: {"status": "ok"} once the replica has its Session.
 - GET /metadata: the artifact's contract, method, precision, output, preprocessing.
 
-Errors are JSON {"error": message} with: 400 a body that is not an image or .npy (or a bad
-query), 413 a body over the size limit, 415 another Content-Type, 422 a tensor or image that
-breaks the input contract (rank, channels, dtype, H x W range, batch, NaN), 404/405 other paths
-and methods. Each request is checked on its own before batching, so a bad one fails alone.
+Errors are JSON {"error": message} with: 400 a body that is not what its Content-Type says (or
+a bad query), 413 a body over the size limit, 415 another Content-Type, 422 a tensor or image
+that breaks the input contract (rank, channels, dtype, H x W range, batch, NaN), a DICOM object
+that is no image (SEG, RTSTRUCT) or a DICOM compression this server has no decoder for (the
+message names the package), 404/405 other paths and methods. Each request is checked on its
+own before batching, so a bad one fails alone.
 
 Batching: `serve.batch` collects up to --max-batch images (a request's batch dimension counts);
 a collected batch is split by H x W and each size runs as one call of at most the artifact's
@@ -25,20 +32,28 @@ import io
 import ipaddress
 import json
 import math
-from dataclasses import dataclass
+import tempfile
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from resfuse.artifacts import read_manifest
-from resfuse.errors import ConfigError, InputContractError
+from resfuse.errors import ConfigError, InputContractError, ResfuseError
 from resfuse.runtime.predict import has_head, init_ray, mask_png, npy_bytes, run_groups
 from resfuse.runtime.session import Session, load
+from resfuse.runtime.tiling import Tiling, parse_tile
 
 APP_NAME = "resfuse"
 NPY_TYPE = "application/octet-stream"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/tiff")
+DICOM_TYPE = "application/dicom"
+NIFTI_TYPE = "application/x-nifti"
+NIFTI_ANSWER_TYPE = "application/gzip"  # the answer is .nii.gz bytes
+NPY_MAGIC = b"\x93NUMPY"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -55,10 +70,15 @@ class ServeOptions:
     address: str | None = None  # an existing Ray cluster; None: start Ray on this machine
     max_body_mb: float = 64.0
     cpus_per_replica: float = 1.0
+    tile: str | tuple[int, int] | None = None  # requests' default ?tile; None: no tiling
+    overlap: float = 0.25
+    blend: str = "gaussian"
 
     def check(self) -> None:
         """Every option, before Ray starts: the artifact's manifest and sha256 included."""
-        read_manifest(self.artifact)  # a bad artifact fails here, not in every replica
+        contract = read_manifest(self.artifact).contract  # fails here, not in every replica
+        if isinstance(self.tile, tuple):  # "auto" is the backend's own size: it fits
+            Tiling(self.tile, self.overlap, self.blend).fit(contract)
         if self.replicas < 1:
             raise ConfigError(f"--replicas {self.replicas} must be at least 1; pass 1 or more")
         if self.max_replicas is not None and self.max_replicas < self.replicas:
@@ -83,6 +103,13 @@ class ServeOptions:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Answer:
+    body: bytes
+    media: str
+    notes: list[str] = field(default_factory=list)  # sent as X-Resfuse-Warning
 
 
 class HTTPError(Exception):
@@ -117,8 +144,9 @@ class ResfuseDeployment:
         from starlette.responses import JSONResponse, Response
 
         try:
-            body, media = await self._route(request)
-            return Response(body, media_type=media)
+            answer = await self._route(request)
+            headers = {"X-Resfuse-Warning": " | ".join(answer.notes)} if answer.notes else None
+            return Response(answer.body, media_type=answer.media, headers=headers)
         except HTTPError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
         except Exception as exc:  # noqa: BLE001 - a backend failure: JSON like the rest
@@ -129,7 +157,7 @@ class ResfuseDeployment:
         if session is not None:
             session.close()
 
-    async def _route(self, request: Any) -> tuple[bytes, str]:
+    async def _route(self, request: Any) -> Answer:
         path, method = request.url.path.rstrip("/") or "/", request.method
         routes = {"/predict": "POST", "/healthz": "GET", "/metadata": "GET"}
         if path not in routes:
@@ -137,12 +165,12 @@ class ResfuseDeployment:
         if method != routes[path]:
             raise HTTPError(405, f"{path} takes {routes[path]}, not {method}")
         if path == "/healthz":
-            return json.dumps({"status": "ok"}).encode(), "application/json"
+            return Answer(json.dumps({"status": "ok"}).encode(), "application/json")
         if path == "/metadata":
-            return json.dumps(metadata(self.session)).encode(), "application/json"
+            return Answer(json.dumps(metadata(self.session)).encode(), "application/json")
         return await self._predict(request)
 
-    async def _predict(self, request: Any) -> tuple[bytes, str]:
+    async def _predict(self, request: Any) -> Answer:
         fmt = request.query_params.get("format", "npy")
         if fmt not in ("npy", "png"):
             raise HTTPError(400, f"format={fmt!r} is unknown; use format=npy or format=png")
@@ -152,12 +180,20 @@ class ResfuseDeployment:
                 "format=png gives a class mask, and this model has no segmentation head "
                 "(num_classes); ask for format=npy",
             )
+        tiling = self.tiling(request.query_params)
         body = await read_body(request, self.options.max_body_bytes)
-        x = self.decode(body, request.headers.get("content-type", ""))
+        notes: list[str] = []  # what the intensity rule clipped: told in a response header
+        x = self.decode(body, request.headers.get("content-type", ""), notes)
+        if not isinstance(x, np.ndarray):
+            return await self._predict_volume(x, fmt, tiling)
+        tiled = bool(tiling) and x.ndim == 4 and not self.session.runner.accepts(*x.shape[2:])
         try:
-            self.session.check(x)  # alone, so one bad request never fails a batch
-        except InputContractError as exc:
+            self.session.check(x, spatial=not tiled)  # alone: a bad request never fails a batch
+        except InputContractError as exc:  # out of range: it names tiles (here ?tile=auto)
             raise HTTPError(422, str(exc)) from exc
+        if tiled:  # tiles batch themselves, up to the backend's limit
+            output = await asyncio.to_thread(self.session.run, x, **tiling)
+            return self._answer(np.asarray(output), fmt, notes)
         if x.shape[0] > self.options.max_batch:  # serve.batch would refuse it with a 500
             raise HTTPError(
                 422,
@@ -166,24 +202,74 @@ class ResfuseDeployment:
             )
         if fmt == "png" and x.shape[0] != 1:
             raise HTTPError(400, f"format=png takes one image, got a batch of {x.shape[0]}")
-        output = await self._batched(x)
-        return (mask_png(output), "image/png") if fmt == "png" else (npy_bytes(output), NPY_TYPE)
+        return self._answer(await self._batched(x), fmt, notes)
 
-    def decode(self, body: bytes, content_type: str) -> np.ndarray:
+    def _answer(self, output: np.ndarray, fmt: str, notes: list[str]) -> Answer:
+        if fmt == "png":
+            return Answer(mask_png(output), "image/png", notes)
+        return Answer(npy_bytes(output), NPY_TYPE, notes)
+
+    def tiling(self, query: Any) -> dict[str, Any]:
+        """Session.run's tiling keywords: the query's ?tile (&overlap, &blend), else the
+        server's --tile; {} for none. A bad value is a 400 naming it."""
+        options = self.options
+        tile = query.get("tile", None)
+        try:
+            roi = parse_tile(tile) if tile is not None else options.tile
+            if roi is None:
+                return {}
+            overlap = float(query.get("overlap", options.overlap))
+            blend = str(query.get("blend", options.blend))
+            self.session.tiling(roi, overlap, blend)  # refused here, before the body is read
+        except (ResfuseError, ValueError) as exc:
+            raise HTTPError(400, str(exc).replace("--tile", "tile=")) from exc
+        return {"tile": roi, "overlap": overlap, "blend": blend}
+
+    def decode(self, body: bytes, content_type: str, notes: list[str]) -> np.ndarray | Any:
+        """An image, DICOM or .npy body as the model's input; a NIfTI body as a Volume.
+        Clipping notes go to `notes`."""
         media = content_type.split(";")[0].strip().lower()
         if not body:
             raise HTTPError(400, "the request body is empty; send an image or .npy bytes")
+        if media == DICOM_TYPE or (media == NPY_TYPE and is_dicom(body)):
+            return self.decode_dicom(body, notes)
+        if media == NIFTI_TYPE or (media == NPY_TYPE and is_nifti(body)):
+            return decode_volume(body)
         if media == NPY_TYPE:
             return decode_npy(body)
         if media in IMAGE_TYPES:
-            return self.decode_image(body)
+            return self.decode_image(body, notes)
         raise HTTPError(
             415,
-            f"Content-Type {media or '(none)'} is not accepted; send {', '.join(IMAGE_TYPES)} "
-            f"or {NPY_TYPE} (.npy bytes of a float32 NCHW tensor)",
+            f"Content-Type {media or '(none)'} is not accepted; send {', '.join(IMAGE_TYPES)}, "
+            f"{DICOM_TYPE}, {NIFTI_TYPE} or {NPY_TYPE} (.npy bytes of a float32 NCHW tensor)",
         )
 
-    def decode_image(self, body: bytes) -> np.ndarray:
+    def decode_dicom(self, body: bytes, notes: list[str]) -> np.ndarray:
+        from resfuse.images import pydicom
+
+        try:
+            module = pydicom()
+        except ConfigError as exc:
+            raise HTTPError(415, f"this server cannot read DICOM: {exc}") from exc
+        try:
+            dataset = module.dcmread(io.BytesIO(body))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad bytes
+            raise HTTPError(400, f"the body is not a readable DICOM file: {exc}") from exc
+        return self.preprocess(dataset, notes)
+
+    async def _predict_volume(self, volume: Any, fmt: str, tiling: dict[str, Any]) -> Answer:
+        from resfuse.runtime.volumes import nifti_bytes, predict_volume
+
+        if fmt != "npy":
+            raise HTTPError(400, "a NIfTI volume is answered as NIfTI; drop ?format=png")
+        try:
+            output = await asyncio.to_thread(predict_volume, self.session, volume, **tiling)
+        except InputContractError as exc:
+            raise HTTPError(422, str(exc)) from exc
+        return Answer(nifti_bytes(volume, output), NIFTI_ANSWER_TYPE)
+
+    def decode_image(self, body: bytes, notes: list[str]) -> np.ndarray:
         from resfuse.images import pil
 
         try:
@@ -191,10 +277,17 @@ class ResfuseDeployment:
             image.load()
         except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad bytes
             raise HTTPError(400, f"the body is not a readable image: {exc}") from exc
+        return self.preprocess(image, notes)
+
+    def preprocess(self, image: Any, notes: list[str]) -> np.ndarray:
+        """An opened image or DICOM dataset as the model's input: 422 for one that is no image
+        or breaks the contract, 415 for one this server lacks a decoder for."""
         try:
-            return self.session.preprocess(image)
+            return self.session.preprocess(image, on_clip=notes.append)
         except InputContractError as exc:
             raise HTTPError(422, str(exc)) from exc
+        except ConfigError as exc:
+            raise HTTPError(415, str(exc)) from exc
 
 
 def keep_replica_grpc_on_loopback() -> None:
@@ -224,8 +317,51 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def is_dicom(body: bytes) -> bool:
+    """The DICOM preamble: 128 bytes, then "DICM"."""
+    return body[128:132] == b"DICM"
+
+
+def is_nifti(body: bytes) -> bool:
+    """A NIfTI-1/2 header (its size, 348 or 540, first), plain or gzipped."""
+    if body[:2] == GZIP_MAGIC:
+        try:
+            body = zlib.decompressobj(wbits=31).decompress(body[:4096], 544)
+        except zlib.error:
+            return False
+    head = body[:4]
+    return head in (
+        b"\x5c\x01\x00\x00",
+        b"\x00\x00\x01\x5c",
+        b"\x1c\x02\x00\x00",
+        b"\x00\x00\x02\x1c",
+    )
+
+
+def decode_volume(body: bytes) -> Any:
+    """A NIfTI body as a Volume, read by nibabel from a temporary file (it reads files)."""
+    from resfuse.runtime.volumes import read_volume
+
+    suffix = ".nii.gz" if body[:2] == GZIP_MAGIC else ".nii"
+    with tempfile.TemporaryDirectory(prefix="resfuse-serve-") as folder:
+        path = Path(folder, f"body{suffix}")
+        path.write_bytes(body)
+        try:
+            return read_volume(path)
+        except InputContractError as exc:
+            raise HTTPError(422, str(exc).replace(str(path), "the NIfTI body")) from exc
+        except ConfigError as exc:  # nibabel is not installed on the server
+            raise HTTPError(415, str(exc)) from exc
+
+
 def decode_npy(body: bytes) -> np.ndarray:
     """.npy bytes, never pickles; dtype and shape are the contract's to judge (422)."""
+    if not body.startswith(NPY_MAGIC):
+        raise HTTPError(
+            400,
+            f"the body is not .npy, DICOM or NIfTI (it starts {body[:8]!r}); send .npy bytes "
+            f"of a float32 NCHW tensor as {NPY_TYPE}, or an image with its own Content-Type",
+        )
     try:
         x = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:

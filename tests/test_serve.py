@@ -1,11 +1,14 @@
 """resfuse-serve: a real Ray Serve on loopback, one instance for the module, real HTTP.
 
-Error codes under test: 400 a body that is not an image or .npy (or a bad query), 413 a body
-over the limit, 415 another Content-Type, 422 an input that breaks the contract, 404/405.
+Error codes under test: 400 a body that is not what it claims (or a bad query), 413 a body
+over the limit, 415 another Content-Type, 422 an input that breaks the contract, a DICOM object
+that is no image or a DICOM compression without a decoder, 404/405. Real DICOM and NIfTI
+bodies are pydicom's and nibabel's sample files.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import io
 import json
@@ -25,12 +28,19 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'resfuse[serve]'")
 Image = pytest.importorskip("PIL.Image", reason="needs Pillow")
+pydicom = pytest.importorskip("pydicom", reason="needs pydicom")
+
+from nibabel.testing import data_path as nibabel_data  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
 
 from resfuse.runtime import load  # noqa: E402
 from resfuse.runtime.serve import ServeOptions, start, stop  # noqa: E402
 
 NPY = "application/octet-stream"
+DICOM = "application/dicom"
+NIFTI = "application/x-nifti"
 LIMIT_MB = 1.0
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"  # the SOP Class UID of DICOM SEG
 
 
 def free_port() -> int:
@@ -162,7 +172,7 @@ def test_images_and_png_masks(server: Server, tmp_path: Path) -> None:
 
 BAD = [
     ("empty body", b"", NPY, "", 400, "empty"),
-    ("not npy", b"hello", NPY, "", 400, "not .npy"),
+    ("not npy", b"hello", NPY, "", 400, "not .npy, DICOM or NIfTI"),
     ("pickled npy", "pickle", NPY, "", 400, "not .npy"),
     ("corrupt png", b"\x89PNG\r\n\x1a\n garbage", "image/png", "", 400, "not a readable image"),
     ("unknown format", (1, 3, 32, 32), NPY, "?format=gif", 400, "format='gif'"),
@@ -173,13 +183,40 @@ BAD = [
     ("rank", (3, 64, 64), NPY, "", 422, "4-D"),
     ("dtype", "float64", NPY, "", 422, "dtype float32"),
     ("too small", (1, 3, 16, 64), NPY, "", 422, "height 16 is outside the allowed range 32..256"),
-    ("too large", (1, 3, 64, 300), NPY, "", 422, "width 300 is outside"),
+    (
+        "too large",
+        (1, 3, 64, 300),
+        NPY,
+        "",
+        422,
+        "width 300 is outside the allowed range 32..256; run it in tiles",
+    ),
+    ("bad tile", (1, 3, 32, 32), NPY, "?tile=big", 400, "tile= must be 'auto'"),
+    ("tile too large", (1, 3, 32, 32), NPY, "?tile=512", 400, "tile 512x512 is outside"),
+    ("bad overlap", (1, 3, 32, 32), NPY, "?tile=auto&overlap=1", 400, "overlap must be in"),
+    ("dicom seg", "seg", DICOM, "", 422, "Segmentation (SEG)"),
+    ("dicom seg as octet", "seg", NPY, "", 422, "Segmentation (SEG)"),
+    ("jpeg dicom", "jpeg dicom", DICOM, "", 422, "pip install pylibjpeg"),
+    ("garbage dicom", b"x" * 200, DICOM, "", 400, "not a readable DICOM file"),
+    ("nifti as png", "nifti", NIFTI, "?format=png", 400, "answered as NIfTI"),
+    ("4-D nifti", "nifti 4d", NIFTI, "", 422, "4-D"),
+    ("garbage nifti", b"y" * 400, NIFTI, "", 422, "cannot read the NIfTI body as NIfTI"),
     ("batch", (5, 3, 32, 32), NPY, "", 422, "batch size 5"),
     ("over max batch", (4, 3, 32, 32), NPY, "", 422, "over this server's --max-batch 3"),
     ("nan", "nan", NPY, "", 422, "NaN"),
     ("image too small", "small png", "image/png", "", 422, "outside the allowed range"),
     ("over the limit", "big", NPY, "", 413, "limit"),
 ]
+
+
+def _as_segmentation(path: Path) -> bytes:
+    """A real CT file relabelled as a DICOM SEG object: refused by its SOP class."""
+    dataset = pydicom.dcmread(path)
+    dataset.SOPClassUID = SEGMENTATION
+    dataset.file_meta.MediaStorageSOPClassUID = SEGMENTATION
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
 
 
 def _pickled() -> bytes:
@@ -200,6 +237,10 @@ def _body(spec: object) -> bytes:
         "nan": lambda: npy(np.full((1, 3, 32, 32), np.nan, np.float32)),
         "small png": lambda: png(20, 40),
         "big": lambda: npy(np.zeros((1, 3, 256, 256 * 3), np.float32)),  # 2.25 MiB
+        "seg": lambda: _as_segmentation(Path(get_testdata_file("CT_small.dcm"))),
+        "jpeg dicom": lambda: Path(get_testdata_file("JPEG-lossy.dcm")).read_bytes(),
+        "nifti": lambda: Path(nibabel_data, "anatomical.nii").read_bytes(),
+        "nifti 4d": lambda: Path(nibabel_data, "example4d.nii.gz").read_bytes(),
     }
     return made[str(spec)]()
 
@@ -215,6 +256,50 @@ def test_bad_requests_get_a_json_error(
     status, answer = request(f"{server.url}/predict{query}", _body(body), content_type)
     assert status == code, answer
     assert text in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("content_type", [DICOM, NPY])
+def test_a_dicom_body_by_its_type_or_its_preamble(server: Server, content_type: str) -> None:
+    path = Path(get_testdata_file("CT_small.dcm"))  # real CT, signed 16-bit
+    status, body = request(f"{server.url}/predict", path.read_bytes(), content_type)
+    assert status == 200, body
+    with load(server.options.artifact) as session:
+        expected = session.run(path)
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_image_larger_than_the_range_is_answered_in_tiles(
+    server: Server, tmp_path: Path
+) -> None:
+    path = tmp_path / "large.png"
+    path.write_bytes(png(300, 400))
+    status, body = request(f"{server.url}/predict", path.read_bytes(), "image/png")
+    assert status == 422 and "tile" in json.loads(body)["error"]
+    query = "?tile=128&overlap=0.5&blend=constant&format=png"
+    status, body = request(f"{server.url}/predict{query}", path.read_bytes(), "image/png")
+    assert status == 200, body
+    with load(server.options.artifact) as session:
+        expected = session.run(path, tile=128, overlap=0.5, blend="constant")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), expected[0].argmax(0))
+
+
+@pytest.mark.parametrize("content_type", [NIFTI, NPY])
+def test_a_nifti_body_is_answered_as_nifti_over_the_same_voxels(
+    server: Server, content_type: str
+) -> None:
+    import nibabel
+
+    from resfuse.runtime.volumes import predict_volume, read_volume
+
+    path = Path(nibabel_data, "anatomical.nii")
+    status, body = request(f"{server.url}/predict", path.read_bytes(), content_type)
+    assert status == 200, body
+    answer = nibabel.Nifti1Image.from_bytes(gzip.decompress(body))
+    source = nibabel.load(path)
+    np.testing.assert_array_equal(answer.affine, source.affine)
+    with load(server.options.artifact) as session:
+        expected = predict_volume(session, read_volume(path))
+    np.testing.assert_array_equal(np.asarray(answer.dataobj), expected)
 
 
 def test_unknown_route_and_method(server: Server) -> None:

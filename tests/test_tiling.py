@@ -207,3 +207,61 @@ def test_every_pixel_is_covered_and_weights_blend_a_constant_to_itself() -> None
     x = np.full((1, 1, 97, 131), 3.0, np.float32)
     out = sliding_window(lambda t: t * 2, x, Tiling((40, 50), 0.3, "gaussian", batch=5))
     np.testing.assert_allclose(out, 6.0, rtol=1e-6)
+
+
+def test_resfuse_check_tiles_what_the_backend_cannot_take_whole(
+    head_artifact: Path, astronaut: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from resfuse.runtime.cli import check_main
+
+    folder = astronaut.parent
+    whole = CliRunner().invoke(check_main, [str(head_artifact), "--images", str(folder)])
+    assert whole.exit_code != 0 and "outside the allowed range" in whole.output
+    args = [str(head_artifact), "--images", str(folder), "--shapes", "1x3x64x300"]
+    tiled = CliRunner().invoke(check_main, [*args, "--tile", "auto", "--blend", "constant"])
+    assert tiled.exit_code == 0, tiled.output
+    assert "astronaut.png" in tiled.output and "1x3x64x300" in tiled.output
+    bad = CliRunner().invoke(check_main, [*args, "--tile", "0"])
+    assert bad.exit_code == 2 and "must be 'auto', a size N or HxW" in bad.output
+
+
+def test_resfuse_predict_tiles_large_images_records_it_and_warns_of_clipping(
+    head_artifact: Path, astronaut: Path, tmp_path: Path
+) -> None:
+    """A copy of the artifact whose manifest reads 8-bit images in [0, 100]: most of a photo
+    clips, which predict says once per file."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from resfuse.runtime.serve_cli import predict_main
+
+    artifact = (
+        Path(shutil.copytree(head_artifact.parent, tmp_path / "artifact")) / head_artifact.name
+    )
+    manifest = json.loads(artifact.read_text())
+    manifest["preprocess"] = {**manifest["preprocess"], "range": [0, 100], "units": "rescaled"}
+    artifact.write_text(json.dumps(manifest))
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(astronaut, images / "large.png")
+    pil().fromarray(data.camera()[:64, :80]).save(images / "small.png")
+    args = [str(artifact), str(images), "--output", str(tmp_path / "out"), "--batch-size", "4"]
+
+    untiled = CliRunner().invoke(predict_main, args)
+    assert untiled.exit_code == 1 and "512 is outside" in untiled.output
+    tiled = CliRunner().invoke(predict_main, [*args, "--tile", "auto"])
+    assert tiled.exit_code == 0, tiled.output
+    assert "2 written" in tiled.output
+    assert tiled.output.count("of pixels fall outside the intensity range") == 2
+    mask = np.asarray(pil().open(tmp_path / "out" / "large.png.mask.png"))
+    with load(artifact) as session:
+        expected = np.asarray(session.run(images / "large.png", tile="auto"))
+    np.testing.assert_array_equal(mask, expected[0].argmax(0))
+    again = CliRunner().invoke(predict_main, [*args, "--tile", "auto"])
+    assert "0 written" in again.output and "2 already done" in again.output
+    other = CliRunner().invoke(predict_main, [*args, "--tile", "128"])
+    assert "2 written (2 stale redone)" in other.output  # another tiling: another output
