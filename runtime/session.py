@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,22 @@ class Session:
     def backend(self) -> str:
         return self.runner.name
 
-    def preprocess(self, source: str | Path | Any, *, resize: str | None = None) -> np.ndarray:
+    def preprocess(
+        self,
+        source: str | Path | Any,
+        *,
+        resize: str | None = None,
+        on_clip: Callable[[str], None] | None = None,
+    ) -> np.ndarray:
         """An image file or PIL image as the model's (1, C, H, W) input, resized by `resize`
-        (default: the session's policy, else the manifest's)."""
+        (default: the session's policy, else the manifest's); `on_clip` hears, once, when the
+        intensity rule clips a large share of its pixels (resfuse.images)."""
         return load_image(
             source,
             self.manifest.data.get("preprocess", {}),
             self.contract,
             resize or self.resize,
+            on_clip=on_clip,
         )
 
     def check(self, x: np.ndarray | torch.Tensor, *, spatial: bool = True) -> None:
@@ -88,6 +97,13 @@ class Session:
             return torch.from_numpy(out).to(x.device)
         self.check(_array(x))
         return self.runner.infer(np.ascontiguousarray(x))
+
+    def run_any(self, x: np.ndarray, tiling: dict[str, Any]) -> np.ndarray | torch.Tensor:
+        """What the command lines' --tile means: `x` whole when the backend takes its H x W in
+        one call, else in tiles by `tiling` (Session.run's keywords); no tiling: whole, so an
+        input out of range is refused by the contract."""
+        fits = self.runner.accepts(*x.shape[-2:])
+        return self.run(x) if fits or not tiling else self.run(x, **tiling)
 
     def tiling(
         self,

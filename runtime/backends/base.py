@@ -63,6 +63,11 @@ class Runner(ABC):
     def deactivate(self) -> None:
         """Release the model or session; `activate` may be called again afterwards."""
 
+    def accepts(self, height: int, width: int) -> bool:
+        """Whether one call takes an input of this H x W (the artifact's range)."""
+        contract = self.manifest.contract
+        return height in contract.height and width in contract.width
+
     def default_tile(self) -> tuple[tuple[int, int], int]:
         """The tile (H, W) and tiles per call that tiled inference uses unless told: the size
         engines are tuned for, within the artifact's range, a few tiles at a time."""

@@ -355,6 +355,15 @@ class TensorRTRunner(Runner):
         self._runtime_cache = None
         self.record = self.engine = self._runtime = None
 
+    def accepts(self, height: int, width: int) -> bool:
+        """Whether some profile of the engine holds this H x W (at its smallest batch)."""
+        if self.record is None:
+            return super().accepts(height, width)
+        return any(
+            p.min[2] <= height <= p.max[2] and p.min[3] <= width <= p.max[3]
+            for p in self.record.profiles
+        )
+
     def default_tile(self) -> tuple[tuple[int, int], int]:
         """The first profile's opt H x W, the shape its kernels were tuned for, as many at once
         as that profile's max batch."""
