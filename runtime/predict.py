@@ -46,6 +46,7 @@ from resfuse.runtime.volumes import (
     predict_volume,
     read_volume,
     series_files,
+    slice_axis,
 )
 from resfuse.runtime.volumes import nifti_bytes as volume_bytes
 
@@ -328,9 +329,10 @@ def process_volume(
         # hashed before it is read, as an image is
         record = {"artifact": artifact, "input": input_identity(job.source)}
         volume = read_volume(job.source, index=options.volume_index)
-        output = predict_volume(
-            session, volume, axis=options.axis, batch_size=limit, **options.tiling
-        )
+        axis = slice_axis(volume.affine) if options.axis is None else options.axis
+        h, w = (n for i, n in enumerate(volume.data.shape[:3]) if i != axis)
+        tiling = {} if session.runner.accepts(h, w) else options.tiling  # as images: if needed
+        output = predict_volume(session, volume, axis=axis, batch_size=limit, **tiling)
         data = volume_bytes(volume, output)
     except Exception as exc:  # noqa: BLE001 - no one volume (or a backend failure) aborts
         return job, str(exc)

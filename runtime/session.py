@@ -98,13 +98,6 @@ class Session:
         self.check(_array(x))
         return self.runner.infer(np.ascontiguousarray(x))
 
-    def run_any(self, x: np.ndarray, tiling: dict[str, Any]) -> np.ndarray | torch.Tensor:
-        """What the command lines' --tile means: `x` whole when the backend takes its H x W in
-        one call, else in tiles by `tiling` (Session.run's keywords); no tiling: whole, so an
-        input out of range is refused by the contract."""
-        fits = self.runner.accepts(*x.shape[-2:])
-        return self.run(x) if fits or not tiling else self.run(x, **tiling)
-
     def tiling(
         self,
         tile: int | tuple[int, int] | str,

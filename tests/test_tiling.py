@@ -265,3 +265,29 @@ def test_resfuse_predict_tiles_large_images_records_it_and_warns_of_clipping(
     assert "0 written" in again.output and "2 already done" in again.output
     other = CliRunner().invoke(predict_main, [*args, "--tile", "128"])
     assert "2 written (2 stale redone)" in other.output  # another tiling: another output
+
+
+def test_resfuse_predict_tiles_volume_slices_below_the_range(
+    head_artifact: Path, tmp_path: Path
+) -> None:
+    """anatomical.nii sliced along axis 0 gives 41 x 25 slices, below the artifact's 32: in
+    tiles they are padded and cropped back, so the mask keeps the volume's grid."""
+    import shutil
+
+    import nibabel
+    from click.testing import CliRunner
+    from nibabel.testing import data_path
+
+    from resfuse.runtime.serve_cli import predict_main
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(Path(data_path, "anatomical.nii"), scans / "a.nii")
+    out = tmp_path / "out"
+    args = [str(head_artifact), str(scans), "--output", str(out), "--batch-size", "4"]
+    whole = CliRunner().invoke(predict_main, [*args, "--axis", "0"])
+    assert whole.exit_code == 1 and "25 is outside" in whole.output
+    tiled = CliRunner().invoke(predict_main, [*args, "--axis", "0", "--tile", "auto"])
+    assert tiled.exit_code == 0, tiled.output
+    mask = nibabel.load(out / "a.nii.mask.nii.gz")
+    assert mask.shape == nibabel.load(scans / "a.nii").shape == (33, 41, 25)
