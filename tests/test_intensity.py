@@ -329,10 +329,12 @@ def test_check_reads_a_signed_tiff_and_warns_of_clipping_once(
 
 
 def _calibration_folder(folder: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        pixels = rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    """Three real photographs (INT8 calibrated on noise is judged on noise: its features miss
+    the bound) and one file that is no image."""
+    from skimage import data
+
+    for i, name in enumerate(("astronaut", "coffee", "chelsea")):
+        Image.fromarray(getattr(data, name)()).resize((96, 72)).save(folder / f"img{i}.png")
     (folder / "broken.png").write_bytes(b"not a png")  # sorts first
     return folder
 
