@@ -119,16 +119,12 @@ def main() -> None:
     parser.add_argument("--skip-context", action="store_true", help="part 1 only")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results/tiling.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        memory = memory_part(Path(tmp), args.size, args.repeats)
-        context = [] if args.skip_context else context_part(Path(tmp))
-    summary = {
-        "format": "resfuse-tiling",
-        "machine": machine_info(),
-        "memory": memory,
-        "context": context,
-    }
+    summary: dict[str, Any] = {"format": "resfuse-tiling", "machine": machine_info()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary["memory"] = memory_part(Path(tmp), args.size, args.repeats)
+        write_json(args.out, {**summary, "context": []})  # part 1 kept if part 2 fails
+        summary["context"] = [] if args.skip_context else context_part(Path(tmp))
     write_json(args.out, summary)
     report(summary)
 
