@@ -231,3 +231,23 @@ def test_a_profile_tensorrt_refuses_is_one_error(
     with pytest.raises(ConfigError, match="TensorRT refused profile") as caught:
         build_plan(trt, onnx_bytes, name, [profile], FAST)
     assert "\n" not in str(caught.value)
+
+
+def test_tiles_follow_a_real_engines_profiles(
+    exported: dict[str, ExportResult], tmp_path: Path
+) -> None:
+    """The tensorrt runner's tile size and the H x W it takes whole come from the engine's own
+    sidecar (a real TensorRT-RTX build): the first profile's opt, at its max batch. Running the
+    plan needs a GPU, so the runner is given the record activate() would read."""
+    from resfuse.runtime.backends.tensorrt import TensorRTRunner
+    from resfuse.runtime.session import Session
+
+    artifact = exported["masked"].manifest_path
+    built = engines.find_or_build(artifact, TWO, FAST, tmp_path, engine="tensorrt-rtx")
+    runner = TensorRTRunner(read_manifest(artifact), "cuda")
+    assert runner.accepts(1000, 1000)  # before activate: the artifact's range
+    runner.record = built.record
+    assert runner.default_tile() == ((64, 64), 2)
+    assert runner.accepts(96, 96) and runner.accepts(128, 100)  # one profile each
+    assert not runner.accepts(200, 200) and not runner.accepts(60, 60)
+    assert Session(runner).tiling("auto").roi == (64, 64)
