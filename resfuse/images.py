@@ -275,10 +275,20 @@ def _read_pil_file(path: Path, channels: int) -> Pixels:
                     f"save each frame as its own file"
                 )
             rawmode = _rawmode(opened)  # the file's sample format; gone once loaded
+            signed = _signed_tiff(opened)
             image = opened.copy()
     except OSError as exc:  # PIL's UnidentifiedImageError included
         raise InputContractError(f"cannot read {path} as an image: {exc}") from exc
-    return _from_pil(image, channels, str(path), rawmode)
+    return _from_pil(image, channels, str(path), rawmode, signed)
+
+
+def _signed_tiff(image: Any) -> bool:
+    """A TIFF whose SampleFormat (tag 339) says signed integers: Pillow's rawmode says so for
+    16-bit samples, but it reads 8-bit ones as unsigned mode L without a word."""
+    tags = getattr(image, "tag_v2", None)
+    value = tags.get(339) if tags is not None else None
+    formats = value if isinstance(value, tuple) else (value,)
+    return 2 in formats
 
 
 def _rawmode(image: Any) -> str | None:
@@ -290,10 +300,15 @@ def _rawmode(image: Any) -> str | None:
     return args if isinstance(args, str) else str(args[0])
 
 
-def _from_pil(image: Any, channels: int, name: str, rawmode: str | None = None) -> Pixels:
+def _from_pil(
+    image: Any, channels: int, name: str, rawmode: str | None = None, signed: bool = False
+) -> Pixels:
     """Pillow keeps 16-bit grayscale (mode I;16, or I from an I;16 or I;16S file) and float32
-    (mode F); it reads 16-bit colour as 8-bit, so that and 32-bit integers are refused."""
+    (mode F); it reads 16-bit colour as 8-bit, so that and 32-bit integers are refused. `signed`:
+    a TIFF of signed samples, whose 8-bit grayscale Pillow reads as unsigned."""
     mode = image.mode
+    if signed and mode == "L":  # the bytes are int8: reinterpret, as the file means them
+        return Pixels(np.asarray(image).view(np.int8)[..., None], None, name)
     if mode in _SIXTEEN_BIT or (mode == "I" and rawmode in _SIXTEEN_BIT):
         return Pixels(np.asarray(image).astype(np.uint16)[..., None], (0.0, 65535.0), name)
     if mode in _SIGNED_SIXTEEN or (mode == "I" and rawmode in _SIGNED_SIXTEEN):

@@ -81,6 +81,18 @@ def test_signed_tiff_is_refused_by_a_rule_without_a_fixed_range(tmp_path: Path, 
     assert str(caught.value).startswith(f"{path} ") and "\n" not in str(caught.value)
 
 
+def test_signed_8_bit_tiff_is_read_signed(tmp_path: Path) -> None:
+    """Pillow opens an int8 TIFF as unsigned mode L (-100 reads as 156); SampleFormat says
+    signed, and the values are read as the file means them."""
+    path = tmp_path / "s8.tif"
+    values = np.array([[-100, -1, 0], [50, 100, 127]], dtype=np.int8)
+    tifffile.imwrite(path, values)
+    x = load_image(path, {"range": [-128, 127]}, InputContract(1, Range(1), Range(1)))
+    np.testing.assert_array_equal(x, _exact((values.astype(np.float64) + 128) / 255))
+    with pytest.raises(InputContractError, match=SIGNED.format("dtype").replace("16", "8")):
+        load_image(path, {}, InputContract(1, Range(1), Range(1)))
+
+
 def test_signed_slice_of_a_volume_by_to_input() -> None:
     """What a volume's slice gives to_input: int16 values, no full range."""
     hu = _hounsfield()
