@@ -50,6 +50,7 @@ from resfuse.runtime.backends.onnxrt import OPTIONS as ORT_OPTIONS
 from resfuse.runtime.bench import time_shape
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
+from resfuse.shapes import format_shape
 from resfuse.weights import save_weights
 
 HERE = Path(__file__).parent
@@ -248,6 +249,7 @@ def int8_options(plan: Plan, calibration: Path) -> ExportOptions:
     # large as the output (rel L2 1.0) and its sweep is recorded instead.
     return ExportOptions(
         max_size=plan.max_size,
+        precision="int8",
         calibration=Calibration(calibration, count=plan.calib_count, size=plan.calib_size),
         max_rel_l2=1.0,
     )
@@ -410,7 +412,7 @@ def measure_method(
         "miou_pooled": {name: pooled_miou(rows, name) for name in sessions},
         "latency": times,
         "targets": targets(rows),
-        "int8_export_sweep_rel_l2": {"x".join(map(str, r["shape"])): r["rel_l2"] for r in sweep},
+        "int8_export_sweep_rel_l2": {format_shape(r["shape"]): r["rel_l2"] for r in sweep},
     }
 
 

@@ -39,9 +39,11 @@ from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifac
 from resfuse.export.quantize import Calibration
 from resfuse.models import METHODS, ModelConfig, build_model
 from resfuse.runtime import load
-from resfuse.runtime.bench import ORIGINALS, benchmark, fastest_per_class, plot, time_shape
+from resfuse.runtime.backends import runs_original
+from resfuse.runtime.bench import benchmark, fastest_per_class, plot, time_shape
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
+from resfuse.shapes import format_shape
 
 HERE = Path(__file__).parent
 SHAPES = {224: 8, 512: 4, 1024: 2}  # side -> timed calls per block
@@ -55,7 +57,9 @@ ACCURACY_MARK = "## Accuracy on a trained model"
 # default (1.4e-4 to 2e-4 measured at 257x311, passing or not with the input range), its
 # relative L2 at 1.3e-6: the float32 check (INT8's first step too) gets atol 3e-4.
 FP32 = ExportOptions(atol=3e-4)
-INT8 = ExportOptions(atol=3e-4, calibration=Calibration(count=8, size=512), max_rel_l2=0.2)
+INT8 = ExportOptions(
+    atol=3e-4, precision="int8", calibration=Calibration(count=8, size=512), max_rel_l2=0.2
+)
 
 
 def export_all(
@@ -279,7 +283,7 @@ def main() -> None:
 def sweep_rel_l2(manifest: Path) -> dict[str, float]:
     """Relative L2 error against PyTorch per shape of the export's parity sweep."""
     results = read_manifest(manifest).data["parity"]["results"]
-    return {"x".join(map(str, r["shape"])): r["rel_l2"] for r in results}
+    return {format_shape(r["shape"]): r["rel_l2"] for r in results}
 
 
 def plot_records(summary: dict[str, Any], out: Path) -> None:
@@ -398,7 +402,7 @@ def fastest_table(summary: dict[str, Any]) -> str:
                         f["accuracy_class"],
                         _label({"backend": backend, "precision": f["precision"]}),
                         f"{f['p50_ms']:.1f}",
-                        "yes" if backend not in ORIGINALS else "no: a PyTorch engine",
+                        "no: a PyTorch engine" if runs_original(backend) else "yes",
                     ]
                 )
     headers = ["model", "accuracy class", "fastest engine", "p50 ms", "a resfuse deployment"]
@@ -568,7 +572,7 @@ def records_table(summary: dict[str, Any]) -> str:
             [
                 r["model"],
                 _label(r),
-                "x".join(map(str, r["shape"][2:])),
+                format_shape(r["shape"][2:]),
                 r["n"],
                 f"{r['p50_ms']:.1f}",
                 "-" if r["std_ms"] is None else f"{r['std_ms']:.1f}",

@@ -474,7 +474,8 @@ def _target(record: dict[str, Any], name: str, rounds: list[float]) -> dict[str,
 
 
 def markdown(result: dict[str, Any]) -> str:
-    from resfuse.runtime.report import markdown_table, shape_str
+    from resfuse.runtime.report import markdown_table
+    from resfuse.shapes import format_shape
 
     machine = result["machine"]
     versions = machine["versions"]
@@ -499,7 +500,7 @@ def markdown(result: dict[str, Any]) -> str:
                 [
                     t["target"],
                     t["artifact"],
-                    shape_str(t["shape"]),
+                    format_shape(t["shape"]),
                     f"{t['value']:.3f}",
                     " ".join(f"{v:.3f}" for v in t["rounds"]),
                     "yes" if t["met"] else "NO",
@@ -529,7 +530,7 @@ def markdown(result: dict[str, Any]) -> str:
                     r["artifact"],
                     r["backend"],
                     r["precision"],
-                    shape_str(r["shape"]),
+                    format_shape(r["shape"]),
                     f"{r['p50_ms']:.3f}",
                     "-" if r["p90_ms"] is None else f"{r['p90_ms']:.3f}",
                     f"{r['min_ms']:.3f}",
@@ -548,7 +549,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _failures(failures: list[dict[str, Any]]) -> list[str]:
     """The markdown section of the steps that raised; nothing when none did."""
-    from resfuse.runtime.report import markdown_table, shape_str
+    from resfuse.runtime.report import markdown_table
+    from resfuse.shapes import format_shape
 
     if not failures:
         return []
@@ -558,7 +560,7 @@ def _failures(failures: list[dict[str, Any]]) -> list[str]:
             f["variant"],
             f["backend"] or "-",
             f["stage"],
-            "every shape" if f["shape"] is None else shape_str(f["shape"]),
+            "every shape" if f["shape"] is None else format_shape(f["shape"]),
             f["error"].replace("|", "\\|"),  # a pipe would end the table cell
         ]
         for f in failures

@@ -34,6 +34,7 @@ from resfuse.models import ModelConfig
 from resfuse.runtime import Session, load
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table
+from resfuse.shapes import format_shape
 
 HERE = Path(__file__).parent
 CONFIG = ModelConfig("masked")
@@ -169,7 +170,7 @@ def table(result: dict[str, Any]) -> str:
         ["then one call at", "RSS before MiB", "after it MiB", "after more calls and it again"],
         [
             [
-                "x".join(map(str, step["shape"])),
+                format_shape(step["shape"]),
                 f"{step['before_mib']:.1f}",
                 f"{step['after_it_mib']:.1f}",
                 f"{step['after_more_calls_and_it_again_mib']:.1f}",

@@ -12,7 +12,8 @@ from resfuse.engine_manifest import HARDWARE_COMPAT, MAX_BUILDER_LEVEL, BuildSet
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.export.engines import export_engine, find_or_build
 from resfuse.export.triton import TritonOptions, require_schema, write_triton_repo
-from resfuse.profiles import Profile, default_profiles, parse_profile, parse_shape
+from resfuse.profiles import Profile, default_profiles, parse_profile
+from resfuse.shapes import parse_shape
 from resfuse.tensorrt_env import FLAVOURS, parse_targets
 
 

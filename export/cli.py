@@ -10,19 +10,20 @@ from rich.table import Table
 
 from resfuse.console import err, fail, out
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.pipeline import (
-    INT8_TARGETS,
-    MAX_REL_L2,
-    ExportOptions,
-    ExportResult,
-    export_artifact,
-)
+from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
 from resfuse.export.quantize import Calibration
 from resfuse.export.triton import KINDS, TritonOptions, require_schema, write_triton_repo
 from resfuse.images import UNITS
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
+from resfuse.precisions import PRECISIONS, from_option, options, variant_targets
+from resfuse.precisions import precision as precision_entry
+from resfuse.shapes import format_shape
 
-PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, float16, int8
+
+def _bounds() -> str:
+    """Each variant's default parity bound, as --max-rel-l2's help gives them."""
+    bounds = {p.option: p.max_rel_l2 for p in PRECISIONS if p.max_rel_l2 is not None}
+    return ", ".join(f"{bound:g} for {option}" for option, bound in bounds.items())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,7 +93,7 @@ PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, f
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option(
     "--precision",
-    type=click.Choice(list(PRECISIONS)),
+    type=click.Choice(options()),
     default=None,
     help="The artifact's precision, made from the verified float32 graph: fp16 (sensitive parts "
     "stay float32) or int8 (convolutions, static QDQ; needs --calib-images or --calib-random) "
@@ -100,7 +101,7 @@ PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, f
 )
 @click.option(
     "--target",
-    type=click.Choice(list(INT8_TARGETS)),
+    type=click.Choice(variant_targets()),
     default=None,
     help="INT8 activations for: cpu (uint8, fastest on x86) or tensorrt (symmetric int8, zero "
     "point 0) [default: cpu].",
@@ -130,8 +131,7 @@ PRECISIONS = ("fp32", "fp16", "int8")  # as the manifest writes them: float32, f
     "--max-rel-l2",
     default=None,
     type=float,
-    help="fp16/int8 parity bound: relative L2 error against PyTorch "
-    f"[default: {MAX_REL_L2['float16']:g} for fp16, {MAX_REL_L2['int8']:g} for int8].",
+    help=f"fp16/int8 parity bound: relative L2 error against PyTorch [default: {_bounds()}].",
 )
 @click.option(
     "--intensity-range",
@@ -249,7 +249,7 @@ def main(
             seed=seed,
             simplify=not no_simplify,
             calibration=calibration,
-            float16=precision == "fp16",
+            precision=from_option(precision),
             target=target,
             max_rel_l2=max_rel_l2,
             intensity_range=_intensity_range(intensity_range),
@@ -320,7 +320,7 @@ def _precision(precision: str | None, int8: bool) -> str:
 def _calibration(
     precision: str, images: Path | None, random: bool, count: int, size: int
 ) -> Calibration | None:
-    if precision != "int8":
+    if not precision_entry(from_option(precision)).calibrated:
         if images or random:
             raise ConfigError(
                 "--calib-images and --calib-random calibrate INT8; add --int8 (--precision "
@@ -342,7 +342,7 @@ def _parity_table(result: ExportResult, options: ExportOptions) -> Table:
     for r in result.parity:
         s = r.stats
         table.add_row(
-            "x".join(map(str, r.shape)),
+            format_shape(r.shape),
             f"{s.max_abs:.2e}",
             f"{s.p99_abs:.2e}",
             f"{s.max_rel:.2e}",

@@ -11,28 +11,8 @@ import onnx
 import torch
 
 from resfuse.compare import ErrorStats, Tolerance, compare_output
-from resfuse.contract import InputContract
 from resfuse.models import FusionModel
-
-Shape = tuple[int, int, int, int]
-
-# (batch, H, W) before clamping to the contract: the minimum, sizes that are no multiple of 32,
-# a tall and a wide aspect ratio, batch 1 and > 1.
-_GRID = ((1, 0, 0), (2, 97, 131), (1, 257, 311), (1, 449, 121), (1, 121, 449), (3, 65, 77))
-
-
-def parity_shapes(contract: InputContract) -> list[Shape]:
-    shapes: list[Shape] = []
-    for b, h, w in _GRID:
-        shape = (
-            contract.batch.clamp(b),
-            contract.channels,
-            contract.height.clamp(h),
-            contract.width.clamp(w),
-        )
-        if shape not in shapes:
-            shapes.append(shape)
-    return shapes
+from resfuse.shapes import Shape
 
 
 @dataclass(frozen=True)

@@ -14,38 +14,25 @@ import numpy as np
 import onnx
 import torch
 
-from resfuse.artifacts import FORMAT, FORMAT_VERSION, check_name, ensure_writable, write_artifact
+from resfuse.artifacts import check_name, ensure_writable, write_artifact
 from resfuse.compare import Tolerance
 from resfuse.contract import InputContract, Range
 from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ExportError, ParityError
 from resfuse.export import onnx as onnx_export
-from resfuse.export.float16 import to_float16
-from resfuse.export.parity import (
-    ParityResult,
-    Shape,
-    onnxruntime_cpu,
-    parity_shapes,
-    run_parity,
-    worst,
-)
-from resfuse.export.quantize import Calibration, quantization_record, quantize_int8
+from resfuse.export.parity import ParityResult, onnxruntime_cpu, run_parity, worst
+from resfuse.export.quantize import Calibration, quantization_record
 from resfuse.images import preprocess_record
 from resfuse.models import FusionModel, ModelConfig, build_model
-from resfuse.schema import TARGETS, default_targets
+from resfuse.precisions import Precision, default_targets
+from resfuse.precisions import precision as precision_entry
+from resfuse.schema import FORMAT, FORMAT_VERSION
+from resfuse.shapes import Shape, parity_shapes
 from resfuse.weights import save_weights
 
 # Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
 _IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 MIN_OPSET, MAX_OPSET = 17, 23
-# Relative L2 bounds of the variants' parity sweeps against the float32 PyTorch original.
-# float16, measured on ONNX Runtime CPU (resnet18, random inputs 32x32 to 1024x1024): spp and
-# masked 4.6e-4 to 6.0e-4, about one float16 rounding; upsample 1e-5, its output being mostly
-# the exact image. 5e-3 leaves 8x for deeper backbones, trained weights and GPU kernels, and
-# fails gross faults (a wrong cast, overflow). Which parts stay float32 moves the error by only
-# 5-12% on random inputs, so tests/test_precision.py checks that on the graph itself.
-MAX_REL_L2 = {"float16": 5e-3, "int8": 0.1}
-INT8_TARGETS = ("cpu", "tensorrt")  # --target: which INT8 activation scheme (export/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -58,35 +45,26 @@ class ExportOptions:
     rtol: float = 1e-4
     seed: int = 0
     simplify: bool = True
-    calibration: Calibration | None = None  # given: quantize to INT8, calibrated on it
-    float16: bool = False  # convert to float16, sensitive parts kept float32 (export/float16.py)
-    target: str | None = None  # INT8 only: "cpu" (uint8 activations, default) or "tensorrt"
-    max_rel_l2: float | None = None  # a variant's parity bound; None: MAX_REL_L2[precision]
+    # The manifest's dtype: float32, float16 or int8 (resfuse.precisions); INT8 needs a
+    # calibration and takes a target, "cpu" (uint8 activations, the default) or "tensorrt".
+    precision: str = "float32"
+    calibration: Calibration | None = None
+    target: str | None = None
+    max_rel_l2: float | None = None  # a variant's parity bound; None: its precision's
     intensity_range: str | tuple[float, float] | None = None  # resfuse.images: "dtype" default
     window: tuple[float, float] | None = None  # (center, width), e.g. CT in Hounsfield units
     # what the window or range is written in: "rescaled" (None: the default) or "stored"
     intensity_units: str | None = None
 
     @property
-    def precision(self) -> str:
-        if self.calibration is not None:
-            return "int8"
-        return "float16" if self.float16 else "float32"
-
-    @property
-    def symmetric(self) -> bool:
-        """INT8 activations with zero point 0 (TensorRT's form) rather than uint8 ones."""
-        return self.target == "tensorrt"
+    def variant(self) -> Precision:
+        """What this precision is (resfuse.precisions); ConfigError for an unknown one."""
+        return precision_entry(self.precision, self.target)
 
     @property
     def targets(self) -> list[str]:
-        """The devices the artifact is made for (the manifest's `targets`; runtimes refuse the
-        others). Every graph runs on ONNX Runtime's CPU, where its export was verified, so the
-        float16 and TensorRT INT8 graphs, made for GPUs, stay checkable without one. uint8
-        activations are an x86 CPU scheme, and TensorRT takes zero points 0 only."""
-        if self.precision == "int8" and not self.symmetric:
-            return ["cpu"]
-        return list(TARGETS)
+        """The devices the artifact is made for (the manifest's `targets`)."""
+        return list(self.variant.targets)
 
     @property
     def float_tolerance(self) -> Tolerance:
@@ -95,10 +73,8 @@ class ExportOptions:
     @property
     def tolerance(self) -> Tolerance:
         """What the written artifact must meet against PyTorch."""
-        if self.precision == "float32":
-            return self.float_tolerance
-        bound = MAX_REL_L2[self.precision] if self.max_rel_l2 is None else self.max_rel_l2
-        return Tolerance(self.atol, self.rtol, bound)
+        bound = self.variant.max_rel_l2 if self.max_rel_l2 is None else self.max_rel_l2
+        return self.float_tolerance if bound is None else Tolerance(self.atol, self.rtol, bound)
 
     def preprocess(self, config: ModelConfig) -> dict[str, Any]:
         """How the runtime turns image files into inputs (recorded in the manifest): the
@@ -123,7 +99,7 @@ class ExportOptions:
         0.04 at 64x64), so an INT8 artifact does not promise what it cannot keep there."""
         if self.min_size is not None:
             return self.min_size
-        return max(32, 2 * config.stride) if self.calibration else 32
+        return max(32, 2 * config.stride) if self.variant.calibrated else 32
 
     def contract(self, config: ModelConfig) -> InputContract:
         """The exported graph's input contract; raises ConfigError naming the bad option."""
@@ -153,23 +129,17 @@ class ExportOptions:
         return InputContract(config.in_channels, size, size, Range(1, self.max_batch))
 
     def _check_precision(self) -> None:
-        if self.float16 and self.calibration is not None:
+        variant = self.variant  # an unknown precision or a misplaced --target
+        if variant.calibrated != (self.calibration is not None):
             raise ConfigError(
-                "float16=True and a calibration ask for two precisions at once; export one "
-                "artifact per precision (--precision fp16, --precision int8)"
+                f"a calibration makes an INT8 graph: a {self.precision} export with one asks for "
+                f"two precisions at once; export one artifact per precision (--precision fp16, "
+                f"--precision int8 with --calib-images DIR)"
+                if self.calibration is not None
+                else f"a {self.precision} export needs calibration inputs: --calib-images DIR "
+                f"(representative images) or --calib-random (latency work only)"
             )
-        if self.target is not None and self.target not in INT8_TARGETS:
-            raise ConfigError(
-                f"--target {self.target!r} is not one of {', '.join(INT8_TARGETS)}; use "
-                f"tensorrt for TensorRT's INT8, or leave it out for the CPU's"
-            )
-        if self.target is not None and self.precision != "int8":
-            raise ConfigError(
-                f"--target picks the INT8 activation scheme and applies to --precision int8 "
-                f"only; a {self.precision} artifact is the same graph for every target and "
-                f"suits {', '.join(self.targets)} as it is: drop --target {self.target}"
-            )
-        if self.max_rel_l2 is not None and self.precision == "float32":
+        if self.max_rel_l2 is not None and variant.max_rel_l2 is None:
             raise ConfigError(
                 "--max-rel-l2 bounds the fp16 and int8 variants; a float32 export is judged "
                 "elementwise: use --atol/--rtol, or drop --max-rel-l2"
@@ -216,11 +186,10 @@ def artifact_name(
     target: str | None = None,
     base: str | None = None,
 ) -> str:
-    """The base name (METHOD-BACKBONE by default), then -fp16, -int8 (the CPU's INT8) or
-    -int8-trt (TensorRT's): a variant never takes the name of its float32 source."""
-    suffix = {"float32": "", "float16": "-fp16", "int8": "-int8"}[precision]
+    """The base name (METHOD-BACKBONE by default), then the precision's suffix (-fp16, -int8
+    for the CPU's INT8, -int8-trt for TensorRT's): a variant never takes its source's name."""
     base = base or f"{config.method}-{config.backbone}"
-    return f"{base}{suffix}{'-trt' if target == 'tensorrt' else ''}"
+    return base + precision_entry(precision, target).suffix
 
 
 def _keep_other_precisions(folder: Path, name: str, options: ExportOptions) -> None:
@@ -281,7 +250,7 @@ def export_artifact(
         results = _parity(model, raw, shapes, options.float_tolerance, options.seed)
     _require_parity(results, options.float_tolerance, "")
     source = None
-    if options.precision != "float32":
+    if options.variant.converter is not None:
         # The variant names the float32 graph it was made from. The export is deterministic:
         # a float32 export with the same options and input range writes these very bytes
         # (INT8's smallest input defaults to two cells, float32's to 32: pass --min-size).
@@ -364,51 +333,16 @@ def _variant(
     progress: Callable[[str], None],
     warn: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, list[ParityResult]]:
-    """The verified float32 graph in the options' precision, with its own parity sweep, judged
-    by relative L2 against the float32 PyTorch original."""
-    sample = None
-    if options.calibration is None:
-        progress("converting to float16 (sensitive parts stay float32)")
-        variant, hint = to_float16(proto), _FLOAT16_HINT
-    else:
-        calibration = options.calibration
-        variant, sample = _quantized(model, proto, calibration, contract, options, progress, warn)
-        hint = _INT8_HINT
-    onnx_export.check_model(variant)
-    onnx_export.check_dynamic_axes(variant, contract)
+    """The verified float32 graph in the options' precision, made by its converter, with its
+    own parity sweep, judged by relative L2 against the float32 PyTorch original."""
+    variant = options.variant
+    graph, sample = variant.convert()(model, proto, contract, options, progress, warn)
+    onnx_export.check_model(graph)
+    onnx_export.check_dynamic_axes(graph, contract)
     progress(f"parity sweep on the {options.precision} graph")
-    results = _parity(model, variant, shapes, options.tolerance, options.seed, sample)
-    _require_parity(results, options.tolerance, hint)
-    return variant, results
-
-
-_FLOAT16_HINT = (
-    "; NaN/Inf means values beyond float16's range (65504): deploy the float32 artifact; "
-    "otherwise accept a larger error with --max-rel-l2"
-)
-_INT8_HINT = (
-    "; calibrate on representative images (--calib-images DIR, more of them with "
-    "--calib-count), raise --min-size (inputs of one feature cell quantize worst) or "
-    "accept a larger error with --max-rel-l2"
-)
-
-
-def _quantized(
-    model: FusionModel,
-    proto: onnx.ModelProto,
-    calibration: Calibration,
-    contract: InputContract,
-    options: ExportOptions,
-    progress: Callable[[str], None],
-    warn: Callable[[str], None] | None,
-) -> tuple[onnx.ModelProto, Callable[[Shape, int], np.ndarray] | None]:
-    """The INT8 graph, and the sampler its parity sweep draws inputs from."""
-    progress("reading the calibration inputs")
-    preprocess = options.preprocess(model.config)
-    batches = calibration.inputs(contract, preprocess, options.seed, warn)
-    progress(f"calibrating on {len(batches)} inputs and quantizing to INT8")
-    quantized = quantize_int8(proto, onnx_export.INPUT_NAME, batches, options.symmetric)
-    return quantized, calibration.sampler(contract, preprocess)
+    results = _parity(model, graph, shapes, options.tolerance, options.seed, sample)
+    _require_parity(results, options.tolerance, f"; {variant.hint}" if variant.hint else "")
+    return graph, results
 
 
 def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> None:
@@ -462,7 +396,7 @@ def _manifest(
         "targets": options.targets,
         **({"source": source} if source else {}),
         **(
-            {"quantization": quantization_record(options.calibration, options.symmetric)}
+            {"quantization": quantization_record(options.calibration, options.variant.symmetric)}
             if options.calibration
             else {}
         ),

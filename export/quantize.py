@@ -31,9 +31,9 @@ import onnx
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, ExportError, InputContractError
 from resfuse.export.onnx import copy_model
-from resfuse.export.parity import Shape
 from resfuse.export.subpixel import subpixel_convtranspose
 from resfuse.images import image_files, load_image
+from resfuse.shapes import Shape
 
 
 def _op_types(symmetric: bool) -> list[str]:

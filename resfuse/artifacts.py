@@ -17,6 +17,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,9 @@ from resfuse.compare import Tolerance
 from resfuse.contract import InputContract
 from resfuse.errors import ArtifactWriteError, ConfigError, ManifestError
 from resfuse.models import FusionModel, ModelConfig
+from resfuse.precisions import default_targets
+from resfuse.schema import validate_manifest
 
-FORMAT = "resfuse-artifact"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: files named NAME.onnx; same fields otherwise
 TAG_LENGTH = 12
 SUFFIXES = (".onnx", ".safetensors", ".plan")  # data files of artifacts and of TensorRT engines
 
@@ -218,8 +218,6 @@ class Manifest:
     @property
     def targets(self) -> list[str]:
         """The devices the artifact is made for (cpu, cuda, tensorrt); runtimes refuse others."""
-        from resfuse.schema import default_targets
-
         return list(self.data.get("targets") or default_targets(self.precision))
 
     @property
@@ -244,19 +242,12 @@ class Manifest:
         manifest's size and sha256: load from these bytes, so the file checked is the file run."""
         record = self.record(key)
         target = self.path.parent / record["path"]
-        try:
-            with open(target, "rb") as fh:
-                data = fh.read(record["bytes"] + 1)
-        except FileNotFoundError:
-            raise ManifestError(self._missing(target)) from None
-        except OSError as exc:
-            raise ManifestError(f"cannot read {target}: {exc.strerror or exc}") from exc
-        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise ManifestError(
-                f"{target} does not match the size and sha256 in {self.path}: the file was "
-                f"changed, truncated or replaced after export; re-export it rather than trusting it"
-            )
-        return data
+        changed = (
+            f"{target} does not match the size and sha256 in {self.path}: the file was changed, "
+            f"truncated or replaced after export; re-export it rather than trusting it"
+        )
+        missing = partial(self._missing, target)
+        return read_checked(target, record["bytes"], record["sha256"], missing, changed)
 
     def _missing(self, target: Path) -> str:
         try:
@@ -280,24 +271,45 @@ def manifest_path_for(path: str | Path) -> Path:
     return path.with_name(f"{stem}.json")
 
 
-def read_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest (or the one beside an artifact file); every field is checked
-    before use and a bad one is named in a one-line ManifestError."""
-    from resfuse.schema import validate_manifest
-
-    path = manifest_path_for(path)
+def read_json(path: Path, what: str, make: str) -> tuple[Any, bytes]:
+    """The parsed JSON of `what` ("manifest", "engine manifest") at `path` and its bytes; a
+    missing, unreadable or malformed file is a one-line ManifestError (`make`: how to get one)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ManifestError(
-            f"no manifest at {path}; export with resfuse-export, which writes it beside the model"
-        ) from None
+        raise ManifestError(f"no {what} at {path}; {make}") from None
     except OSError as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
+        raise ManifestError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(raw)
+        return json.loads(raw), raw
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ManifestError(f"cannot read manifest {path}: not JSON ({exc})") from exc
+        raise ManifestError(f"cannot read {what} {path}: not JSON ({exc})") from exc
+
+
+def read_checked(
+    target: Path, size: int, sha256: str, missing: Callable[[], str], changed: str
+) -> bytes:
+    """The bytes of a file a manifest records, read once and checked against its recorded size
+    and sha256: load from these bytes, so that the file checked is the file run. `missing` says
+    why the file is gone (asked only then), `changed` that it differs."""
+    try:
+        with open(target, "rb") as fh:
+            data = fh.read(size + 1)
+    except FileNotFoundError:
+        raise ManifestError(missing()) from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read {target}: {exc.strerror or exc}") from exc
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise ManifestError(changed)
+    return data
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest (or the one beside an artifact file); every field is checked
+    before use and a bad one is named in a one-line ManifestError."""
+    path = manifest_path_for(path)
+    make = "export with resfuse-export, which writes it beside the model"
+    data, raw = read_json(path, "manifest", make)
     validate_manifest(data, path)
     return Manifest(data, path, raw)
 

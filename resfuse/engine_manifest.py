@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from resfuse.artifacts import Manifest, manifest_path_for
+from resfuse.artifacts import Manifest, manifest_path_for, read_checked, read_json
 from resfuse.errors import ConfigError, EngineError, ManifestError
+from resfuse.precisions import dtypes
 from resfuse.profiles import Profile
-from resfuse.schema import PRECISIONS, _Fields, _plain
+from resfuse.schema import _Fields, _plain
 from resfuse.tensorrt_env import LABELS, BuildEnvironment, Flavour, mismatch
 
 ENGINE_FORMAT = "resfuse-engine"
@@ -126,12 +127,7 @@ class Engine:
 
 
 class _EngineFields(_Fields):
-    def fail(self, field: str, expected: str, got: object) -> NoReturn:
-        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
-        raise ManifestError(
-            f"{self.path}: field {field!r} must be {expected}, got {shown}; rebuild the engine "
-            f"with resfuse-build rather than editing its manifest"
-        )
+    FIX = "rebuild the engine with resfuse-build rather than editing its manifest"
 
     def sha256(self, value: object, field: str) -> str:
         if not isinstance(value, str) or not _SHA256.fullmatch(value):
@@ -175,16 +171,7 @@ def digest(data: Any) -> str:
 def read_record(path: str | Path) -> EngineRecord:
     """Read and validate an engine sidecar (or the one beside a .plan); the plan is not read."""
     path = manifest_path_for(path)
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise ManifestError(
-            f"no engine manifest at {path}; build the engine with resfuse-build"
-        ) from None
-    except OSError as exc:
-        raise ManifestError(f"cannot read engine manifest {path}: {exc.strerror or exc}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise ManifestError(f"cannot read engine manifest {path}: not JSON ({exc})") from exc
+    data, _ = read_json(path, "engine manifest", "build the engine with resfuse-build")
     if not isinstance(data, dict) or data.get("format") != ENGINE_FORMAT:
         raise ManifestError(
             f'{path} is not a resfuse engine manifest (no "format": "{ENGINE_FORMAT}"); give the '
@@ -224,7 +211,7 @@ def _record(f: _EngineFields, data: dict[str, Any]) -> EngineRecord:
         cache_format=f.integer(data.get("engine_cache_format"), "engine_cache_format", 1),
         source_manifest=source["manifest"],
         onnx_sha256=f.sha256(source.get("onnx_sha256"), "source.onnx_sha256"),
-        precision=f.text(data.get("precision"), "precision", PRECISIONS),
+        precision=f.text(data.get("precision"), "precision", dtypes()),
         profiles=tuple(_profiles(f, data)),
         settings=_settings(f, data),
         environment=BuildEnvironment(**environment),
@@ -334,19 +321,12 @@ def require_runs_here(
 
 def _read_plan(record: EngineRecord) -> bytes:
     target = record.plan_path
-    try:
-        with open(target, "rb") as fh:
-            data = fh.read(record.plan_bytes + 1)
-    except FileNotFoundError:
-        raise ManifestError(
-            f"{target} named by {record.path} is missing; rebuild the engine"
-        ) from None
-    except OSError as exc:
-        raise ManifestError(f"cannot read {target}: {exc.strerror or exc}") from exc
-    if len(data) != record.plan_bytes or hashlib.sha256(data).hexdigest() != record.plan_sha256:
-        raise ManifestError(
-            f"{target} does not match the size and sha256 in {record.path}: the plan was changed, "
-            f"truncated or replaced after it was built; it was not loaded; rebuild it with "
-            f"resfuse-build"
-        )
-    return data
+    return read_checked(
+        target,
+        record.plan_bytes,
+        record.plan_sha256,
+        lambda: f"{target} named by {record.path} is missing; rebuild the engine",
+        f"{target} does not match the size and sha256 in {record.path}: the plan was changed, "
+        f"truncated or replaced after it was built; it was not loaded; rebuild it with "
+        f"resfuse-build",
+    )

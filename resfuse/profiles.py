@@ -14,8 +14,8 @@ from typing import Any
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import ConfigError, InputContractError
+from resfuse.shapes import Shape, format_shape, parse_shape
 
-Shape = tuple[int, int, int, int]
 DIMENSIONS = ("batch", "channels", "height", "width")
 OPT_SIZE = 512  # the default opt H and W: kernels are tuned for the size most often served
 # The default profile's max, within the manifest's ranges. A context holds activation memory for
@@ -23,10 +23,6 @@ OPT_SIZE = 512  # the default opt H and W: kernels are tuned for the size most o
 # 4 x 1024 x 1024 1 GiB. Larger shapes are one --max (or --profile) away.
 DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_SIZE = 1024
-
-
-def format_shape(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
 
 
 @dataclass(frozen=True)
@@ -55,17 +51,6 @@ class Profile:
     def from_dict(cls, data: dict[str, Any]) -> Profile:
         shapes = (tuple(int(d) for d in data[name]) for name in ("min", "opt", "max"))
         return cls(*shapes)  # type: ignore[arg-type]
-
-
-def parse_shape(text: str, option: str = "--opt") -> Shape:
-    """`1x3x512x512` as a shape; ConfigError naming the text and the form otherwise."""
-    parts = text.strip().lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(
-            f"{option} {text!r} is not a shape; give NxCxHxW, four positive whole numbers such "
-            f"as 1x3x512x512"
-        )
-    return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
 def parse_profile(text: str) -> Profile:
@@ -185,11 +170,8 @@ def profile_for(profiles: Sequence[Profile], shape: Sequence[int]) -> int:
 __all__ = [
     "DIMENSIONS",
     "Profile",
-    "Shape",
     "default_profiles",
-    "format_shape",
     "parse_profile",
-    "parse_shape",
     "profile_for",
     "validate_profiles",
 ]

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from resfuse.errors import ManifestError, ResfuseError
+from resfuse.precisions import TARGETS, dtypes
 
-PRECISIONS = ("float32", "float16", "int8")
-TARGETS = ("cpu", "cuda", "tensorrt")  # ONNX Runtime's devices; TensorRT also for resfuse-build
+# What a manifest is, named beside its fields. This module validates parsed JSON and knows
+# nothing of Manifest or of reading files, so artifacts.py imports it and never the other way.
+FORMAT = "resfuse-artifact"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: files named NAME.onnx; same fields otherwise
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_KEYS = ("onnx", "weights")  # no ONNX external data: one self-contained .onnx file
-_MODEL_KEYS = ("method", "backbone", "stage", "in_channels", "num_classes", "features", "levels")
 
 
 class _Fields:
     """Typed lookups in one manifest; each failure names the manifest and the dotted field."""
+
+    FIX = "re-export the artifact with resfuse-export rather than editing its manifest"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -26,8 +32,7 @@ class _Fields:
     def fail(self, field: str, expected: str, got: object) -> NoReturn:
         shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
         raise ManifestError(
-            f"{self.path}: field {field!r} must be {expected}, got {shown}; re-export the "
-            f"artifact with resfuse-export rather than editing its manifest"
+            f"{self.path}: field {field!r} must be {expected}, got {shown}; {self.FIX}"
         )
 
     def section(self, data: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
@@ -48,7 +53,7 @@ class _Fields:
             self.fail(field, "a positive number" if positive else "a number >= 0", value)
         return float(value)  # type: ignore[arg-type]
 
-    def text(self, value: object, field: str, choices: tuple[str, ...] = ()) -> str:
+    def text(self, value: object, field: str, choices: Sequence[str] = ()) -> str:
         if not isinstance(value, str) or not value or (choices and value not in choices):
             self.fail(field, f"one of {list(choices)}" if choices else "a non-empty string", value)
         return value
@@ -61,8 +66,6 @@ class _Fields:
 
 def validate_manifest(data: object, path: Path) -> None:
     """Raise ManifestError naming the first field that is missing, mistyped or out of range."""
-    from resfuse.artifacts import FORMAT, READABLE_VERSIONS
-
     f = _Fields(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f'{path} is not a resfuse manifest (no "format": "{FORMAT}")')
@@ -77,7 +80,7 @@ def validate_manifest(data: object, path: Path) -> None:
     _output(f, data, config)
     _files(f, data)
     _preprocess(f, data, config.in_channels)
-    precision = f.text(data.get("precision"), "precision", PRECISIONS)
+    precision = f.text(data.get("precision"), "precision", dtypes())
     if "targets" in data:
         _targets(f, data["targets"])
     if "source" in data:
@@ -94,12 +97,6 @@ def validate_manifest(data: object, path: Path) -> None:
     versions = data.get("versions", {})
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         f.fail("versions", "an object of version strings", versions)
-
-
-def default_targets(precision: str) -> list[str]:
-    """The targets of a manifest written before they were recorded: float32 runs everywhere,
-    and the INT8 artifacts of then had uint8 activations, a CPU scheme."""
-    return ["cpu"] if precision == "int8" else list(TARGETS)
 
 
 def _targets(f: _Fields, targets: object) -> None:
@@ -131,26 +128,35 @@ def _model(f: _Fields, data: dict[str, Any]) -> Any:
     from resfuse.models import ModelConfig
 
     model = f.section(data, "model")
-    unknown = sorted(set(model) - set(_MODEL_KEYS))
+    known = ModelConfig.field_names()
+    unknown = sorted(set(model) - set(known))
     if unknown:
-        f.fail(f"model.{unknown[0]}", f"absent (known fields: {', '.join(_MODEL_KEYS)})", "set")
+        f.fail(f"model.{unknown[0]}", f"absent (known fields: {', '.join(known)})", "set")
     for key in ("method", "backbone"):
         f.text(model.get(key), f"model.{key}")
     for key in ("stage", "in_channels", "features"):
         f.integer(model.get(key), f"model.{key}", 1, 4096)
     if model.get("num_classes") is not None:
         f.integer(model["num_classes"], "model.num_classes", 1, 65536)
-    levels = model.get("levels", [1, 2, 4])
-    if not isinstance(levels, list) or not levels:
-        f.fail("model.levels", "a list of bin counts", levels)
-    for i, k in enumerate(levels):
-        f.integer(k, f"model.levels[{i}]", 1, 64)
+    _method_options(f, model)
     try:
         return ModelConfig.from_dict(model)
     except ResfuseError as exc:  # an unknown method or backbone, an unsupported stage
         raise ManifestError(
             f"{f.path}: field 'model' is not a model resfuse builds: {exc}"
         ) from None
+
+
+def _method_options(f: _Fields, model: dict[str, Any]) -> None:
+    """Each fusion method's options, checked by the method that declares them."""
+    from resfuse.models.fusion import declared_options
+
+    for key, option in declared_options().items():
+        try:
+            if key in model:
+                option.parse(model[key])
+        except ResfuseError as exc:
+            raise ManifestError(f"{f.path}: field 'model.{key}' does not fit: {exc}") from None
 
 
 def _range(f: _Fields, contract: dict[str, Any], key: str, low: int) -> None:

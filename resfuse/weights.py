@@ -1,7 +1,8 @@
 """Reading and writing weights safely: safetensors, or torch.load with weights_only=True only.
 
-Weights that do not fit the model are refused with what differs, computed by comparing the
-state dicts, and with the options that would fit where the tensors tell them (`guess_config`).
+Weights that do not fit a model (FusionModel.load_weights) are refused with what differs,
+computed by comparing the state dicts (`check_fit`), and with the options that would fit where
+the tensors tell them (`guess_config`).
 """
 
 from __future__ import annotations
@@ -9,17 +10,16 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from resfuse.errors import WeightsError
-from resfuse.models.backbones import BACKBONES, torchvision_name
-
-if TYPE_CHECKING:
-    from resfuse.models import FusionModel, ModelConfig
+from resfuse.models.backbones import BACKBONES
+from resfuse.models.fusion import METHODS
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # common checkpoint layouts
 # torch names the global it refused: "Unsupported global: GLOBAL __main__.Net was not an allowed
@@ -100,27 +100,7 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel prefixes
 
 
-def load_weights_into(model: FusionModel, path: str | Path) -> None:
-    """Load a whole fusion model's weights, or a torchvision ResNet's into the encoder."""
-    state = read_state_dict(path)
-    hint = _options_hint(state, model.config)
-    if any(k.startswith(("encoder.", "fusion.", "head.")) for k in state):
-        _check_fit(path, model.state_dict(), state, hint)
-        model.load_state_dict(state)
-        return
-    part = model.encoder.torchvision_part(state)
-    if not part:
-        raise WeightsError(
-            f"{path} is neither a resfuse fusion model (keys encoder.*, fusion.*, head.*) nor a "
-            f"torchvision ResNet (conv1.*, bn1.*, layer1.*, ...); its keys begin "
-            f"{', '.join(sorted(state)[:3])}; pass weights saved from one of those"
-        )
-    own = {torchvision_name(k): v for k, v in model.encoder.state_dict().items()}
-    _check_fit(path, own, part, hint)
-    model.encoder.load_torchvision_state(state)
-
-
-def _check_fit(
+def check_fit(
     path: str | Path, own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], hint: str
 ) -> None:
     """Refuse weights whose keys or shapes differ from the model's, naming a few of each."""
@@ -149,25 +129,24 @@ def _dims(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape)) or "scalar"
 
 
-def _options_hint(state: dict[str, torch.Tensor], config: ModelConfig) -> str:
-    """The options, in CLI form, where the tensors say the model that wrote them differs."""
+def options_hint(state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> str:
+    """The options, in CLI form, where the tensors say that the model that wrote them differs
+    from `config` (a ModelConfig's to_dict)."""
     flags = []
     for field, value in guess_config(state).items():
         flag = f"--{field.replace('_', '-')}"
-        if field == "backbone" and config.backbone not in value:
+        if field == "backbone" and config["backbone"] not in value:
             flags.append(f"{flag} {value[0]}" + "".join(f" (or {v})" for v in value[1:]))
-        elif field != "backbone" and value != getattr(config, field):
+        elif field != "backbone" and value != config[field]:
             flags.append(f"{flag} {value}" if value is not None else f"no {flag}")
     if not flags:
         return (
-            "build the model with the options the weights were trained with (backbone, stage, "
-            "method, in_channels, num_classes, features, levels)"
+            f"build the model with the options the weights were trained with ({', '.join(config)})"
         )
     options = "those options" if len(flags) > 1 else "that option"
     return f"these look like weights of a model built with {' '.join(flags)}: pass {options}"
 
 
-_METHOD_KEYS = {"fusion.up.": "upsample", "fusion.branches.": "spp", "fusion.gate.": "masked"}
 # layer i's block b: encoder.layers.{i-1}.{b}. in a fusion model, layer{i}.{b}. in torchvision's
 _BLOCK_KEY = re.compile(r"(?:encoder\.layers\.(\d+)|layer(\d+))\.(\d+)\.")
 
@@ -185,18 +164,19 @@ def guess_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     stem = state.get("encoder.stem.0.weight")
     if stem is not None and stem.dim() == 4:
         guess["in_channels"] = stem.shape[1]
-    methods = {m for prefix, m in _METHOD_KEYS.items() if any(k.startswith(prefix) for k in state)}
+    fusion = {k.removeprefix("fusion."): v for k, v in state.items() if k.startswith("fusion.")}
+    methods = [
+        name
+        for name, method in METHODS.items()
+        if any(k.startswith(method.state_prefix) for k in fusion)
+    ]
     if len(methods) == 1:
-        guess["method"] = methods.pop()
+        guess["method"] = methods[0]
         head = state.get("head.1.weight")  # the head's last conv: one output per class
         guess["num_classes"] = head.shape[0] if head is not None and head.dim() else None
-    norms = [
-        k
-        for k, v in state.items()
-        if re.fullmatch(r"fusion\.(project\.1|up\.\d+)\.running_mean", k) and v.dim() == 1
-    ]
-    if norms:  # the fusion's last BatchNorm is as wide as the features it adds
-        guess["features"] = state[max(norms, key=lambda k: int(k.split(".")[2]))].shape[0]
+        features = METHODS[methods[0]].features_in(fusion)
+        if features is not None:
+            guess["features"] = features
     return guess
 
 

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from resfuse.errors import ConfigError
-from resfuse.runtime.backends import THREADED
+from resfuse.runtime.backends import threaded
 
 _FORM = "options go as NAME:KEY=VALUE[,KEY=VALUE], e.g. openvino:precision=bf16,threads=2"
 # ':' between pairs is the form resfuse-bench took first (onnxruntime:spinning=false:threads=3).
@@ -79,9 +79,9 @@ def with_threads(spec: str, threads: int | None) -> str:
     if threads is None:
         return format_spec(*parse_spec(spec))
     name, _ = parse_spec(spec)
-    if name not in THREADED:
+    if name not in threaded():
         raise ConfigError(
-            f"backend {name} takes no --threads (only {', '.join(THREADED)} run on CPU "
+            f"backend {name} takes no --threads (only {', '.join(threaded())} run on CPU "
             f"threads); leave --threads out"
         )
     return format_spec(*merge_options(spec, {"threads": threads}))

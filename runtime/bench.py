@@ -24,28 +24,17 @@ import numpy as np
 from resfuse.artifacts import read_manifest
 from resfuse.compare import ErrorStats, compare_output
 from resfuse.errors import ConfigError, ResfuseError
+from resfuse.precisions import accuracy_class
 from resfuse.runtime.backend_spec import parse_spec as parse_backend
-from resfuse.runtime.backends import THREADED, Phases
+from resfuse.runtime.backends import BACKENDS, Phases, quiet_options, runs_original, threaded
 from resfuse.runtime.check import MaskGates, mask_agreement
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.machine import machine_info
-from resfuse.runtime.report import Shape, markdown_table, shape_str
+from resfuse.runtime.report import markdown_table
 from resfuse.runtime.session import Session, load
+from resfuse.shapes import Shape, format_shape
 
 BENCH_FORMAT = "resfuse-bench"
-# Backends that run the PyTorch original (float32), not the artifact: never repeated for --also.
-ORIGINALS = ("torch", "torch-compile")
-# Options that keep a backend's idle threads from running between its calls, so that they take
-# no cores from the backend timed next; set whenever more than one session is timed.
-_QUIET = {"onnxruntime": {"spinning": False}}
-# Engines are compared within an accuracy class: a faster engine of a coarser class is a
-# different trade, not a better engine.
-ACCURACY_CLASSES = {
-    "float32": "float32",
-    "float16": "16-bit float",
-    "bfloat16": "16-bit float",
-    "int8": "int8",
-}
 _TAILS = (90, 95, 99)  # percentiles reported when enough samples lie above them
 _ABOVE = 5  # samples that must lie above a reported percentile
 
@@ -128,7 +117,7 @@ def judge_on_images(
     its own size, read by its own artifact's preprocess, as resfuse-check reads it) against torch
     eager on the same input: the worst image. The originals are left to the timed input:
     torch-compile would compile a graph for every image size."""
-    deployed = [k for k, s in enumerate(sessions) if s.backend not in ORIGINALS]
+    deployed = [k for k, s in enumerate(sessions) if not runs_original(s.backend)]
     found: dict[int, list[Judgement]] = {k: [] for k in deployed}
     for file in image_files(folder):
         expected: dict[bytes, np.ndarray] = {}  # torch's output, by input
@@ -317,8 +306,10 @@ def benchmark(
     backends, shapes = list(backends), list(shapes)
     _require_same_original(path, [Path(p) for p in also])
     count = len(image_files(images)) if images is not None else 0  # a bad folder fails first
-    if any(parse_backend(b)[0] == "torch-compile" for b in backends):
-        _require_compile_limit(len(shapes))
+    for spec in backends:
+        runner = BACKENDS.get(parse_backend(spec)[0])  # an unknown name is refused when loaded
+        if runner is not None:
+            runner.require_shapes(len(shapes))
     runs = timed_sessions(path, backends, also)
     quiet = len(runs) > 1
     records: list[BenchRecord] = []
@@ -328,12 +319,12 @@ def benchmark(
         def open_session(artifact: Path, spec: str) -> Session:
             backend, asked = parse_backend(spec)
             options: dict[str, Any] = (
-                {"threads": threads} if threads and backend in THREADED else {}
+                {"threads": threads} if threads and backend in threaded() else {}
             )
-            if quiet:
-                options |= _QUIET.get(backend, {})
+            if quiet:  # idle threads of one session would take cores from the next timed
+                options |= quiet_options(backend)
             # The original runs on the GPU whenever the deployed backend does.
-            on = "cuda" if backend in ORIGINALS and device != "cpu" else device
+            on = "cuda" if runs_original(backend) and device != "cpu" else device
             return stack.enter_context(load(artifact, backend, on, **options | asked))
 
         sessions = [open_session(p, b) for p, b in runs]
@@ -391,28 +382,14 @@ def timed_sessions(
     deployed backends on each of `also` (the originals are one model, timed once)."""
     backends = list(backends)
     runs = [(Path(path), b) for b in backends]
-    deployed = [b for b in backends if parse_backend(b)[0] not in ORIGINALS]
+    deployed = [b for b in backends if not runs_original(parse_backend(b)[0])]
     return runs + [(Path(p), b) for p in also for b in deployed]
 
 
 def image_calls(runs: Iterable[tuple[Path, str]], images: int) -> int:
     """The calls judge_on_images makes on the sessions of `runs`: each image on each deployed
     engine (the originals are judged on the timed input)."""
-    return images * sum(parse_backend(b)[0] not in ORIGINALS for _, b in runs)
-
-
-def _require_compile_limit(shapes: int) -> None:
-    """Past its recompile limit torch.compile runs the model eagerly, without a word: the
-    torch-compile figures would then be torch's."""
-    import torch._dynamo
-
-    limit = torch._dynamo.config.recompile_limit
-    if shapes > limit:
-        raise ConfigError(
-            f"torch-compile on {shapes} shapes: torch.compile keeps {limit} graphs per model "
-            f"(torch._dynamo.config.recompile_limit) and runs eagerly after that; time at most "
-            f"{limit} shapes per run"
-        )
+    return images * sum(not runs_original(parse_backend(b)[0]) for _, b in runs)
 
 
 def _require_same_original(path: str | Path, others: list[Path]) -> None:
@@ -434,9 +411,9 @@ def _require_same_original(path: str | Path, others: list[Path]) -> None:
 def add_speedups(records: list[BenchRecord]) -> None:
     """Round by round, torch's block median over this backend's on the same shape: blocks of
     one round run close together, so a machine slower in one round slows both sides alike."""
-    torch_rounds = {shape_str(r.shape): r.round_p50_ms for r in records if r.backend == "torch"}
+    torch_rounds = {format_shape(r.shape): r.round_p50_ms for r in records if r.backend == "torch"}
     for r in records:
-        base = torch_rounds.get(shape_str(r.shape))
+        base = torch_rounds.get(format_shape(r.shape))
         if base:
             r.speedup_rounds = [t / p for t, p in zip(base, r.round_p50_ms, strict=True)]
             r.speedup_vs_torch = float(np.median(r.speedup_rounds))
@@ -450,7 +427,8 @@ def fastest_per_class(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         if not r["within_tolerance"]:
             continue
-        key = shape_str(r["shape"]), ACCURACY_CLASSES.get(r["precision"], r["precision"])
+        # within an accuracy class: a faster engine of a coarser class is another trade
+        key = format_shape(r["shape"]), accuracy_class(r["precision"])
         if key not in best or r["p50_ms"] < best[key]["p50_ms"]:
             best[key] = r
     return [
@@ -505,7 +483,7 @@ def markdown(result: dict[str, Any]) -> str:
             r["backend"],
             r["device"],
             r["precision"],
-            shape_str(r["shape"]),
+            format_shape(r["shape"]),
             r["n"],
             *(_ms(r[f"p{q}_ms"]) for q in (50, *_TAILS)),
             _ms(r["mean_ms"]),
@@ -605,7 +583,7 @@ def read_result(path: str | Path) -> dict[str, Any]:
 
 def _key(record: dict[str, Any], result: dict[str, Any]) -> tuple[str, str, str, str]:
     artifact = record.get("artifact", Path(result["artifact"]).stem)  # files before --also
-    return artifact, record["backend"], record["device"], shape_str(record["shape"])
+    return artifact, record["backend"], record["device"], format_shape(record["shape"])
 
 
 def compare_baseline(

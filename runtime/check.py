@@ -13,11 +13,11 @@ import torch
 from resfuse.artifacts import Manifest
 from resfuse.compare import ErrorStats, Tolerance, compare, compare_output
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.parity import parity_shapes
 from resfuse.models.fusion import METHODS
 from resfuse.runtime.inputs import image_files
-from resfuse.runtime.report import Shape, markdown_table, shape_str
+from resfuse.runtime.report import markdown_table
 from resfuse.runtime.session import Session, load
+from resfuse.shapes import Shape, format_shape, parity_shapes
 
 
 @dataclass(frozen=True)
@@ -121,14 +121,14 @@ class CheckReport:
         }
 
     def markdown(self) -> str:
-        rows = []
+        rows: list[list[object]] = []
         for r in self.records:
             s = r.stats
             if s is None:
                 rows.append(
                     [
                         _cell(r.source),
-                        shape_str(r.shape) if r.shape else "-",
+                        format_shape(r.shape) if r.shape else "-",
                         *["-"] * 7,
                         "-",
                         _cell(f"ERROR: {r.error}"),
@@ -138,7 +138,7 @@ class CheckReport:
             rows.append(
                 [
                     _cell(r.source),
-                    shape_str(r.shape or ()),
+                    format_shape(r.shape or ()),
                     f"{s.max_abs:.2e}",
                     f"{s.mean_abs:.2e}",
                     f"{s.rel_l2:.2e}",

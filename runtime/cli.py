@@ -19,12 +19,13 @@ from resfuse.errors import ConfigError, ResfuseError
 from resfuse.images import grayscale_note
 from resfuse.runtime import bench as bench_lib
 from resfuse.runtime.backend_spec import parse_spec, split_specs, with_threads
-from resfuse.runtime.backends import BACKENDS, THREADED
+from resfuse.runtime.backends import BACKENDS, threaded
 from resfuse.runtime.check import MaskGates, check_artifact, judged_inputs
 from resfuse.runtime.inputs import image_files
-from resfuse.runtime.report import markdown_table, parse_shapes
+from resfuse.runtime.report import markdown_table
 from resfuse.runtime.session import prepare
 from resfuse.runtime.tiling import BLENDS, parse_tile
+from resfuse.shapes import parse_shapes
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
@@ -46,12 +47,13 @@ _NON_NEGATIVE = _FiniteRange(min=0)
 
 
 class BackendSpec(click.ParamType):
-    """A backend spec, NAME or NAME:KEY=VALUE[,KEY=VALUE], whose NAME is one of `names`; a bad
-    one is a usage error (exit 2) before any work. Option keys are checked by the backend."""
+    """A backend spec, NAME or NAME:KEY=VALUE[,KEY=VALUE], whose NAME is one of `names()`; a bad
+    one is a usage error (exit 2) before any work. Option keys are checked by the backend.
+    `names` is asked on each use: the registry (BACKENDS) decides, not a list made at import."""
 
     name = "backend"
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: Callable[[], list[str]]) -> None:
         self.names = names
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
@@ -59,19 +61,22 @@ class BackendSpec(click.ParamType):
             backend, _ = parse_spec(value)
         except ConfigError as exc:
             self.fail(str(exc), param, ctx)
-        if backend not in self.names:
-            self.fail(f"{backend!r} is not one of {', '.join(self.names)}", param, ctx)
+        names = self.names()
+        if backend not in names:
+            self.fail(f"{backend!r} is not one of {', '.join(names)}", param, ctx)
         return value
 
 
-def backend_option(names: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def backend_option(
+    names: Callable[[], list[str]],
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--backend of resfuse-check, -predict and -serve: one engine, with options."""
     return click.option(
         "--backend",
         default="onnxruntime",
         show_default=True,
         type=BackendSpec(names),
-        help=f"One of {', '.join(names)}, with options as NAME:KEY=VALUE[,KEY=VALUE] "
+        help=f"One of {', '.join(names())}, with options as NAME:KEY=VALUE[,KEY=VALUE] "
         f"(openvino:precision=bf16); README's backend options table lists them.",
     )
 
@@ -81,7 +86,7 @@ threads_option = click.option(
     "--threads",
     default=None,
     type=click.IntRange(min=1),
-    help=f"CPU threads of {', '.join(THREADED)}; refused for a lone backend of another kind "
+    help=f"CPU threads of {', '.join(threaded())}; refused for a lone backend of another kind "
     f"(tensorrt) [default: the physical cores this process may use, within its affinity and "
     f"cgroup CPU quota].",
 )
@@ -181,7 +186,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @click.command(context_settings=_CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@backend_option([b for b in BACKENDS if b != "torch"])
+@backend_option(lambda: [b for b in BACKENDS if b != "torch"])  # torch is the reference
 @click.option("--device", default="cpu", show_default=True, type=_DEVICES)
 @threads_option
 @click.option(

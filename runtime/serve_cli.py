@@ -23,14 +23,18 @@ from resfuse.runtime.cli import (
 )
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
-_BACKENDS = [b for b in BACKENDS if b not in ("torch", "torch-compile")]
 _DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def _deployed() -> list[str]:
+    """The backends that run the artifact: the PyTorch original is not what is deployed."""
+    return [name for name, runner in BACKENDS.items() if not runner.runs_original]
+
+
 @click.command(context_settings=_CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@backend_option(_BACKENDS)
+@backend_option(_deployed)
 @click.option("--device", default="cpu", show_default=True, type=_DEVICES)
 @threads_option
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1))
@@ -141,7 +145,7 @@ def serve_main(
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("input_dir", type=click.Path(path_type=Path))
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
-@backend_option(_BACKENDS)
+@backend_option(_deployed)
 @click.option("--device", default="cpu", show_default=True, type=_DEVICES)
 @threads_option
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))

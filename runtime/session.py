@@ -13,7 +13,7 @@ from resfuse.artifacts import Manifest, read_manifest
 from resfuse.errors import ConfigError, SessionClosedError
 from resfuse.models.fusion import METHODS
 from resfuse.runtime.backend_spec import merge_options
-from resfuse.runtime.backends import Runner, create_runner
+from resfuse.runtime.backends import Runner, claimed, create_runner
 from resfuse.runtime.inputs import check_finite, is_image, load_image
 from resfuse.runtime.tiling import Tiling, sliding_window
 
@@ -167,18 +167,16 @@ def prepare(
     """The runner load() activates, built but not activated: every check that needs no backend
     library (manifest, sha256, backend spec, options, device), so a command can refuse a bad one
     before it starts work elsewhere (Ray replicas, actors)."""
-    from resfuse.runtime.backends.tensorrt import engine_artifact
-
     name, options = merge_options(backend, options)
-    engine = engine_artifact(path)  # the artifact's manifest holds the contract the Session checks
-    if engine is not None:
-        sidecar, source = engine
-        if name != "tensorrt":
+    claim = claimed(path)  # the artifact's manifest holds the contract the Session checks
+    if claim is not None:
+        if name != claim.backend:
             raise ConfigError(
-                f"{sidecar.name} is a TensorRT engine, which only backend 'tensorrt' runs, not "
-                f"{name!r}; load it with backend='tensorrt', or load {source.name} instead"
+                f"{claim.path.name} is {claim.what}, which only backend {claim.backend!r} runs, "
+                f"not {name!r}; load it with backend={claim.backend!r}, or load "
+                f"{claim.artifact.name} instead"
             )
-        path, options = source, {**options, "engine": sidecar}
+        path, options = claim.artifact, {**options, **claim.options}
     return create_runner(name, read_manifest(path), device, **options)
 
 

@@ -27,6 +27,7 @@ from resfuse.errors import ConfigError, InputContractError
 from resfuse.images import Pixels, _check_dicom, _from_dicom, _is_dicom, pydicom, to_input
 from resfuse.images import preprocess_problem as _preprocess_problem
 from resfuse.runtime.session import Session
+from resfuse.shapes import format_shape
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DEFAULT_BATCH = 16  # slices per call when the artifact sets no batch limit
@@ -118,19 +119,19 @@ def _spatial_shape(path: Path, shape: tuple[int, ...], index: int | None) -> tup
         shape = shape[:-1]
     if len(shape) < 3:
         raise InputContractError(
-            f"{path} holds a {len(shape)}-D image {_dims(shape)}; resfuse reads 3-D volumes: "
-            f"save it as a volume of one slice, or as a PNG/TIFF image"
+            f"{path} holds a {len(shape)}-D image {format_shape(shape)}; resfuse reads 3-D "
+            f"volumes: save it as a volume of one slice, or as a PNG/TIFF image"
         )
     if len(shape) > 4:
         raise InputContractError(
-            f"{path} is {len(shape)}-D {_dims(shape)}; resfuse reads 3-D volumes, or one volume "
-            f"of a 4-D file: split it into 3-D files"
+            f"{path} is {len(shape)}-D {format_shape(shape)}; resfuse reads 3-D volumes, or one "
+            f"volume of a 4-D file: split it into 3-D files"
         )
     if len(shape) == 4:
         count = shape[3]
         if index is None:
             raise InputContractError(
-                f"{path} is 4-D {_dims(shape)}: {count} volumes; pick one with index= "
+                f"{path} is 4-D {format_shape(shape)}: {count} volumes; pick one with index= "
                 f"(--volume-index) 0..{count - 1}"
             )
         if not 0 <= index < count:
@@ -445,10 +446,6 @@ def find_volumes(folder: Path, series: bool) -> list[Path]:
         elif series and path.is_dir() and series_files(path):
             found.append(path)
     return sorted(found)
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "x".join(str(n) for n in shape)
 
 
 def _listed(values: np.ndarray) -> str:

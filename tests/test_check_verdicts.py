@@ -34,7 +34,10 @@ def int8_on_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     root = tmp_path_factory.mktemp("verdicts")
     photos = _photos(root / "photos")
     options = ExportOptions(
-        max_size=128, calibration=Calibration(images=photos, count=3, size=96), max_rel_l2=0.5
+        max_size=128,
+        precision="int8",
+        calibration=Calibration(images=photos, count=3, size=96),
+        max_rel_l2=0.5,
     )
     config = ModelConfig("masked", num_classes=3)
     return export_artifact(config, root / "a", options).manifest_path, photos
@@ -110,7 +113,7 @@ def test_openvino_bf16_over_a_float16_artifact_is_labelled_bfloat16(tmp_path: Pa
     from resfuse.artifacts import read_manifest
     from resfuse.runtime.backends.openvino import OpenVinoRunner
 
-    options = ExportOptions(max_size=128, float16=True)
+    options = ExportOptions(max_size=128, precision="float16")
     path = export_artifact(ModelConfig("masked"), tmp_path, options).manifest_path
     manifest = read_manifest(path)
     assert OpenVinoRunner(manifest, "cpu", precision="bf16").precision == "bfloat16"

@@ -44,10 +44,10 @@ from resfuse.profiles import (
     Profile,
     default_profiles,
     parse_profile,
-    parse_shape,
     profile_for,
     validate_profiles,
 )
+from resfuse.shapes import parse_shape
 from resfuse.tensorrt_env import FLAVOURS, BuildEnvironment, import_flavour
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ from resfuse.contract import InputContract, Range
 from resfuse.errors import ArtifactWriteError, ConfigError, ExportError, ManifestError, ParityError
 from resfuse.export import onnx as onnx_export
 from resfuse.export import pipeline
-from resfuse.export.parity import parity_shapes
 from resfuse.export.pipeline import ExportOptions, export_artifact
 from resfuse.models import METHODS, ModelConfig
+from resfuse.shapes import parity_shapes
 
 _SESSIONS: dict = {}
 

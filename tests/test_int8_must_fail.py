@@ -44,7 +44,9 @@ def int8_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in PHOTOS:
         image = Image.fromarray(getattr(skimage.data, name)()).resize((96, 96))
         image.save(photos / f"{name}.png")
-    options = ExportOptions(max_size=128, calibration=Calibration(photos, count=3, size=96))
+    options = ExportOptions(
+        max_size=128, precision="int8", calibration=Calibration(photos, count=3, size=96)
+    )
     return export_artifact(ModelConfig("upsample"), root / "artifact", options).manifest_path
 
 

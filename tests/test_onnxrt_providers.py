@@ -26,7 +26,10 @@ TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecu
 def int8_trt(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     """A real INT8 Q/DQ artifact for TensorRT, calibrated small to keep the export short."""
     options = ExportOptions(
-        max_size=512, calibration=Calibration(count=4, size=128), target="tensorrt"
+        max_size=512,
+        precision="int8",
+        calibration=Calibration(count=4, size=128),
+        target="tensorrt",
     )
     return export_artifact(ModelConfig("masked"), tmp_path_factory.mktemp("int8-trt"), options)
 

@@ -43,7 +43,9 @@ def fp16(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("fp16")
     proc = export("--method", "masked", "--precision", "fp16", "--max-size", "1024", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    spp = export_artifact(ModelConfig("spp"), out, ExportOptions(max_size=1024, float16=True))
+    spp = export_artifact(
+        ModelConfig("spp"), out, ExportOptions(max_size=1024, precision="float16")
+    )
     return {"masked": out / "masked-resnet18-fp16.json", "spp": spp.manifest_path}
 
 
@@ -262,9 +264,12 @@ def test_bad_targets_and_source_are_named(
     "options,message",
     [
         (ExportOptions(target="tensorrt"), "applies to --precision int8 only; a float32"),
-        (ExportOptions(float16=True, target="cpu"), "a float16 artifact is the same graph"),
-        (ExportOptions(calibration=Calibration(), target="gpu"), "--target 'gpu' is not one"),
-        (ExportOptions(float16=True, calibration=Calibration()), "two precisions at once"),
+        (ExportOptions(precision="float16", target="cpu"), "a float16 artifact is the same graph"),
+        (
+            ExportOptions(precision="int8", calibration=Calibration(), target="gpu"),
+            "--target 'gpu' is not one",
+        ),
+        (ExportOptions(precision="float16", calibration=Calibration()), "two precisions at once"),
         (ExportOptions(max_rel_l2=0.01), "--max-rel-l2 bounds the fp16 and int8 variants"),
     ],
 )

@@ -47,7 +47,9 @@ def calib_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def int8(calib_images: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    options = ExportOptions(max_size=512, calibration=Calibration(calib_images, count=4, size=128))
+    options = ExportOptions(
+        max_size=512, precision="int8", calibration=Calibration(calib_images, count=4, size=128)
+    )
     return export_artifact(ModelConfig("masked"), tmp_path_factory.mktemp("int8"), options)
 
 
@@ -208,7 +210,7 @@ def test_bench_cli_also(int8: ExportResult, exported) -> None:
 
 def test_too_tight_a_bound_fails_with_a_hint_and_writes_nothing(tmp_path: Path) -> None:
     options = ExportOptions(
-        max_size=256, max_rel_l2=1e-4, calibration=Calibration(count=2, size=64)
+        max_size=256, max_rel_l2=1e-4, precision="int8", calibration=Calibration(count=2, size=64)
     )
     with pytest.raises(ParityError, match="calibrate on representative images"):
         export_artifact(ModelConfig("spp"), tmp_path, options)
@@ -245,7 +247,9 @@ def test_int8_is_refused_on_the_tensorrt_ep(int8: ExportResult) -> None:
 
 @pytest.fixture(scope="module")
 def upsample_int8(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    options = ExportOptions(max_size=128, calibration=Calibration(count=2, size=128))
+    options = ExportOptions(
+        max_size=128, precision="int8", calibration=Calibration(count=2, size=128)
+    )
     return export_artifact(ModelConfig("upsample"), tmp_path_factory.mktemp("up8"), options)
 
 
@@ -303,7 +307,10 @@ def test_int8_passes_the_image_through_in_float32(method: str, request) -> None:
 def upsample_int8_trt(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     """TensorRT's scheme: the transposed convolutions stay (no sub-pixel rewrite), in int8."""
     options = ExportOptions(
-        max_size=128, calibration=Calibration(count=2, size=128), target="tensorrt"
+        max_size=128,
+        precision="int8",
+        calibration=Calibration(count=2, size=128),
+        target="tensorrt",
     )
     return export_artifact(ModelConfig("upsample"), tmp_path_factory.mktemp("up8trt"), options)
 

@@ -39,9 +39,10 @@ TWO = [  # inside every variant's range (INT8 artifacts start at 64: two feature
     Profile((1, 3, 97, 65), (1, 3, 112, 112), (1, 3, 128, 128)),
 ]
 PRECISIONS = {
-    "fp16": ExportOptions(max_size=128, float16=True),
+    "fp16": ExportOptions(max_size=128, precision="float16"),
     "int8": ExportOptions(
         max_size=128,
+        precision="int8",
         calibration=Calibration(count=2, size=64),
         target="tensorrt",
         max_rel_l2=1.0,  # random weights, two random calibration inputs: the build is tested

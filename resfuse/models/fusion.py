@@ -7,7 +7,11 @@ exported graphs stay dynamic.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +23,46 @@ from resfuse.models.pooling import adaptive_avg_pool2d
 METHODS: dict[str, type[FusionMethod]] = {}
 
 
+@dataclass(frozen=True)
+class Option:
+    """A config key a method takes beyond the shared ones (backbone, stage, features, ...).
+
+    `parse` gives the value as the method's constructor takes it, or raises ConfigError saying
+    what fits: configs, and so manifests, are checked with it before a model is built.
+    """
+
+    default: Any
+    parse: Callable[[Any], Any]
+
+
 def register_method(name: str) -> Callable[[type[FusionMethod]], type[FusionMethod]]:
+    """Register a fusion method under `name`: what the factory, weights and manifests need of it
+    is declared on the class (options, state_prefix, features_in, passes_image)."""
+
     def add(cls: type[FusionMethod]) -> type[FusionMethod]:
+        _check_declarations(name, cls)
         METHODS[name] = cls
         cls.name = name
         return cls
 
     return add
+
+
+def _check_declarations(name: str, cls: type[FusionMethod]) -> None:
+    # An empty prefix would claim every checkpoint, and one config carries every method's
+    # options (declared_options), so a key two methods declare must be the same option.
+    if not cls.state_prefix:
+        raise TypeError(f"fusion method {name!r} declares no state_prefix")
+    declared = declared_options()
+    for key, option in cls.options.items():
+        if declared.get(key, option) != option:
+            raise TypeError(f"fusion method {name!r} redeclares option {key!r} differently")
+
+
+def declared_options() -> dict[str, Option]:
+    """The options of every registered method. A config carries all of them, whichever method it
+    builds, so that every manifest lists the same keys (each has always listed spp's levels)."""
+    return {key: option for cls in METHODS.values() for key, option in cls.options.items()}
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -71,10 +108,18 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 1) -> nn.Sequential:
 
 
 class FusionMethod(nn.Module):
-    name = ""
+    """Base of the fusion methods. A subclass declares what the rest of resfuse needs to know of
+    it, and its constructor takes (feature_channels, stride, features, **options)."""
+
+    name: ClassVar[str] = ""
     # Whether the fused output's first channels are the image itself, bit for bit (a gate
     # scales them otherwise): checks compare them exactly, tiling copies them from the input.
-    passes_image = True
+    passes_image: ClassVar[bool] = True
+    # The config keys the constructor takes beyond features, with defaults and checks.
+    options: ClassVar[Mapping[str, Option]] = {}
+    # The state-dict prefix, under the model's "fusion.", that only this method's weights have:
+    # guess_config names the method a checkpoint was saved from by it.
+    state_prefix: ClassVar[str] = ""
 
     def __init__(self, feature_channels: int, stride: int, features: int) -> None:
         super().__init__()
@@ -86,6 +131,13 @@ class FusionMethod(nn.Module):
     def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def features_in(cls, state: Mapping[str, torch.Tensor]) -> int | None:
+        """The `features` a state dict of this method (keys without "fusion.") was saved with:
+        the width of its last BatchNorm, by default that of a conv_bn_relu named `project`."""
+        norm = state.get("project.1.running_mean")
+        return norm.shape[0] if norm is not None and norm.dim() == 1 else None
+
 
 @register_method("upsample")
 class UpsampleFusion(FusionMethod):
@@ -95,6 +147,8 @@ class UpsampleFusion(FusionMethod):
     input rows s*i .. s*i + s - 1, the partial cell last, so cropping the bottom/right surplus
     keeps the features aligned with the image: exact H x W for every H, W (Slice in ONNX).
     """
+
+    state_prefix = "up."
 
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)
@@ -115,6 +169,35 @@ class UpsampleFusion(FusionMethod):
         up = self.up(feats)[:, :, : image.shape[2], : image.shape[3]]
         return torch.cat([image, up], dim=1)
 
+    @classmethod
+    def features_in(cls, state: Mapping[str, torch.Tensor]) -> int | None:
+        """The last block's BatchNorm is as wide as `features` (one block per halving)."""
+        norms = {
+            int(match[1]): value
+            for key, value in state.items()
+            if (match := re.fullmatch(r"up\.(\d+)\.running_mean", key)) and value.dim() == 1
+        }
+        return norms[max(norms)].shape[0] if norms else None
+
+
+SPP_LEVELS = (1, 2, 4)
+
+
+def bin_counts(levels: object) -> tuple[int, ...]:
+    """SPP's levels: distinct bin counts from 1 to 64 (the bound manifests have always had), in
+    a list or tuple."""
+    counts = tuple(levels) if isinstance(levels, (list, tuple)) else ()
+    if not counts or not all(map(_bin_count, counts)) or len(set(counts)) < len(counts):
+        raise ConfigError(
+            f"SPP levels must be distinct bin counts from 1 to 64 such as (1, 2, 4), got {levels}"
+        )
+    return tuple(int(k) for k in counts)
+
+
+def _bin_count(k: object) -> bool:
+    # not a bool: JSON keeps true apart from 1, and so do manifests
+    return isinstance(k, Integral) and not isinstance(k, bool) and 1 <= int(k) <= 64
+
 
 @register_method("spp")
 class PyramidPoolingFusion(FusionMethod):
@@ -124,26 +207,24 @@ class PyramidPoolingFusion(FusionMethod):
     context stays centred on its own input block for every H, W. A 1x1 projection, not PSPNet's 3x3,
     which on resnet50 features costs about 1 GFLOP at 512x512 for little gain."""
 
+    options = {"levels": Option(SPP_LEVELS, bin_counts)}
+    state_prefix = "branches."
+
     def __init__(
         self,
         feature_channels: int,
         stride: int,
         features: int = 64,
-        levels: Sequence[int] = (1, 2, 4),
+        levels: Sequence[int] = SPP_LEVELS,
     ) -> None:
         super().__init__(feature_channels, stride, features)
-        levels = tuple(int(k) for k in levels)
-        if not levels or min(levels) < 1 or len(set(levels)) != len(levels):
-            raise ConfigError(
-                f"SPP levels must be distinct positive bin counts such as (1, 2, 4), got {levels}"
-            )
-        self.levels = levels
+        self.levels = bin_counts(levels)
         branch = max(1, feature_channels // 4)
         self.branches = nn.ModuleList(
             nn.Sequential(nn.Conv2d(feature_channels, branch, 1), nn.ReLU(inplace=True))
-            for _ in levels
+            for _ in self.levels
         )
-        self.project = conv_bn_relu(feature_channels + branch * len(levels), features)
+        self.project = conv_bn_relu(feature_channels + branch * len(self.levels), features)
 
     def forward(self, image: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         pyramid = [feats]
@@ -161,6 +242,7 @@ class MaskedFusion(FusionMethod):
     cell's gate and features stay centred on its own input block, for every H, W."""
 
     passes_image = False
+    state_prefix = "gate."
 
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from numbers import Integral
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,11 +39,54 @@ def reject_unknown(backend: str, options: dict[str, Any], known: Iterable[str]) 
         raise ConfigError(f"unknown {backend} options {sorted(unknown)}; known: {', '.join(known)}")
 
 
+def check_count(backend: str, key: str, value: object, default: str) -> None:
+    """A count option (threads, inter_op_threads): a whole number >= 1, or None for `default`.
+    bool is an int to Python, but threads=True is a mistake, not 1 thread."""
+    if value is None or (
+        isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 1
+    ):
+        return
+    raise ConfigError(
+        f"{backend} option {key} must be a whole number >= 1, got {value!r} ({key}={value!r} is "
+        f"not a whole number >= 1); pass {key}=1 or more, or leave it out for the default "
+        f"({default})"
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A file that only one backend runs (a TensorRT engine), and the artifact beside it whose
+    manifest holds the contract and preprocessing the Session applies."""
+
+    backend: str
+    what: str  # "a TensorRT engine": what the file is, for the message refusing other backends
+    path: Path  # the file claimed
+    artifact: Path  # the artifact's manifest, loaded in its place
+    options: Mapping[str, Any] = field(default_factory=dict)  # make the backend run `path`
+
+
 class Runner(ABC):
     """Runs one artifact on one backend. `infer` takes and returns host float32 NCHW arrays that
     the Session has already checked against the manifest's contract."""
 
     name = ""
+    # What a command knows of a backend before it runs one, read from the registry (BACKENDS),
+    # so that a new backend is declared once, here on its class:
+    threaded: ClassVar[bool] = False  # takes a CPU thread count: option `threads`, --threads
+    runs_original: ClassVar[bool] = False  # runs the PyTorch original (float32), not the artifact
+    # Options that keep its idle threads from running between its calls, so that they take no
+    # cores from the backend timed next (resfuse-bench sets them when it times several).
+    quiet: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    @classmethod
+    def claim(cls, path: str | Path) -> Claim | None:
+        """The Claim when `path` is a file only this backend runs (not an artifact); else None."""
+        return None
+
+    @classmethod
+    def require_shapes(cls, count: int) -> None:
+        """Refuse to be timed on `count` shapes in one run where its figures would mislead."""
+        return None  # most backends time any number of shapes alike
 
     def __init__(self, manifest: Manifest, device: str, **options: Any) -> None:
         self.manifest = manifest

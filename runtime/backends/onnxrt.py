@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from resfuse.artifacts import Manifest
 from resfuse.contract import InputContract
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
+from resfuse.runtime.backends.base import Phases, Runner, check_count, reject_unknown
 from resfuse.runtime.machine import physical_cores
 
 _PROVIDERS = {
@@ -156,6 +157,8 @@ def _off_target(manifest: Manifest, device: str) -> str:
 
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
+    threaded = True
+    quiet = MappingProxyType({"spinning": False})  # spinning threads hold their cores
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
         reject_unknown("onnxruntime", options, OPTIONS)
@@ -170,12 +173,7 @@ class OnnxRuntimeRunner(Runner):
                 f"optimization must be one of {_LEVELS}, not {options['optimization']!r}"
             )
         for key in ("threads", "inter_op_threads"):
-            value = options.get(key)
-            if value is not None and (type(value) is not int or value < 1):
-                raise ConfigError(
-                    f"onnxruntime option {key} must be a whole number >= 1, got {value!r}; "
-                    f"leave it out for the default ({OPTIONS[key]})"
-                )
+            check_count(self.name, key, options.get(key), OPTIONS[key])
         for key in ("mem_pattern", "fp16", "spinning"):
             if not isinstance(options.get(key, False), bool):
                 raise ConfigError(f"onnxruntime option {key} must be True or False")

@@ -9,7 +9,7 @@ import numpy as np
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from resfuse.runtime.backends.base import Runner, reject_unknown
+from resfuse.runtime.backends.base import Runner, check_count, reject_unknown
 from resfuse.runtime.backends.onnxrt import refuse_external_data
 from resfuse.runtime.machine import physical_cores
 
@@ -34,6 +34,7 @@ class OpenVinoRunner(Runner):
     from many threads would race ("Infer Request is busy")."""
 
     name = "openvino"
+    threaded = True
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
         reject_unknown("openvino", options, OPTIONS)
@@ -47,12 +48,7 @@ class OpenVinoRunner(Runner):
                 raise ConfigError(
                     f"openvino option {key} must be one of {allowed}, not {options[key]!r}"
                 )
-        threads = options.get("threads")
-        if threads is not None and (type(threads) is not int or threads < 1):
-            raise ConfigError(
-                f"openvino option threads must be a whole number >= 1, got {threads!r}; "
-                f"leave it out for the default ({OPTIONS['threads']})"
-            )
+        check_count(self.name, "threads", options.get("threads"), OPTIONS["threads"])
         super().__init__(manifest, device, **options)
         self.compiled: Any = None
 

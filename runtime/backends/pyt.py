@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from numbers import Integral
 from typing import Any, cast
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 
 from resfuse.artifacts import Manifest, load_original
 from resfuse.errors import BackendUnavailableError, ConfigError
-from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
+from resfuse.runtime.backends.base import Phases, Runner, check_count, reject_unknown
 
 
 class TorchRunner(Runner):
@@ -20,18 +19,12 @@ class TorchRunner(Runner):
     that count; deactivate() puts back the count it found."""
 
     name = "torch"
+    threaded = True
+    runs_original = True
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
         reject_unknown("torch backend", options, ["threads"])
-        threads = options.get("threads")
-        # bool is an int to Python, but threads=True is a mistake, not 1 thread.
-        if threads is not None and (
-            not isinstance(threads, Integral) or isinstance(threads, bool) or threads < 1
-        ):
-            raise ConfigError(
-                f"torch backend option threads={threads!r} is not a whole number >= 1; pass "
-                f"threads=1 or more, or leave it out to keep torch's count"
-            )
+        check_count(self.name, "threads", options.get("threads"), "torch's own count")
         super().__init__(manifest, device, **options)
         self.model: torch.nn.Module | None = None
         self._device = torch.device("cuda" if device == "cuda" else device)
@@ -106,6 +99,20 @@ class CompiledTorchRunner(TorchRunner):
     in the timed ones. After torch._dynamo.config.recompile_limit shapes (8) torch runs eager."""
 
     name = "torch-compile"
+
+    @classmethod
+    def require_shapes(cls, count: int) -> None:
+        """Past its recompile limit torch.compile runs the model eagerly, without a word: the
+        torch-compile figures would then be torch's."""
+        import torch._dynamo
+
+        limit = torch._dynamo.config.recompile_limit
+        if count > limit:
+            raise ConfigError(
+                f"torch-compile on {count} shapes: torch.compile keeps {limit} graphs per model "
+                f"(torch._dynamo.config.recompile_limit) and runs eagerly after that; time at "
+                f"most {limit} shapes per run"
+            )
 
     def activate(self) -> None:
         super().activate()

@@ -48,7 +48,7 @@ from resfuse.errors import (
     ModelLoadError,
 )
 from resfuse.profiles import Profile, parse_profile, profile_for, validate_profiles
-from resfuse.runtime.backends.base import Phases, Runner, reject_unknown
+from resfuse.runtime.backends.base import Claim, Phases, Runner, reject_unknown
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -89,6 +89,15 @@ class TensorRTRunner(Runner):
     the GPU with CUDA_VISIBLE_DEVICES)."""
 
     name = "tensorrt"
+
+    @classmethod
+    def claim(cls, path: str | Path) -> Claim | None:
+        """An engine's sidecar manifest or plan: run as built, under the artifact beside it."""
+        engine = engine_artifact(path)
+        if engine is None:
+            return None
+        sidecar, source = engine
+        return Claim(cls.name, "a TensorRT engine", sidecar, source, {"engine": sidecar})
 
     def __init__(self, manifest: Manifest, device: str = DEVICE, **options: Any) -> None:
         _check_options(options, device)
