@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,134 +13,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from resfuse.artifacts import read_manifest, write_json
 from resfuse.console import err, fail, out
-from resfuse.errors import ConfigError, ResfuseError
+from resfuse.errors import ResfuseError
 from resfuse.images import grayscale_note
 from resfuse.runtime import bench as bench_lib
-from resfuse.runtime.backend_spec import parse_spec, split_specs, with_threads
-from resfuse.runtime.backends import BACKENDS, threaded
+from resfuse.runtime.backend_spec import split_specs, with_threads
+from resfuse.runtime.backends import BACKENDS
 from resfuse.runtime.check import MaskGates, check_artifact, judged_inputs
 from resfuse.runtime.inputs import image_files
-from resfuse.runtime.report import markdown_table
-from resfuse.runtime.session import prepare
-from resfuse.runtime.tiling import BLENDS, parse_tile
-from resfuse.shapes import parse_shapes
-
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
-_DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
-
-
-class _FiniteRange(click.FloatRange):
-    """A FloatRange that also refuses nan and inf: nan passes every range comparison, and an
-    infinite tolerance or allowed regression would be a gate that can never close."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
-
-
-# Numeric options: click names the option, the value and the range in one line, exit code 2.
-_NON_NEGATIVE = _FiniteRange(min=0)
-
-
-class BackendSpec(click.ParamType):
-    """A backend spec, NAME or NAME:KEY=VALUE[,KEY=VALUE], whose NAME is one of `names()`; a bad
-    one is a usage error (exit 2) before any work. Option keys are checked by the backend.
-    `names` is asked on each use: the registry (BACKENDS) decides, not a list made at import."""
-
-    name = "backend"
-
-    def __init__(self, names: Callable[[], list[str]]) -> None:
-        self.names = names
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            backend, _ = parse_spec(value)
-        except ConfigError as exc:
-            self.fail(str(exc), param, ctx)
-        names = self.names()
-        if backend not in names:
-            self.fail(f"{backend!r} is not one of {', '.join(names)}", param, ctx)
-        return value
-
-
-def backend_option(
-    names: Callable[[], list[str]],
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """--backend of resfuse-check, -predict and -serve: one engine, with options."""
-    return click.option(
-        "--backend",
-        default="onnxruntime",
-        show_default=True,
-        type=BackendSpec(names),
-        help=f"One of {', '.join(names())}, with options as NAME:KEY=VALUE[,KEY=VALUE] "
-        f"(openvino:precision=bf16); README's backend options table lists them.",
-    )
-
-
-# --threads of every command, declared once (as Polygraphy's option groups are).
-threads_option = click.option(
-    "--threads",
-    default=None,
-    type=click.IntRange(min=1),
-    help=f"CPU threads of {', '.join(threaded())}; refused for a lone backend of another kind "
-    f"(tensorrt) [default: the physical cores this process may use, within its affinity and "
-    f"cgroup CPU quota].",
+from resfuse.runtime.options import (
+    CONTEXT,
+    NON_NEGATIVE,
+    backend_option,
+    check_writable,
+    device_option,
+    images_option,
+    json_option,
+    shapes_option,
+    threads_option,
+    tile_options,
+    tiling_options,
 )
-
-
-def _tile(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
-    try:
-        return None if value is None else parse_tile(value)
-    except ResfuseError as exc:
-        raise click.BadParameter(str(exc).removeprefix("--tile "), ctx, param) from exc
-
-
-def tile_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--tile, --overlap and --blend of resfuse-check, -predict and -serve, declared once;
-    `tiling_options` turns them into Session.run's keywords."""
-    options = (
-        click.option(
-            "--tile",
-            default=None,
-            metavar="auto|N|HxW",
-            callback=_tile,
-            help="Run inputs outside the H x W range one backend call takes (the artifact's, "
-            "or the engine profiles') as overlapping tiles of this size, stitched back to "
-            "full size on the CPU; auto: the backend's size (TensorRT: the profile's opt).",
-        ),
-        click.option(
-            "--overlap",
-            default=0.25,
-            show_default=True,
-            type=click.FloatRange(0, 1, max_open=True),
-            help="With --tile: the fraction of a tile its neighbour covers too.",
-        ),
-        click.option(
-            "--blend",
-            default="gaussian",
-            show_default=True,
-            type=click.Choice(BLENDS),
-            help="With --tile: how overlapping tiles are weighted (gaussian: centres count more).",
-        ),
-    )
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def tiling_options(tile: object, overlap: float, blend: str) -> dict[str, Any]:
-    """Session.run's tiling keywords from --tile/--overlap/--blend; none without --tile."""
-    return {} if tile is None else {"tile": tile, "overlap": overlap, "blend": blend}
-
-
-def resolve_backend(artifact: Path, spec: str, device: str, threads: int | None) -> str:
-    """--backend and --threads as one spec, refused here, in one line, when the backend would
-    refuse it: predict's Ray actors and serve's replicas open their sessions later, elsewhere."""
-    spec = with_threads(spec, threads)
-    prepare(artifact, spec, device)  # built, not activated: no engine is loaded twice
-    return spec
+from resfuse.runtime.report import markdown_table
+from resfuse.shapes import Shape
 
 
 def _progress() -> Progress:
@@ -160,23 +52,6 @@ def _warn(note: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
-def _check_writable(path: Path | None, option: str) -> None:
-    """Refuse an output path that cannot be written before the run, not after it: opened for
-    append (nothing written), and removed again if this made it."""
-    if path is None:
-        return
-    existed = path.exists()
-    try:
-        with path.open("a"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"{option} {path} cannot be written ({exc.strerror or exc}); choose a writable path"
-        ) from exc
-    if not existed:
-        path.unlink()
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     try:
         write_json(path, data)
@@ -184,45 +59,30 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         fail(f"cannot write {path}: {exc}")
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @backend_option(lambda: [b for b in BACKENDS if b != "torch"])  # torch is the reference
-@click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@device_option()
 @threads_option
-@click.option(
-    "--images",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="A folder of PNG/JPEG images, each checked at its own size.",
-)
-@click.option(
-    "--shapes",
-    default=None,
-    help="Random inputs, e.g. 1x3x224x224,2x3x257x311 [default: the export's grid].",
-)
+@images_option("A folder of images (searched recursively), each checked at its own size.")
+@shapes_option(None, "Random inputs, e.g. 1x3x224x224,2x3x257x311 [default: the export's grid].")
 @click.option(
     "--resize",
     type=click.Choice(["none", "fit"]),
     default=None,
     help="Image resize policy [default: the manifest's].",
 )
-@click.option("--atol", type=_NON_NEGATIVE, default=None, help="[default: the export's]")
-@click.option("--rtol", type=_NON_NEGATIVE, default=None, help="[default: the export's]")
+@click.option("--atol", type=NON_NEGATIVE, default=None, help="[default: the export's]")
+@click.option("--rtol", type=NON_NEGATIVE, default=None, help="[default: the export's]")
 @click.option(
     "--max-rel-l2",
-    type=_NON_NEGATIVE,
+    type=NON_NEGATIVE,
     default=None,
     help="Judge by relative L2 error instead of elementwise [default: the export's; set for "
     "INT8 artifacts].",
 )
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Also write the report as JSON.",
-)
+@json_option("Also write the report as JSON.")
 @click.option(
     "--min-agreement",
     type=click.FloatRange(0, 1),
@@ -242,7 +102,7 @@ def check_main(
     device: str,
     threads: int | None,
     images: Path | None,
-    shapes: str | None,
+    shapes: list[Shape] | None,
     resize: str | None,
     atol: float | None,
     rtol: float | None,
@@ -267,14 +127,13 @@ def check_main(
     """
     try:
         backend = with_threads(backend, threads)
-        _check_writable(json_path, "--json")
+        check_writable(json_path, "--json")
         manifest = read_manifest(artifact)
         overrides = {"atol": atol, "rtol": rtol, "max_rel_l2": max_rel_l2}
         tolerance = replace(
             manifest.tolerance, **{k: v for k, v in overrides.items() if v is not None}
         )
-        asked = parse_shapes(shapes) if shapes else None
-        grid, images = judged_inputs(manifest, asked, images)
+        grid, images = judged_inputs(manifest, shapes, images)
         files = image_files(images) if images else []
         note = grayscale_note(files, manifest.contract.channels)
         if note is not None:
@@ -324,7 +183,7 @@ _BASELINE_HEADERS = [
 ]
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
     "--backends",
@@ -334,14 +193,8 @@ _BASELINE_HEADERS = [
     f"(openvino:precision=bf16), so one engine can run twice. torch-compile compiles on each "
     f"shape's first call (tens of seconds on a CPU), reported as its first call.",
 )
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    type=_DEVICES,
-    help="cuda or tensorrt apply to onnxruntime; torch and torch-compile then run on cuda.",
-)
-@click.option("--shapes", default="1x3x224x224,1x3x512x512,1x3x1024x1024", show_default=True)
+@device_option("cuda or tensorrt apply to onnxruntime; torch and torch-compile then run on cuda.")
+@shapes_option("1x3x224x224,1x3x512x512,1x3x1024x1024")
 @click.option(
     "--also",
     multiple=True,
@@ -349,13 +202,10 @@ _BASELINE_HEADERS = [
     help="Another artifact of the same model (e.g. its INT8 export) timed in the same run; "
     "repeatable.",
 )
-@click.option(
-    "--images",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="A folder of images (searched recursively, each at its own size) that judge each "
-    "deployed engine's error instead of random inputs: the worst image is reported. Timing "
-    "stays on --shapes.",
+@images_option(
+    "A folder of images (searched recursively, each at its own size) that judge each deployed "
+    "engine's error instead of random inputs: the worst image is reported. Timing stays on "
+    "--shapes."
 )
 @click.option(
     "--warmup",
@@ -379,7 +229,7 @@ _BASELINE_HEADERS = [
     help="Rounds of one block per backend, the order rotated each round.",
 )
 @threads_option
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@json_option()
 @click.option("--markdown", "md_path", type=click.Path(path_type=Path), default=None)
 @click.option(
     "--plot",
@@ -398,14 +248,14 @@ _BASELINE_HEADERS = [
     "--max-regression",
     default=0.10,
     show_default=True,
-    type=_NON_NEGATIVE,
+    type=NON_NEGATIVE,
     help="Allowed p50 increase over the baseline (0.10 = 10%).",
 )
 def bench_main(
     artifact: Path,
     backends: str,
     device: str,
-    shapes: str,
+    shapes: list[Shape],
     also: tuple[Path, ...],
     images: Path | None,
     warmup: int,
@@ -428,22 +278,21 @@ def bench_main(
     try:
         names = split_specs(backends)
         for path, option in ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot")):
-            _check_writable(path, option)
+            check_writable(path, option)
         unknown = [b for b in names if bench_lib.parse_backend(b)[0] not in BACKENDS]
         if unknown or not names:
             raise ResfuseError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
-        grid = parse_shapes(shapes)
         old = bench_lib.read_result(baseline) if baseline else None
         count = _bench_images(artifact, images)
         with _progress() as bar:
             runs = bench_lib.timed_sessions(artifact, names, also)
             calls = warmup + rounds * (iters + 1)  # each block runs one call not counted
             judging = bench_lib.image_calls(runs, count)
-            task = bar.add_task("timing", total=len(runs) * len(grid) * calls + judging)
+            task = bar.add_task("timing", total=len(runs) * len(shapes) * calls + judging)
             result = bench_lib.benchmark(
                 artifact,
                 backends=names,
-                shapes=grid,
+                shapes=shapes,
                 warmup=warmup,
                 iters=iters,
                 rounds=rounds,

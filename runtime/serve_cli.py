@@ -13,17 +13,17 @@ from rich.markup import escape
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
 from resfuse.runtime.backends import BACKENDS
-from resfuse.runtime.cli import (
-    _progress,
+from resfuse.runtime.cli import _progress
+from resfuse.runtime.options import (
+    CONTEXT,
     backend_option,
+    device_option,
     resolve_backend,
     threads_option,
     tile_options,
     tiling_options,
 )
 
-_CONTEXT = {"help_option_names": ["-h", "--help"]}
-_DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -32,10 +32,10 @@ def _deployed() -> list[str]:
     return [name for name, runner in BACKENDS.items() if not runner.runs_original]
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @backend_option(_deployed)
-@click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@device_option()
 @threads_option
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option(
@@ -141,12 +141,12 @@ def serve_main(
             signal.signal(sig, handler)
 
 
-@click.command(context_settings=_CONTEXT)
+@click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("input_dir", type=click.Path(path_type=Path))
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
 @backend_option(_deployed)
-@click.option("--device", default="cpu", show_default=True, type=_DEVICES)
+@device_option()
 @threads_option
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--ray", "use_ray", is_flag=True, help="Run as a Ray Data pipeline.")

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from resfuse import runtime
 from resfuse.errors import ConfigError
 from resfuse.runtime.backend_spec import format_spec, parse_spec, split_specs, with_threads
-from resfuse.runtime.cli import bench_main, check_main, resolve_backend
+from resfuse.runtime.cli import bench_main, check_main
+from resfuse.runtime.options import resolve_backend
 from resfuse.runtime.serve_cli import predict_main, serve_main
 
 Image = pytest.importorskip("PIL.Image", reason="needs Pillow")
