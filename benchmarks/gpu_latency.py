@@ -341,7 +341,7 @@ def time_shape(
 ) -> list[dict[str, Any]]:
     """One record per candidate: first call (judged against float32), warm-up, rotated blocks.
     A candidate whose first call at this shape raises is recorded in `outcomes` and not timed."""
-    from resfuse.runtime.bench import block_order
+    from resfuse.runtime.bench import run_blocks
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, device="cuda", generator=generator)
@@ -357,10 +357,7 @@ def time_shape(
     candidates = [c for c, _, _ in ready]
     calls = [call for _, call, _ in ready]
     first = [f for _, _, f in ready]
-    times = np.empty((len(calls), rounds, iters))
-    for k, r in block_order(len(calls), rounds):
-        _timed(calls[k])  # re-warms after another engine ran: not counted
-        times[k, r] = [_timed(calls[k]) for _ in range(iters)]
+    times = run_blocks(len(calls), rounds, iters, lambda k: [_timed(calls[k])])[..., 0]
     records = [
         _record(method, c, shape, times[k], first=first[k], warmup=warmup)
         for k, c in enumerate(candidates)
@@ -395,10 +392,8 @@ def _record(
     warmup: int,
 ) -> dict[str, Any]:
     """resfuse-bench's record fields where they apply; times: (rounds, iters) ms."""
-    from resfuse.runtime.bench import tail_percentile
+    from resfuse.runtime.bench import latency_stats
 
-    flat = times.ravel()
-    mean = float(flat.mean())
     first_ms, error = first
     return {
         "method": method,
@@ -408,25 +403,18 @@ def _record(
         "device": "cuda",
         "precision": candidate.precision,
         "shape": list(shape),
-        "n": flat.size,
-        "rounds": times.shape[0],
-        "iters": times.shape[1],
         "warmup": warmup,
-        "p50_ms": float(np.median(flat)),
-        **{f"p{q}_ms": tail_percentile(flat, q) for q in (90, 95, 99)},
-        "mean_ms": mean,
-        "std_ms": float(flat.std(ddof=1)) if flat.size > 1 else None,
-        "min_ms": float(flat.min()),
+        **latency_stats(times, shape[0]),
         "first_call_ms": first_ms,
-        "throughput_ips": shape[0] * 1e3 / mean,
-        "round_p50_ms": [float(np.median(block)) for block in times],
         "rel_l2": error.rel_l2,
         "max_abs": error.max_abs,
     }
 
 
 def _ratio_rounds(slow: dict[str, Any], fast: dict[str, Any]) -> list[float]:
-    return [s / f for s, f in zip(slow["round_p50_ms"], fast["round_p50_ms"], strict=True)]
+    from resfuse.runtime.bench import round_ratios
+
+    return round_ratios(slow["round_p50_ms"], fast["round_p50_ms"])[0]
 
 
 def _add_speedups(records: list[dict[str, Any]]) -> None:
@@ -434,7 +422,7 @@ def _add_speedups(records: list[dict[str, Any]]) -> None:
     torch_fp32 = next(r for r in records if r["backend"] == "torch")
     for r in records:
         r["speedup_rounds"] = _ratio_rounds(torch_fp32, r)
-        r["speedup_vs_torch"] = float(np.median(r["speedup_rounds"]))
+        r["speedup_vs_torch"] = float(np.median(r["speedup_rounds"]))  # as round_ratios gives
 
 
 def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

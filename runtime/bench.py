@@ -161,6 +161,50 @@ def block_order(sessions: int, rounds: int) -> list[tuple[int, int]]:
     return [((r + k) % sessions, r) for r in range(rounds) for k in range(sessions)]
 
 
+def run_blocks(
+    count: int, rounds: int, iters: int, call: Callable[[int], Sequence[float]]
+) -> np.ndarray:
+    """The block protocol: `rounds` rounds of one block per engine in block_order, each block
+    one call not counted (it re-warms caches after another engine ran), then `iters` timed
+    calls. `call(k)` runs engine k once and gives its figures (ms first, then any split);
+    returns them as (count, rounds, iters, figures)."""
+    found: np.ndarray | None = None
+    for k, r in block_order(count, rounds):
+        call(k)
+        block = np.array([call(k) for _ in range(iters)], dtype=np.float64)
+        if found is None:
+            found = np.empty((count, rounds, iters, block.shape[1]))
+        found[k, r] = block
+    assert found is not None, "no blocks: count and rounds must be at least 1"
+    return found
+
+
+def latency_stats(times: np.ndarray, batch: int) -> dict[str, Any]:
+    """A record's latency fields from its (rounds, iters) ms: the median of every timed call,
+    the tails where enough calls lie above them, the block medians that ratios are taken of."""
+    flat = times.ravel()
+    mean = float(flat.mean())
+    return {
+        "n": flat.size,
+        "rounds": times.shape[0],
+        "iters": times.shape[1],
+        "p50_ms": float(np.median(flat)),
+        **{f"p{q}_ms": tail_percentile(flat, q) for q in _TAILS},
+        "mean_ms": mean,
+        "std_ms": float(flat.std(ddof=1)) if flat.size > 1 else None,
+        "min_ms": float(flat.min()),
+        "throughput_ips": batch * 1e3 / mean,
+        "round_p50_ms": [float(np.median(block)) for block in times],
+    }
+
+
+def round_ratios(slow: Sequence[float], fast: Sequence[float]) -> tuple[list[float], float]:
+    """Round by round, the slower engine's block median over the faster's, and their median:
+    blocks of one round run close together, so a machine slower in one round slows both."""
+    rounds = [s / f for s, f in zip(slow, fast, strict=True)]
+    return rounds, float(np.median(rounds))
+
+
 def _record(
     session: Session,
     shape: Shape,
@@ -175,33 +219,19 @@ def _record(
     judged_on: str = "random",
 ) -> BenchRecord:
     """times: (rounds, iters) ms; phases: (rounds, iters, 3) ms of copy in, compute, copy out."""
-    flat = times.ravel()
-    mean = float(flat.mean())
     h2d, compute, d2h = phases.reshape(-1, 3).mean(axis=0)
-    p90, p95, p99 = (tail_percentile(flat, q) for q in _TAILS)
     return BenchRecord(
         artifact=session.manifest.path.stem,
         backend=label,
         device=session.runner.device,
         precision=session.runner.precision,
         shape=list(shape),
-        n=flat.size,
-        rounds=times.shape[0],
-        iters=times.shape[1],
         warmup=warmup,
-        p50_ms=float(np.median(flat)),
-        p90_ms=p90,
-        p95_ms=p95,
-        p99_ms=p99,
-        mean_ms=mean,
-        std_ms=float(flat.std(ddof=1)) if flat.size > 1 else None,
-        min_ms=float(flat.min()),
+        **latency_stats(times, shape[0]),
         first_call_ms=first_call_ms,
-        throughput_ips=shape[0] * 1e3 / mean,
         h2d_ms=float(h2d),
         compute_ms=float(compute),
         d2h_ms=float(d2h),
-        round_p50_ms=[float(np.median(block)) for block in times],
         rel_l2=error.rel_l2,
         max_abs=error.max_abs,
         within_tolerance=error.passed,
@@ -252,19 +282,18 @@ def time_shape(
         first[k] = ms, judged.get(k) or judge(expected, out, sessions[k])
         for _ in range(warmup - 1):
             call(k)
-    times = np.empty((len(sessions), rounds, iters))
-    phases = np.empty((len(sessions), rounds, iters, 3))
-    for k, r in block_order(len(sessions), rounds):
-        call(k)  # re-warms caches after another backend ran: not counted
-        for i in range(iters):
-            _, times[k, r, i], split = call(k)
-            phases[k, r, i] = split.h2d_ms, split.compute_ms, split.d2h_ms
+
+    def figures(k: int) -> tuple[float, float, float, float]:
+        _, ms, split = call(k)
+        return ms, split.h2d_ms, split.compute_ms, split.d2h_ms
+
+    found = run_blocks(len(sessions), rounds, iters, figures)
     return [
         _record(
             s,
             shape,
-            times[k],
-            phases[k],
+            found[k, ..., 0],
+            found[k, ..., 1:],
             warmup=warmup,
             first_call_ms=first[k][0],
             error=first[k][1].stats,
@@ -415,8 +444,7 @@ def add_speedups(records: list[BenchRecord]) -> None:
     for r in records:
         base = torch_rounds.get(format_shape(r.shape))
         if base:
-            r.speedup_rounds = [t / p for t, p in zip(base, r.round_p50_ms, strict=True)]
-            r.speedup_vs_torch = float(np.median(r.speedup_rounds))
+            r.speedup_rounds, r.speedup_vs_torch = round_ratios(base, r.round_p50_ms)
 
 
 def fastest_per_class(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

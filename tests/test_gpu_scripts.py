@@ -5,6 +5,7 @@ gpu_check.sh's refusals."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +101,23 @@ def test_failed_variants_are_recorded_and_the_run_goes_on(gpu_latency, tmp_path,
     assert re.search(
         r"\| +masked \| +fp16 \| +tensorrt \| +build \| +every shape \| Manifest", text
     )
+
+
+def test_its_records_carry_resfuse_bench_latency_fields(gpu_latency, tmp_path):
+    """The GPU script times with the library's stopwatch: its records' latency fields are the
+    ones resfuse-bench writes, computed by the same function."""
+    from resfuse.compare import Tolerance, compare
+    from resfuse.runtime.bench import BenchRecord, latency_stats
+
+    times = np.arange(1.0, 13.0).reshape(3, 4)
+    candidate = gpu_latency.Candidate(tmp_path / "m.json", "fp16", "tensorrt", "float16", None)
+    error = compare(np.ones(4, np.float32), np.ones(4, np.float32), Tolerance())
+    record = gpu_latency._record(
+        "masked", candidate, (2, 3, 8, 8), times, first=(5.0, error), warmup=1
+    )
+    stats = latency_stats(times, 2)
+    assert {k: record[k] for k in stats} == stats
+    assert set(stats) <= {f.name for f in dataclasses.fields(BenchRecord)}
 
 
 def test_runner_without_its_bare_engine_gets_no_overhead_row(gpu_latency):

@@ -15,7 +15,10 @@ from resfuse.runtime.bench import (
     benchmark,
     block_order,
     fastest_per_class,
+    latency_stats,
     parse_backend,
+    round_ratios,
+    run_blocks,
     tail_percentile,
     timed_sessions,
 )
@@ -32,6 +35,31 @@ def test_block_order_rotates_the_first_session_each_round() -> None:
     ]  # fmt: skip
     assert block_order(1, 2) == [(0, 0), (0, 1)]
     assert block_order(2, 1) == [(0, 0), (1, 0)]
+
+
+def test_blocks_run_in_block_order_each_after_one_uncounted_call() -> None:
+    calls: list[int] = []
+
+    def call(k: int) -> list[float]:
+        calls.append(k)
+        return [100.0 * k + len(calls), -1.0]  # ms, then a second figure
+
+    found = run_blocks(2, 2, 3, call)
+    # round 0: engine 0 then 1; round 1: engine 1 then 0; each block 1 + 3 calls
+    assert calls == [0] * 4 + [1] * 4 + [1] * 4 + [0] * 4
+    assert found.shape == (2, 2, 3, 2)
+    assert found[0, 0, :, 0].tolist() == [2, 3, 4]  # the first call of a block is not counted
+    assert found[1, 1, :, 0].tolist() == [110, 111, 112] and (found[..., 1] == -1).all()
+
+
+def test_latency_stats_and_round_ratios() -> None:
+    times = np.array([[1.0, 3.0], [2.0, 6.0]])  # (rounds, iters) ms
+    stats = latency_stats(times, batch=4)
+    assert (stats["n"], stats["rounds"], stats["iters"]) == (4, 2, 2)
+    assert (stats["p50_ms"], stats["min_ms"], stats["mean_ms"]) == (2.5, 1.0, 3.0)
+    assert stats["round_p50_ms"] == [2.0, 4.0] and stats["p90_ms"] is None  # too few calls
+    assert stats["throughput_ips"] == 4 * 1e3 / 3.0
+    assert round_ratios([4.0, 8.0, 9.0], [2.0, 2.0, 3.0]) == ([2.0, 4.0, 3.0], 3.0)
 
 
 def test_the_originals_are_timed_once_deployed_backends_per_artifact() -> None:
