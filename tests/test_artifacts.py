@@ -74,6 +74,7 @@ def two(exported) -> tuple[Path, Path]:
     return exported["masked"].manifest_path, exported["spp"].manifest_path
 
 
+@pytest.mark.slow  # writes in subprocesses
 def test_export_names_files_by_content_and_replaces_them_whole(two, tmp_path: Path) -> None:
     old, new = two
     _write(old, tmp_path, "m").wait()
@@ -87,6 +88,7 @@ def test_export_names_files_by_content_and_replaces_them_whole(two, tmp_path: Pa
     _only_the_artifact(tmp_path, "m")
 
 
+@pytest.mark.slow  # writes in subprocesses
 @pytest.mark.parametrize("point", ["temporary", "onnx", "weights", "early", "late"])
 def test_sigkill_leaves_the_old_or_the_new_artifact(two, tmp_path: Path, point: str) -> None:
     old, new = two

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from clirun import invoke
 from onnx import numpy_helper
 from PIL import Image
 
@@ -28,7 +29,16 @@ from resfuse.runtime.inputs import image_files
 BIN = Path(sys.executable).parent
 
 
+TOOLS = {"resfuse-check": check_main, "resfuse-bench": bench_main}
+
+
 def run(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """The command in this process (conftest.invoke)."""
+    return invoke(TOOLS[tool], *args)
+
+
+def run_installed(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """The console script, as a user runs it."""
     return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=600)
 
 
@@ -88,7 +98,7 @@ def test_check_fails_when_the_model_really_differs(exported, tmp_path: Path) -> 
     manifest = _swap_weights(exported["upsample"], tmp_path)
     report = check_artifact(manifest, shapes=[(1, 3, 64, 64)])
     assert not report.passed and report.records[0].stats.max_abs > 1e-3
-    proc = run("resfuse-check", str(manifest), "--shapes", "1x3x64x64,1x3x40x90")
+    proc = run_installed("resfuse-check", str(manifest), "--shapes", "1x3x64x64,1x3x40x90")
     assert proc.returncode == 1
     assert "FAIL" in proc.stdout and "2 of 2 inputs failed the check" in proc.stderr
 
@@ -353,7 +363,7 @@ def test_numeric_options_out_of_range_are_named(exported, command, args, message
 
 
 def test_bench_threads_minus_one_is_one_line_without_traceback(exported) -> None:
-    proc = run("resfuse-bench", str(exported["masked"].manifest_path), "--threads", "-1")
+    proc = run_installed("resfuse-bench", str(exported["masked"].manifest_path), "--threads", "-1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Error: Invalid value for '--threads': -1 is not in the range x>=1." in proc.stderr
 

@@ -15,6 +15,8 @@ from resfuse.export.quantize import Calibration
 from resfuse.models import ModelConfig
 from resfuse.runtime.check import MaskGates, check_artifact, mask_agreement
 
+pytestmark = pytest.mark.slow  # INT8 and fp16 exports
+
 
 def _photos(folder: Path, count: int = 3) -> Path:
     """Smooth images with texture, as photographs are (not white noise)."""

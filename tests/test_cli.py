@@ -10,6 +10,8 @@ import torch
 
 import resfuse
 
+pytestmark = pytest.mark.slow  # resfuse-export in subprocesses
+
 EXE = Path(sys.executable).with_name("resfuse-export")
 
 

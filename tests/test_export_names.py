@@ -21,6 +21,8 @@ from resfuse.export.quantize import Calibration
 from resfuse.export.triton import TritonOptions, write_triton_repo
 from resfuse.models import ModelConfig
 
+pytestmark = pytest.mark.slow  # exports of every precision
+
 SMALL = ["--method", "upsample", "--max-size", "128", "--max-batch", "2"]
 
 

@@ -29,6 +29,8 @@ from resfuse.images import image_files
 from resfuse.models import ModelConfig
 from resfuse.runtime.cli import check_main
 
+pytestmark = pytest.mark.slow  # an INT8 export on photographs
+
 PHOTOS = ("astronaut", "coffee", "chelsea")  # scikit-image's photographs
 BOUND = "rel L2 <= 0.1"  # the INT8 bound the export met and the manifest records
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,29 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from clirun import invoke
 from onnx import numpy_helper
 
 from resfuse import runtime
 from resfuse.artifacts import load_original, read_manifest
 from resfuse.compare import Tolerance, compare
 from resfuse.errors import BackendUnavailableError, ConfigError, ManifestError
+from resfuse.export.cli import main as export_main
 from resfuse.export.pipeline import ExportOptions, export_artifact
 from resfuse.export.quantize import Calibration
 from resfuse.models import ModelConfig
 from resfuse.runtime.check import check_artifact
 
-EXE = Path(sys.executable).with_name("resfuse-export")
+pytestmark = pytest.mark.slow  # fp16 and INT8 exports
+
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 INT8, INT64 = onnx.TensorProto.INT8, onnx.TensorProto.INT64
 ODD = (1, 3, 97, 131)
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(EXE), *args], capture_output=True, text=True, timeout=900)
+    """resfuse-export in this process (tests/test_cli.py runs the console script)."""
+    return invoke(export_main, *args)
 
 
 @pytest.fixture(scope="module")

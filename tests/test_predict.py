@@ -16,6 +16,8 @@ from resfuse.errors import ConfigError  # noqa: E402
 from resfuse.runtime import load  # noqa: E402
 from resfuse.runtime.predict import MASK_SUFFIX, Summary, predict  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray Data pipelines
+
 SIZES = {"a.png": (48, 64), "b.jpg": (48, 64), "sub/c.png": (40, 72), "sub/deep/d.tif": (40, 72)}
 CORRUPT = "sub/broken.png"
 TOO_SMALL = "sub/small.png"  # below the contract's 32 pixels: fails alone, not its batch

@@ -18,6 +18,8 @@ Image = pytest.importorskip("PIL.Image", reason="needs Pillow")
 from resfuse.runtime import load  # noqa: E402
 from resfuse.runtime.predict import predict, record_path  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray Data pipelines
+
 SIZES = {"a.png": (40, 48), "b.png": (40, 48), "sub/c.tif": (36, 56), "sub/d.tif": (36, 56)}
 
 

@@ -28,6 +28,8 @@ from resfuse.runtime.check import check_artifact
 from resfuse.runtime.cli import bench_main
 from resfuse.runtime.inputs import load_image
 
+pytestmark = pytest.mark.slow  # INT8 exports
+
 EXE = Path(sys.executable).with_name("resfuse-export")
 PREPROCESS = {"scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3}
 

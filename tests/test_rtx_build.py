@@ -32,7 +32,10 @@ def _rtx_absent() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_rtx_absent() is not None, reason=f"{_rtx_absent()}")
+pytestmark = [
+    pytest.mark.slow,  # TensorRT-RTX engine builds
+    pytest.mark.skipif(_rtx_absent() is not None, reason=f"{_rtx_absent()}"),
+]
 FAST = BuildSettings(builder_level=0)  # what is tested is the build path, not tactic search
 TWO = [  # inside every variant's range (INT8 artifacts start at 64: two feature cells)
     Profile((1, 3, 64, 64), (1, 3, 64, 64), (2, 3, 96, 96)),

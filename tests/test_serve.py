@@ -36,6 +36,8 @@ from pydicom.data import get_testdata_file  # noqa: E402
 from resfuse.runtime import load  # noqa: E402
 from resfuse.runtime.serve import ServeOptions, start, stop  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray Serve servers
+
 NPY = "application/octet-stream"
 DICOM = "application/dicom"
 NIFTI = "application/x-nifti"

@@ -23,6 +23,8 @@ if not sys.platform.startswith("linux"):
 
 from resfuse.runtime.serve import ServeOptions, connect, deploy, stop  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Ray cluster and a server
+
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
 
 

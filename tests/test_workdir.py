@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every command in a subprocess
+
 BIN = Path(sys.executable).parent
 
 
