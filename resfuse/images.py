@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, NoReturn, TypeGuard
 
 import numpy as np
 
@@ -42,6 +42,8 @@ RESIZE_POLICIES = ("none", "fit")
 RANGE_RULES = ("dtype", "image")
 UNITS = ("rescaled", "stored")  # what a window or [low, high] is written in (DICOM)
 CLIP_NOTE_SHARE = 0.25  # a [low, high] range clipping more of an image than this is noted
+# what a reader of an artifact does about a bad preprocess section
+LOAD_FIX = "fix the preprocess section or re-export the artifact"
 _FIELDS = ("range", "window", "units", "scale", "mean", "std", "resize")
 _INTENSITY_FIELDS = ("range", "window", "scale")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # Pillow modes and raw modes of uint16
@@ -167,33 +169,52 @@ def preprocess_record(
             f"LOW,HIGH, or drop --intensity-units"
         )
     record = {**intensity, "mean": list(mean), "std": list(std), "resize": resize}
-    problem = preprocess_problem(record, channels)
-    if problem is not None:
-        raise ConfigError(f"{problem}; fix the preprocessing options")
+    check_preprocess(record, channels, "fix the preprocessing options")
     return record
 
 
-def preprocess_problem(preprocess: object, channels: int) -> str | None:
-    """None if `preprocess` is a valid preprocess section for `channels` inputs, else one line
-    naming the bad field. Every field is optional: range "dtype", mean 0, std 1, resize "none"."""
+class PreprocessError(ConfigError):
+    """A preprocess section or policy that does not fit: `problem` names the field in one line,
+    and the message adds what to do where it was met (`fix`)."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        super().__init__(problem if fix is None else f"{problem}; {fix}")
+        self.problem = problem
+
+
+def _bad(problem: str) -> NoReturn:
+    raise PreprocessError(problem)
+
+
+def check_preprocess(preprocess: object, channels: int, fix: str | None = None) -> None:
+    """Raise PreprocessError naming the first bad field of a preprocess section for `channels`
+    inputs, with `fix` after it. Every field is optional: range "dtype", mean 0, std 1, resize
+    "none"."""
+    try:
+        _check_fields(preprocess, channels)
+    except PreprocessError as exc:
+        raise PreprocessError(exc.problem, fix) from None
+
+
+def _check_fields(preprocess: object, channels: int) -> None:
     if not isinstance(preprocess, dict):
-        return f"preprocess must be an object, got {_shown(preprocess)}"
+        _bad(f"preprocess must be an object, got {_shown(preprocess)}")
     unknown = [key for key in preprocess if key not in _FIELDS]
     if unknown:
-        return f"preprocess.{unknown[0]} is not a known field; allowed: {', '.join(_FIELDS)}"
+        _bad(f"preprocess.{unknown[0]} is not a known field; allowed: {', '.join(_FIELDS)}")
     rules = [key for key in _INTENSITY_FIELDS if key in preprocess]
     if len(rules) > 1:
-        return f"preprocess has both {rules[0]} and {rules[1]}; keep one intensity rule"
-    problems = (
-        _range_problem(preprocess["range"]) if "range" in preprocess else None,
-        _window_problem(preprocess["window"]) if "window" in preprocess else None,
-        _units_problem(preprocess),
-        _positive_problem(preprocess["scale"], "scale") if "scale" in preprocess else None,
-        _list_problem(preprocess.get("mean", [0.0] * channels), "mean", channels, positive=False),
-        _list_problem(preprocess.get("std", [1.0] * channels), "std", channels, positive=True),
-        _resize_problem(preprocess.get("resize", "none"), "preprocess.resize"),
-    )
-    return next((p for p in problems if p is not None), None)
+        _bad(f"preprocess has both {rules[0]} and {rules[1]}; keep one intensity rule")
+    if "range" in preprocess:
+        _check_range(preprocess["range"])
+    if "window" in preprocess:
+        _check_window(preprocess["window"])
+    _check_units(preprocess)
+    if "scale" in preprocess:
+        _check_positive(preprocess["scale"], "scale")
+    _check_list(preprocess.get("mean", [0.0] * channels), "mean", channels, positive=False)
+    _check_list(preprocess.get("std", [1.0] * channels), "std", channels, positive=True)
+    check_resize(preprocess.get("resize", "none"), "preprocess.resize")
 
 
 def load_image(
@@ -214,9 +235,7 @@ def load_image(
         raise ConfigError(
             f"image files give 1 or 3 channels; this model takes {contract.channels}: pass arrays"
         )
-    problem = preprocess_problem(preprocess, contract.channels)
-    if problem is not None:
-        raise ConfigError(f"{problem}; fix the preprocess section or re-export the artifact")
+    check_preprocess(preprocess, contract.channels, LOAD_FIX)
     pixels = read_pixels(source, contract.channels)
     return to_input(pixels, preprocess, contract, resize, size=size, on_clip=on_clip)
 
@@ -235,9 +254,7 @@ def to_input(
     `on_clip`: called once with a one-line note when the rule clips a large share of these
     pixels (see load_image)."""
     policy = resize or preprocess.get("resize", "none")
-    resize_problem = _resize_problem(policy, "resize policy")
-    if resize_problem is not None:
-        raise ConfigError(resize_problem)
+    check_resize(policy, "resize policy")
     to_unit = _intensity(pixels, preprocess, on_clip)  # from the whole image, before any resize
     if size is None and policy == "fit":
         size = _fit_size(pixels.values.shape[0], pixels.values.shape[1], contract)
@@ -633,60 +650,54 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _range_problem(rule: object) -> str | None:
+def _check_range(rule: object) -> None:
     if isinstance(rule, str):
-        if rule in RANGE_RULES:
-            return None
-        return f"preprocess.range must be 'dtype', 'image' or [low, high], got {_shown(rule)}"
+        if rule not in RANGE_RULES:
+            _bad(f"preprocess.range must be 'dtype', 'image' or [low, high], got {_shown(rule)}")
+        return
     if not isinstance(rule, (list, tuple)) or len(rule) != 2:
-        return f"preprocess.range must be 'dtype', 'image' or [low, high], got {_shown(rule)}"
+        _bad(f"preprocess.range must be 'dtype', 'image' or [low, high], got {_shown(rule)}")
     for i, value in enumerate(rule):
         if not _number(value):
-            return f"preprocess.range[{i}] must be a number, got {_shown(value)}"
+            _bad(f"preprocess.range[{i}] must be a number, got {_shown(value)}")
     if not rule[0] < rule[1]:
-        return f"preprocess.range must have low < high, got {_shown(rule)}"
-    return None
+        _bad(f"preprocess.range must have low < high, got {_shown(rule)}")
 
 
-def _units_problem(preprocess: dict[str, Any]) -> str | None:
+def _check_units(preprocess: dict[str, Any]) -> None:
     if "units" not in preprocess:
-        return None
+        return
     units = preprocess["units"]
     if not isinstance(units, str) or units not in UNITS:
-        return f"preprocess.units must be one of {', '.join(UNITS)}, got {_shown(units)}"
+        _bad(f"preprocess.units must be one of {', '.join(UNITS)}, got {_shown(units)}")
     if not _is_fixed(preprocess):
-        return "preprocess.units applies to a window or a [low, high] range only; drop it"
-    return None
+        _bad("preprocess.units applies to a window or a [low, high] range only; drop it")
 
 
-def _window_problem(window: object) -> str | None:
+def _check_window(window: object) -> None:
     if not isinstance(window, dict) or set(window) != {"center", "width"}:
-        return f'preprocess.window must be {{"center": c, "width": w}}, got {_shown(window)}'
+        _bad(f'preprocess.window must be {{"center": c, "width": w}}, got {_shown(window)}')
     if not _number(window["center"]):
-        return f"preprocess.window.center must be a number, got {_shown(window['center'])}"
-    return _positive_problem(window["width"], "window.width")
+        _bad(f"preprocess.window.center must be a number, got {_shown(window['center'])}")
+    _check_positive(window["width"], "window.width")
 
 
-def _positive_problem(value: object, field: str) -> str | None:
-    if _number(value) and value > 0:
-        return None
-    return f"preprocess.{field} must be a positive number, got {_shown(value)}"
+def _check_positive(value: object, field: str) -> None:
+    if not (_number(value) and value > 0):
+        _bad(f"preprocess.{field} must be a positive number, got {_shown(value)}")
 
 
-def _list_problem(values: object, field: str, channels: int, positive: bool) -> str | None:
+def _check_list(values: object, field: str, channels: int, positive: bool) -> None:
     if not isinstance(values, (list, tuple)) or len(values) != channels:
-        return f"preprocess.{field} must be a list of {channels} numbers, got {_shown(values)}"
+        _bad(f"preprocess.{field} must be a list of {channels} numbers, got {_shown(values)}")
     for i, value in enumerate(values):
         if positive:
-            problem = _positive_problem(value, f"{field}[{i}]")
-            if problem is not None:
-                return problem
+            _check_positive(value, f"{field}[{i}]")
         elif not _number(value):
-            return f"preprocess.{field}[{i}] must be a number, got {_shown(value)}"
-    return None
+            _bad(f"preprocess.{field}[{i}] must be a number, got {_shown(value)}")
 
 
-def _resize_problem(policy: object, field: str) -> str | None:
-    if isinstance(policy, str) and policy in RESIZE_POLICIES:
-        return None
-    return f"{field} must be one of {', '.join(RESIZE_POLICIES)}, got {_shown(policy)}"
+def check_resize(policy: object, field: str) -> None:
+    """Refuse a resize policy other than RESIZE_POLICIES, naming `field`."""
+    if not (isinstance(policy, str) and policy in RESIZE_POLICIES):
+        _bad(f"{field} must be one of {', '.join(RESIZE_POLICIES)}, got {_shown(policy)}")

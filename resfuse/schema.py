@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from resfuse.errors import ManifestError, ResfuseError
+from resfuse.images import PreprocessError, check_preprocess
 from resfuse.precisions import TARGETS, dtypes
 
 # What a manifest is, named beside its fields. This module validates parsed JSON and knows
@@ -226,11 +227,10 @@ def _plain(name: str) -> bool:
 
 
 def _preprocess(f: _Fields, data: dict[str, Any], channels: int) -> None:
-    from resfuse.images import preprocess_problem
-
-    problem = preprocess_problem(data.get("preprocess"), channels)
-    if problem is not None:
-        raise ManifestError(f"{f.path}: {problem}; re-export the artifact")
+    try:
+        check_preprocess(data.get("preprocess"), channels)
+    except PreprocessError as exc:
+        raise ManifestError(f"{f.path}: {exc.problem}; re-export the artifact") from None
 
 
 def _parity(f: _Fields, data: dict[str, Any]) -> None:

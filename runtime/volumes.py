@@ -24,8 +24,16 @@ import numpy as np
 
 from resfuse.artifacts import replace_file
 from resfuse.errors import ConfigError, InputContractError
-from resfuse.images import Pixels, _check_dicom, _from_dicom, _is_dicom, pydicom, to_input
-from resfuse.images import preprocess_problem as _preprocess_problem
+from resfuse.images import (
+    LOAD_FIX,
+    Pixels,
+    _check_dicom,
+    _from_dicom,
+    _is_dicom,
+    check_preprocess,
+    pydicom,
+    to_input,
+)
 from resfuse.runtime.session import Session
 from resfuse.shapes import format_shape
 
@@ -352,9 +360,7 @@ def _batches(
             f"volumes give 1 channel (3 repeated); this model takes {contract.channels}: pass "
             f"arrays to session.run"
         )
-    problem = _preprocess_problem(preprocess, contract.channels)
-    if problem is not None:
-        raise ConfigError(f"{problem}; fix the preprocess section or re-export the artifact")
+    check_preprocess(preprocess, contract.channels, LOAD_FIX)
     limit = _batch_limit(contract.batch.max, batch_size)
     for start in range(0, slices.shape[0], limit):
         inputs = []

@@ -16,7 +16,7 @@ from resfuse.contract import InputContract, Range
 from resfuse.errors import ConfigError, InputContractError
 from resfuse.export.pipeline import ExportOptions
 from resfuse.export.quantize import Calibration
-from resfuse.images import load_image, preprocess_problem, preprocess_record
+from resfuse.images import PreprocessError, check_preprocess, load_image, preprocess_record
 from resfuse.models import ModelConfig
 from resfuse.runtime.inputs import IMAGE_SUFFIXES, image_files
 
@@ -295,7 +295,7 @@ def test_calibration_reads_sixteen_bit_images(tmp_path: Path) -> None:
 def test_export_records_the_full_range_rule_or_the_one_asked_for() -> None:
     record = ExportOptions().preprocess(ModelConfig("masked"))
     assert record["range"] == "dtype" and "scale" not in record
-    assert preprocess_problem(record, 3) is None
+    check_preprocess(record, 3)
     ct = ExportOptions(window=(40, 400)).preprocess(ModelConfig("masked", in_channels=1))
     assert ct["window"] == {"center": 40, "width": 400} and "range" not in ct
     twelve_bit = ExportOptions(intensity_range=(0, 4095)).preprocess(ModelConfig("masked"))
@@ -334,8 +334,8 @@ def test_preprocess_record() -> None:
         {"window": {"center": -600, "width": 1500}, "mean": [0, 0, 0], "std": [1, 1, 1]},
     ],
 )
-def test_preprocess_problem_accepts(preprocess) -> None:
-    assert preprocess_problem(preprocess, 3) is None
+def test_check_preprocess_accepts(preprocess) -> None:
+    check_preprocess(preprocess, 3)
 
 
 @pytest.mark.parametrize(
@@ -361,10 +361,11 @@ def test_preprocess_problem_accepts(preprocess) -> None:
         ({"resize": "crop"}, "preprocess.resize must be one of none, fit, got 'crop'"),
     ],
 )
-def test_preprocess_problem_names_the_field(preprocess, message: str) -> None:
-    problem = preprocess_problem(preprocess, 3)
-    assert problem is not None and problem.startswith(message), problem
-    assert "\n" not in problem
+def test_check_preprocess_names_the_field(preprocess, message: str) -> None:
+    with pytest.raises(PreprocessError) as found:
+        check_preprocess(preprocess, 3)
+    assert found.value.problem.startswith(message), found.value.problem
+    assert "\n" not in str(found.value)
 
 
 def test_load_image_refuses_a_bad_preprocess_section(tmp_path: Path) -> None:

@@ -25,7 +25,14 @@ from resfuse.errors import ConfigError, InputContractError
 from resfuse.export.cli import main as export_main
 from resfuse.export.pipeline import ExportOptions
 from resfuse.export.quantize import Calibration
-from resfuse.images import Pixels, load_image, preprocess_problem, preprocess_record, to_input
+from resfuse.images import (
+    Pixels,
+    PreprocessError,
+    check_preprocess,
+    load_image,
+    preprocess_record,
+    to_input,
+)
 from resfuse.models import ModelConfig
 from resfuse.runtime.check import CheckRecord, CheckReport
 from resfuse.runtime.cli import check_main
@@ -153,14 +160,16 @@ def test_units_are_recorded_and_validated() -> None:
     config = ModelConfig("upsample", in_channels=1)
     options = ExportOptions(window=(40, 400), intensity_units="stored")
     assert options.preprocess(config)["units"] == "stored"
-    assert preprocess_problem({"window": window, "units": "stored"}, 1) is None
-    assert preprocess_problem({"window": window}, 1) is None  # older manifests: rescaled
+    check_preprocess({"window": window, "units": "stored"}, 1)
+    check_preprocess({"window": window}, 1)  # older manifests: rescaled
     for bad, message in [
         ({"window": window, "units": "HU"}, "preprocess.units must be one of rescaled, stored"),
         ({"range": "dtype", "units": "stored"}, "preprocess.units applies to a window or"),
         ({"units": "rescaled"}, "preprocess.units applies to a window or"),
     ]:
-        assert str(preprocess_problem(bad, 1)).startswith(message)
+        with pytest.raises(PreprocessError) as found:
+            check_preprocess(bad, 1)
+        assert found.value.problem.startswith(message)
 
 
 # 3. clipping notes
