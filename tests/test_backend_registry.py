@@ -4,7 +4,9 @@ resfuse.runtime.load, resfuse-check, resfuse-bench and resfuse-serve from the re
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import MappingProxyType
@@ -20,7 +22,7 @@ from resfuse.artifacts import Manifest, load_original
 from resfuse.errors import ConfigError
 from resfuse.runtime.backend_spec import with_threads
 from resfuse.runtime.backends import BACKENDS, Claim, Runner
-from resfuse.runtime.backends.base import check_count, reject_unknown
+from resfuse.runtime.backends.base import Option, check_count, check_flag, validate_options
 from resfuse.runtime.bench import timed_sessions
 from resfuse.runtime.cli import bench_main, check_main
 from resfuse.runtime.serve_cli import serve_main
@@ -44,9 +46,12 @@ class DummyRunner(Runner):
             return None
         return Claim(cls.name, "a dummy engine", path, Path(path.read_text()))
 
+    declared = MappingProxyType(
+        {"threads": Option("torch's own count", check_count), "quiet": Option("", check_flag)}
+    )
+
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        reject_unknown(self.name, options, ["threads", "quiet"])
-        check_count(self.name, "threads", options.get("threads"), "torch's own count")
+        validate_options(self.name, options, self.declared)
         super().__init__(manifest, device, **options)
         self.model: torch.nn.Module | None = None
 
@@ -118,3 +123,20 @@ def test_commands_read_its_declaration(head_artifact: Path, tmp_path: Path, dumm
         "threads": 1,
         "quiet": True,
     }
+
+
+def _readme_options() -> dict[str, set[str]]:
+    """README's table of backend options: backend -> the options its rows name."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = lines.index("| backend | option | meaning | default |") + 2
+    table: dict[str, set[str]] = {}
+    for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:]):
+        backends, options = (re.findall(r"`([^`]+)`", cell) for cell in line.split("|")[1:3])
+        for backend in backends:
+            table.setdefault(backend, set()).update(options)
+    return table
+
+
+def test_every_declared_option_is_in_the_readme_table_and_no_other() -> None:
+    declared = {name: set(runner.declared) for name, runner in BACKENDS.items()}
+    assert _readme_options() == declared

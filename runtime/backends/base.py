@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -39,9 +40,52 @@ def reject_unknown(backend: str, options: dict[str, Any], known: Iterable[str]) 
         raise ConfigError(f"unknown {backend} options {sorted(unknown)}; known: {', '.join(known)}")
 
 
+Check = Callable[[str, str, object, str], None]  # (backend, key, value, its help) -> or raise
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a backend takes: what it does and its default (`help`, which README's table
+    of backend options lists and errors quote), and its check (None: the runner checks it)."""
+
+    help: str
+    check: Check | None = None
+
+
+def validate_options(
+    backend: str, options: Mapping[str, Any], declared: Mapping[str, Option]
+) -> None:
+    """ConfigError naming the first option `backend` does not take or whose value does not fit
+    its declaration."""
+    reject_unknown(backend, dict(options), declared)
+    for key, value in options.items():
+        check = declared[key].check
+        if check is not None:
+            check(backend, key, value, declared[key].help)
+
+
+def check_flag(backend: str, key: str, value: object, help: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{backend} option {key} must be True or False, not {value!r}")
+
+
+def check_path(backend: str, key: str, value: object, help: str) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{backend} option {key} must be a path, not {value!r}")
+
+
+def one_of(*allowed: str) -> Check:
+    def check(backend: str, key: str, value: object, help: str) -> None:
+        if value not in allowed:
+            raise ConfigError(f"{backend} option {key} must be one of {allowed}, not {value!r}")
+
+    return check
+
+
 def check_count(backend: str, key: str, value: object, default: str) -> None:
-    """A count option (threads, inter_op_threads): a whole number >= 1, or None for `default`.
-    bool is an int to Python, but threads=True is a mistake, not 1 thread."""
+    """A count option (threads, inter_op_threads): a whole number >= 1, or None for `default`
+    (the option's help). bool is an int to Python, but threads=True is a mistake, not 1
+    thread."""
     if value is None or (
         isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 1
     ):
@@ -77,6 +121,8 @@ class Runner(ABC):
     # Options that keep its idle threads from running between its calls, so that they take no
     # cores from the backend timed next (resfuse-bench sets them when it times several).
     quiet: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    # The options it takes (validate_options checks them; README's table lists them).
+    declared: ClassVar[Mapping[str, Option]] = MappingProxyType({})
 
     @classmethod
     def claim(cls, path: str | Path) -> Claim | None:

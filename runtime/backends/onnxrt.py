@@ -14,7 +14,16 @@ import numpy as np
 from resfuse.artifacts import Manifest
 from resfuse.contract import InputContract
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from resfuse.runtime.backends.base import Phases, Runner, check_count, reject_unknown
+from resfuse.runtime.backends.base import (
+    Option,
+    Phases,
+    Runner,
+    check_count,
+    check_flag,
+    check_path,
+    one_of,
+    validate_options,
+)
 from resfuse.runtime.machine import physical_cores
 
 _PROVIDERS = {
@@ -24,19 +33,33 @@ _PROVIDERS = {
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 _LEVELS = ("disable", "basic", "extended", "all")
-OPTIONS = {
-    "threads": "intra-op threads (default: physical cores)",
-    "inter_op_threads": "inter-op threads (default 1: the graph is one chain)",
-    "optimization": f"graph optimisation level, one of {_LEVELS} (default all)",
-    "mem_pattern": "reuse a memory plan across calls (default True)",
-    "spinning": "idle threads spin for the next call instead of sleeping (default True, as ORT)",
-    "fp16": (
-        "TensorRT EP: build float16 engines (default False); TensorRT 10 only; TensorRT 11 "
-        "takes precision from the graph: export --precision fp16"
-    ),
-    "opt_shape": "TensorRT EP: (B, C, H, W) the kernels are tuned for (default 1 x C x 512 x 512)",
-    "cache_dir": "TensorRT EP: engine and timing caches (default ~/.cache/resfuse/ort-trt)",
-}
+OPTIONS = MappingProxyType(
+    {
+        "threads": Option("intra-op threads (default: physical cores)", check_count),
+        "inter_op_threads": Option(
+            "inter-op threads (default 1: the graph is one chain)", check_count
+        ),
+        "optimization": Option(
+            f"graph optimisation level, one of {_LEVELS} (default all)", one_of(*_LEVELS)
+        ),
+        "mem_pattern": Option("reuse a memory plan across calls (default True)", check_flag),
+        "spinning": Option(
+            "idle threads spin for the next call instead of sleeping (default True, as ORT)",
+            check_flag,
+        ),
+        "fp16": Option(
+            "TensorRT EP: build float16 engines (default False); TensorRT 10 only; TensorRT 11 "
+            "takes precision from the graph: export --precision fp16",
+            check_flag,
+        ),
+        "opt_shape": Option(
+            "TensorRT EP: (B, C, H, W) the kernels are tuned for (default 1 x C x 512 x 512)"
+        ),
+        "cache_dir": Option(
+            "TensorRT EP: engine and timing caches (default ~/.cache/resfuse/ort-trt)", check_path
+        ),
+    }
+)
 
 
 def tensorrt_provider_options(
@@ -159,24 +182,16 @@ class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
     threaded = True
     quiet = MappingProxyType({"spinning": False})  # spinning threads hold their cores
+    declared = OPTIONS
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        reject_unknown("onnxruntime", options, OPTIONS)
+        validate_options(self.name, options, self.declared)
         if device not in _PROVIDERS:
             raise ConfigError(
                 f"onnxruntime device must be one of {', '.join(_PROVIDERS)}, not {device!r}"
             )
         if device not in manifest.targets:
             raise ConfigError(_off_target(manifest, device))
-        if options.get("optimization", "all") not in _LEVELS:
-            raise ConfigError(
-                f"optimization must be one of {_LEVELS}, not {options['optimization']!r}"
-            )
-        for key in ("threads", "inter_op_threads"):
-            check_count(self.name, key, options.get(key), OPTIONS[key])
-        for key in ("mem_pattern", "fp16", "spinning"):
-            if not isinstance(options.get(key, False), bool):
-                raise ConfigError(f"onnxruntime option {key} must be True or False")
         super().__init__(manifest, device, **options)
         self.session: Any = None
 

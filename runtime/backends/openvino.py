@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from resfuse.runtime.backends.base import Runner, check_count, reject_unknown
+from resfuse.runtime.backends.base import Option, Runner, check_count, one_of, validate_options
 from resfuse.runtime.backends.onnxrt import refuse_external_data
 from resfuse.runtime.machine import physical_cores
 
@@ -19,11 +20,18 @@ _HINTS = ("LATENCY", "THROUGHPUT")
 # OpenVINO prefixes a message with the source lines it passed through: noise to a user.
 _SOURCE_LINES = re.compile(r"(Exception from|Check '.*?' failed at) \S+:\d+:\s*")
 _SETTINGS = ("INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT")
-OPTIONS = {
-    "precision": f"inference precision, one of {_PRECISIONS} (default f32)",
-    "threads": "INFERENCE_NUM_THREADS (default: physical cores)",
-    "performance_hint": f"one of {_HINTS} (default LATENCY: one stream, all threads per call)",
-}
+OPTIONS = MappingProxyType(
+    {
+        "precision": Option(
+            f"inference precision, one of {_PRECISIONS} (default f32)", one_of(*_PRECISIONS)
+        ),
+        "threads": Option("INFERENCE_NUM_THREADS (default: physical cores)", check_count),
+        "performance_hint": Option(
+            f"one of {_HINTS} (default LATENCY: one stream, all threads per call)",
+            one_of(*_HINTS),
+        ),
+    }
+)
 
 
 class OpenVinoRunner(Runner):
@@ -35,20 +43,15 @@ class OpenVinoRunner(Runner):
 
     name = "openvino"
     threaded = True
+    declared = OPTIONS
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        reject_unknown("openvino", options, OPTIONS)
+        validate_options(self.name, options, self.declared)
         if device not in _DEVICES:
             raise ConfigError(
                 f"openvino device must be one of {', '.join(_DEVICES)}, not {device!r}; its "
                 f"GPU and NPU plugins are not supported by resfuse"
             )
-        for key, allowed in (("precision", _PRECISIONS), ("performance_hint", _HINTS)):
-            if options.get(key, allowed[0]) not in allowed:
-                raise ConfigError(
-                    f"openvino option {key} must be one of {allowed}, not {options[key]!r}"
-                )
-        check_count(self.name, "threads", options.get("threads"), OPTIONS["threads"])
         super().__init__(manifest, device, **options)
         self.compiled: Any = None
 

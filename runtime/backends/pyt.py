@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from types import MappingProxyType
 from typing import Any, cast
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from resfuse.artifacts import Manifest, load_original
 from resfuse.errors import BackendUnavailableError, ConfigError
-from resfuse.runtime.backends.base import Phases, Runner, check_count, reject_unknown
+from resfuse.runtime.backends.base import Option, Phases, Runner, check_count, validate_options
 
 
 class TorchRunner(Runner):
@@ -21,10 +22,10 @@ class TorchRunner(Runner):
     name = "torch"
     threaded = True
     runs_original = True
+    declared = MappingProxyType({"threads": Option("torch's own count", check_count)})
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
-        reject_unknown("torch backend", options, ["threads"])
-        check_count(self.name, "threads", options.get("threads"), "torch's own count")
+        validate_options(self.name, options, self.declared)
         super().__init__(manifest, device, **options)
         self.model: torch.nn.Module | None = None
         self._device = torch.device("cuda" if device == "cuda" else device)

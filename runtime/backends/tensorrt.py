@@ -25,12 +25,12 @@ cache beside the engine, written when the runner is deactivated.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,24 +48,47 @@ from resfuse.errors import (
     ModelLoadError,
 )
 from resfuse.profiles import Profile, parse_profile, profile_for, validate_profiles
-from resfuse.runtime.backends.base import Claim, Phases, Runner, reject_unknown
+from resfuse.runtime.backends.base import (
+    Claim,
+    Option,
+    Phases,
+    Runner,
+    check_flag,
+    check_path,
+    validate_options,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-OPTIONS = {
-    "flavour": "tensorrt or tensorrt-rtx (default: the one installed; both: tensorrt)",
-    "profiles": "Profiles or 'MIN:OPT:MAX' strings (default: the manifest's ranges, capped)",
-    "builder_level": "builder optimisation level 0-5 (default 3)",
-    "compute_capabilities": "tensorrt-rtx: targets such as '8.6,8.9' (default: this GPU)",
-    "cache_dir": "engine cache folder (default ~/.cache/resfuse/engines)",
-    "rebuild": "build when no cached engine runs here (default True; False refuses instead)",
-    "cuda_graphs": "capture a CUDA graph per input shape and replay it (default False)",
-    "trust_host_code": "build and run version-compatible plans, with host code (default False)",
-    "engine": "an engine's sidecar manifest to run, built from this artifact (load() sets it)",
-}
+OPTIONS = MappingProxyType(
+    {
+        "flavour": Option("tensorrt or tensorrt-rtx (default: the one installed; both: tensorrt)"),
+        "profiles": Option(
+            "Profiles or 'MIN:OPT:MAX' strings (default: the manifest's ranges, capped)"
+        ),
+        "builder_level": Option("builder optimisation level 0-5 (default 3)"),
+        "compute_capabilities": Option(
+            "tensorrt-rtx: targets such as '8.6,8.9' (default: this GPU)"
+        ),
+        "cache_dir": Option("engine cache folder (default ~/.cache/resfuse/engines)", check_path),
+        "rebuild": Option(
+            "build when no cached engine runs here (default True; False refuses instead)",
+            check_flag,
+        ),
+        "cuda_graphs": Option(
+            "capture a CUDA graph per input shape and replay it (default False)", check_flag
+        ),
+        "trust_host_code": Option(
+            "build and run version-compatible plans, with host code (default False)", check_flag
+        ),
+        "engine": Option(
+            "an engine's sidecar manifest to run, built from this artifact (load() sets it)",
+            check_path,
+        ),
+    }
+)
 _BUILD_OPTIONS = ("profiles", "builder_level", "compute_capabilities", "cache_dir", "rebuild")
-_FLAGS = ("rebuild", "cuda_graphs", "trust_host_code")
 DEVICE = "cuda"
 ALIGNMENT = 256  # bytes: TensorRT refuses tensor addresses that are not aligned to this
 
@@ -89,6 +112,7 @@ class TensorRTRunner(Runner):
     the GPU with CUDA_VISIBLE_DEVICES)."""
 
     name = "tensorrt"
+    declared = OPTIONS
 
     @classmethod
     def claim(cls, path: str | Path) -> Claim | None:
@@ -477,19 +501,13 @@ def _save_runtime_cache(cache: Any, path: Path) -> None:
 
 def _check_options(options: dict[str, Any], device: str) -> None:
     """ConfigError naming the first bad option; nothing here imports TensorRT."""
-    reject_unknown("tensorrt", options, OPTIONS)
+    validate_options("tensorrt", options, OPTIONS)
     if device != DEVICE:
         raise ConfigError(
             f"the tensorrt backend runs on device 'cuda' (torch's current CUDA device; choose "
             f"the GPU with CUDA_VISIBLE_DEVICES), not {device!r}; pass device='cuda' (--device "
             f"cuda)"
         )
-    for key in _FLAGS:
-        if not isinstance(options.get(key, False), bool):
-            raise ConfigError(f"tensorrt option {key} must be True or False, not {options[key]!r}")
-    for key in ("cache_dir", "engine"):
-        if not isinstance(options.get(key, ""), (str, os.PathLike)):
-            raise ConfigError(f"tensorrt option {key} must be a path, not {options[key]!r}")
     given = sorted(k for k in _BUILD_OPTIONS if k in options)
     if options.get("engine") is not None and given:
         raise ConfigError(
