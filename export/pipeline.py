@@ -146,6 +146,19 @@ class ExportOptions:
             )
 
 
+@dataclass(frozen=True)
+class Source:
+    """What a converter works from: the verified float32 graph and the model it came from, the
+    export's contract and options, and where it reports progress and warnings."""
+
+    model: FusionModel
+    graph: onnx.ModelProto
+    contract: InputContract
+    options: ExportOptions
+    progress: Callable[[str], None]
+    warn: Callable[[str], None] | None
+
+
 @dataclass
 class ExportResult:
     name: str
@@ -336,7 +349,8 @@ def _variant(
     """The verified float32 graph in the options' precision, made by its converter, with its
     own parity sweep, judged by relative L2 against the float32 PyTorch original."""
     variant = options.variant
-    graph, sample = variant.convert()(model, proto, contract, options, progress, warn)
+    source = Source(model, proto, contract, options, progress, warn)
+    graph, sample = variant.convert()(source)
     onnx_export.check_model(graph)
     onnx_export.check_dynamic_axes(graph, contract)
     progress(f"parity sweep on the {options.precision} graph")

@@ -3,7 +3,7 @@ defined here, in no module of resfuse, and it exports under its own suffix with 
 targets and hint, passes manifest validation, runs and is checked like the precisions resfuse
 ships, and is ranked in its accuracy class."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from resfuse import runtime
 from resfuse.artifacts import read_manifest
 from resfuse.errors import ConfigError, ParityError
-from resfuse.export.pipeline import ExportOptions, export_artifact
+from resfuse.export.pipeline import ExportOptions, Source, export_artifact
 from resfuse.models import ModelConfig
 from resfuse.precisions import PRECISIONS, Precision, accuracy_class, dtypes, precision
 from resfuse.runtime.check import check_artifact
@@ -35,18 +35,11 @@ BFLOAT16 = Precision(
 )
 
 
-def bfloat16_graph(
-    model: object,
-    proto: onnx.ModelProto,
-    contract: object,
-    options: object,
-    progress: Callable[[str], None],
-    warn: object,
-) -> tuple[onnx.ModelProto, None]:
+def bfloat16_graph(source: Source) -> tuple[onnx.ModelProto, None]:
     """Weights rounded to bfloat16 and stored as float32: any runtime reads the graph."""
-    progress("rounding the weights to bfloat16")
+    source.progress("rounding the weights to bfloat16")
     graph = onnx.ModelProto()
-    graph.CopyFrom(proto)
+    graph.CopyFrom(source.graph)
     for init in graph.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT:
             values = torch.from_numpy(numpy_helper.to_array(init).copy())
