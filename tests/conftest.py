@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import invoke
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
+from resfuse.export.cli import main as export_main
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
 from resfuse.models import METHODS, ModelConfig
 
@@ -48,3 +50,39 @@ def out_dir(tmp_path: Path) -> Path:
     path = tmp_path / "out"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def fp16(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp16 artifacts, masked through the CLI and spp through the library, with the options of
+    `exported`, so that their float32 sources are those artifacts; exported once for the run."""
+    out = tmp_path_factory.mktemp("fp16")
+    proc = invoke(
+        export_main,
+        "--method",
+        "masked",
+        "--precision",
+        "fp16",
+        "--max-size",
+        "1024",
+        "-o",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    spp = export_artifact(
+        ModelConfig("spp"), out, ExportOptions(max_size=1024, precision="float16")
+    )
+    return {"masked": out / "masked-resnet18-fp16.json", "spp": spp.manifest_path}
+
+
+@pytest.fixture(scope="session")
+def int8_trt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """masked's TensorRT INT8 artifact, through the CLI with the --int8 alias, calibrated small to
+    keep the export short; exported once for the run."""
+    out = tmp_path_factory.mktemp("int8-trt")
+    args = ["--method", "masked", "--int8", "--target", "tensorrt", "--calib-random"]
+    args += ["--calib-count", "4", "--calib-size", "128", "--max-size", "512", "-o", str(out)]
+    proc = invoke(export_main, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "masked-resnet18-int8-trt (int8)" in proc.stdout and "rel L2 <= 0.1" in proc.stdout
+    return out / "masked-resnet18-int8-trt.json"

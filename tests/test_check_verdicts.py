@@ -111,12 +111,10 @@ def test_the_command_judges_like_the_export_and_gates_masks(int8_on_images) -> N
     assert "random" not in result.stdout
 
 
-def test_openvino_bf16_over_a_float16_artifact_is_labelled_bfloat16(tmp_path: Path) -> None:
+def test_openvino_bf16_over_a_float16_artifact_is_labelled_bfloat16(fp16) -> None:
     from resfuse.artifacts import read_manifest
     from resfuse.runtime.backends.openvino import OpenVinoRunner
 
-    options = ExportOptions(max_size=128, precision="float16")
-    path = export_artifact(ModelConfig("masked"), tmp_path, options).manifest_path
-    manifest = read_manifest(path)
+    manifest = read_manifest(fp16["masked"])
     assert OpenVinoRunner(manifest, "cpu", precision="bf16").precision == "bfloat16"
     assert OpenVinoRunner(manifest, "cpu", precision="f32").precision == "float16"

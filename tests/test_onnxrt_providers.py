@@ -8,9 +8,6 @@ import pytest
 
 from resfuse.artifacts import read_manifest
 from resfuse.errors import BackendUnavailableError
-from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
-from resfuse.export.quantize import Calibration
-from resfuse.models import ModelConfig
 from resfuse.runtime.backends import onnxrt
 from resfuse.runtime.backends.onnxrt import (
     OnnxRuntimeRunner,
@@ -20,18 +17,6 @@ from resfuse.runtime.backends.onnxrt import (
 )
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
-
-
-@pytest.fixture(scope="module")
-def int8_trt(tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
-    """A real INT8 Q/DQ artifact for TensorRT, calibrated small to keep the export short."""
-    options = ExportOptions(
-        max_size=512,
-        precision="int8",
-        calibration=Calibration(count=4, size=128),
-        target="tensorrt",
-    )
-    return export_artifact(ModelConfig("masked"), tmp_path_factory.mktemp("int8-trt"), options)
 
 
 @pytest.mark.parametrize("got", [[CPU], [CUDA, CPU], [TRT, CUDA, CPU]])
@@ -94,10 +79,10 @@ def test_tensorrt_options_enable_int8_only_when_asked(exported, tmp_path: Path) 
 
 
 def test_int8_artifact_asks_the_tensorrt_ep_for_int8(
-    int8_trt: ExportResult, exported, tmp_path: Path
+    int8_trt: Path, exported, tmp_path: Path
 ) -> None:
-    for result, expected in ((int8_trt, "True"), (exported["masked"], "False")):
-        manifest = read_manifest(result.manifest_path)
+    for path, expected in ((int8_trt, "True"), (exported["masked"].manifest_path, "False")):
+        manifest = read_manifest(path)
         runner = OnnxRuntimeRunner(manifest, "tensorrt", cache_dir=str(tmp_path))
         name, trt = runner.providers()[0]
         assert name == TRT and trt["trt_int8_enable"] == expected, manifest.precision

@@ -22,7 +22,7 @@ from resfuse.artifacts import load_original, read_manifest
 from resfuse.compare import Tolerance, compare
 from resfuse.errors import BackendUnavailableError, ConfigError, ManifestError
 from resfuse.export.cli import main as export_main
-from resfuse.export.pipeline import ExportOptions, export_artifact
+from resfuse.export.pipeline import ExportOptions
 from resfuse.export.quantize import Calibration
 from resfuse.models import ModelConfig
 from resfuse.runtime.check import check_artifact
@@ -37,31 +37,6 @@ ODD = (1, 3, 97, 131)
 def export(*args: str) -> subprocess.CompletedProcess:
     """resfuse-export in this process (tests/test_cli.py runs the console script)."""
     return invoke(export_main, *args)
-
-
-@pytest.fixture(scope="module")
-def fp16(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """masked through the CLI, spp through the library; the options of conftest's `exported`,
-    so that their float32 sources are those artifacts."""
-    out = tmp_path_factory.mktemp("fp16")
-    proc = export("--method", "masked", "--precision", "fp16", "--max-size", "1024", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    spp = export_artifact(
-        ModelConfig("spp"), out, ExportOptions(max_size=1024, precision="float16")
-    )
-    return {"masked": out / "masked-resnet18-fp16.json", "spp": spp.manifest_path}
-
-
-@pytest.fixture(scope="module")
-def int8_trt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Through the CLI with the --int8 alias."""
-    out = tmp_path_factory.mktemp("int8-trt")
-    args = ["--method", "masked", "--int8", "--target", "tensorrt", "--calib-random"]
-    args += ["--calib-count", "4", "--calib-size", "128", "--max-size", "512", "-o", str(out)]
-    proc = export(*args)
-    assert proc.returncode == 0, proc.stderr
-    assert "masked-resnet18-int8-trt (int8)" in proc.stdout and "rel L2 <= 0.1" in proc.stdout
-    return out / "masked-resnet18-int8-trt.json"
 
 
 def _graph(manifest: Path) -> onnx.GraphProto:
