@@ -521,6 +521,16 @@ def _intensity(
     return lambda values: _to_unit(values, low, high)
 
 
+def clip_note(pixels: Pixels, preprocess: dict[str, Any]) -> str | None:
+    """The note load_image tells `on_clip` for these values, or None: for values read in parts
+    (a volume's slices), so that the whole is judged, and told, once."""
+    fixed = None if "scale" in preprocess else _fixed_range(preprocess)
+    if fixed is None:
+        return None
+    low, high = _in_value_units(fixed, pixels, preprocess.get("units", "rescaled"))
+    return _clip_note(pixels, preprocess, low, high)
+
+
 def _is_fixed(preprocess: dict[str, Any]) -> bool:
     """A window or [low, high]: the rules that are written in units (preprocess.units)."""
     return "window" in preprocess or not isinstance(preprocess.get("range", "dtype"), str)

@@ -332,7 +332,9 @@ def process_volume(
         axis = slice_axis(volume.affine) if options.axis is None else options.axis
         h, w = (n for i, n in enumerate(volume.data.shape[:3]) if i != axis)
         tiling = {} if session.runner.accepts(h, w) else options.tiling  # as images: if needed
-        output = predict_volume(session, volume, axis=axis, batch_size=limit, **tiling)
+        output = predict_volume(
+            session, volume, axis=axis, batch_size=limit, on_clip=_warn, **tiling
+        )
         data = volume_bytes(volume, output)
     except Exception as exc:  # noqa: BLE001 - no one volume (or a backend failure) aborts
         return job, str(exc)

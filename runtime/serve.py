@@ -35,6 +35,7 @@ import math
 import tempfile
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -263,11 +264,13 @@ class ResfuseDeployment:
 
         if fmt != "npy":
             raise HTTPError(400, "a NIfTI volume is answered as NIfTI; drop ?format=png")
+        notes: list[str] = []  # what the intensity rule clipped: told in a response header
+        run = partial(predict_volume, self.session, volume, on_clip=notes.append, **tiling)
         try:
-            output = await asyncio.to_thread(predict_volume, self.session, volume, **tiling)
+            output = await asyncio.to_thread(run)
         except InputContractError as exc:
             raise HTTPError(422, str(exc)) from exc
-        return Answer(nifti_bytes(volume, output), NIFTI_ANSWER_TYPE)
+        return Answer(nifti_bytes(volume, output), NIFTI_ANSWER_TYPE, notes)
 
     def decode_image(self, body: bytes, notes: list[str]) -> np.ndarray:
         from resfuse.images import pil

@@ -15,7 +15,7 @@ its file gives alone, so a model sees a series' slices as it sees its files one 
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from resfuse.images import (
     _from_dicom,
     _is_dicom,
     check_preprocess,
+    clip_note,
     pydicom,
     to_input,
 )
@@ -320,13 +321,15 @@ def predict_volume(
     axis: int | None = None,
     channels: Sequence[int] | None = None,
     batch_size: int | None = None,
+    on_clip: Callable[[str], None] | None = None,
     **tiling: Any,
 ) -> np.ndarray:
     """Run each slice along `axis` (default: slice_axis) through the session; the output has
     the volume's voxel axes: the argmax class per voxel for a model with a head (uint8, uint16
     above 256 classes), else the fused channels (or those in `channels`) as a last axis, float32.
     Slices go `batch_size` at a time (default and at most the artifact's batch limit);
-    `tiling` is passed to every session.run."""
+    `tiling` is passed to every session.run. `on_clip` hears once, of the whole volume, when
+    a [low, high] rule clips a large share of its voxels."""
     axis = slice_axis(volume.affine) if axis is None else axis
     if axis not in (0, 1, 2):
         raise ConfigError(f"slice axis {axis} is not a voxel axis of a volume; use 0, 1 or 2")
@@ -338,7 +341,7 @@ def predict_volume(
         )
     slices = np.moveaxis(volume.data, axis, 0)
     parts = []
-    for batch in _batches(session, volume, slices, axis, batch_size):
+    for batch in _batches(session, volume, slices, axis, batch_size, on_clip):
         output = _run(session, batch, volume, axis, tiling)
         if head is not None:
             parts.append(output.argmax(axis=1).astype(np.uint8 if head <= 256 else np.uint16))
@@ -348,7 +351,12 @@ def predict_volume(
 
 
 def _batches(
-    session: Session, volume: Volume, slices: np.ndarray, axis: int, batch_size: int | None
+    session: Session,
+    volume: Volume,
+    slices: np.ndarray,
+    axis: int,
+    batch_size: int | None,
+    on_clip: Callable[[str], None] | None,
 ) -> Iterator[np.ndarray]:
     """(n, C, H, W) inputs, slice by slice by the manifest's intensity rule.
     Never resized (the output must keep the input's grid): a slice outside the artifact's size
@@ -361,6 +369,9 @@ def _batches(
             f"arrays to session.run"
         )
     check_preprocess(preprocess, contract.channels, LOAD_FIX)
+    note = clip_note(Pixels(volume.data, volume.full_range, volume.name), preprocess)
+    if note is not None and on_clip is not None:
+        on_clip(note)
     limit = _batch_limit(contract.batch.max, batch_size)
     for start in range(0, slices.shape[0], limit):
         inputs = []

@@ -300,3 +300,28 @@ def test_the_command_takes_a_volume_index(head_artifact: Path, tmp_path: Path):
     mask = nib.load(out / "run.nii.gz.mask.nii.gz")
     assert mask.shape == (128, 96, 24) and mask.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(mask.affine, nib.load(FOUR_D).affine)
+
+
+def test_a_range_that_clips_most_of_a_volume_says_so_once(
+    gray_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A [low, high] rule is judged on the whole volume, not slice by slice: one note for the
+    volume, from the library and from resfuse-predict."""
+    folder = tmp_path / "artifact"
+    shutil.copytree(gray_artifact.parent, folder)
+    manifest = folder / gray_artifact.name
+    data = json.loads(manifest.read_text())
+    data["preprocess"].update(range=[-10, -1], units="rescaled")  # below every MR value
+    manifest.write_text(json.dumps(data))
+    notes: list[str] = []
+    with load(manifest) as session:
+        predict_volume(session, read_volume(ANATOMICAL), on_clip=notes.append)
+    assert len(notes) == 1 and notes[0].startswith(f"{ANATOMICAL}: 100% of pixels fall outside")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copyfile(ANATOMICAL, inputs / "anat.nii")
+    capsys.readouterr()
+    assert predict(manifest, inputs, tmp_path / "out", batch_size=4).done == 1
+    assert (
+        capsys.readouterr().err.count("of pixels fall outside the intensity range [-10, -1]") == 1
+    )
