@@ -419,10 +419,13 @@ def _ratio_rounds(slow: dict[str, Any], fast: dict[str, Any]) -> list[float]:
 
 def _add_speedups(records: list[dict[str, Any]]) -> None:
     """Round by round, PyTorch eager float32's block median over each engine's."""
+    from resfuse.runtime.bench import round_ratios
+
     torch_fp32 = next(r for r in records if r["backend"] == "torch")
     for r in records:
-        r["speedup_rounds"] = _ratio_rounds(torch_fp32, r)
-        r["speedup_vs_torch"] = float(np.median(r["speedup_rounds"]))  # as round_ratios gives
+        r["speedup_rounds"], r["speedup_vs_torch"] = round_ratios(
+            torch_fp32["round_p50_ms"], r["round_p50_ms"]
+        )
 
 
 def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -510,11 +510,11 @@ def _intensity(
     [low, high] range that clips much of it is told to `on_clip`."""
     if "scale" in preprocess:
         return _legacy_scale(pixels, float(preprocess["scale"]))
-    fixed = _fixed_range(preprocess)
-    if fixed is None:
+    ends = _fixed_ends(pixels, preprocess)
+    if ends is None:
         low, high = _range(pixels, preprocess.get("range", "dtype"))
     else:
-        low, high = _in_value_units(fixed, pixels, preprocess.get("units", "rescaled"))
+        low, high = ends
         note = _clip_note(pixels, preprocess, low, high)
         if note is not None and on_clip is not None:
             on_clip(note)
@@ -524,11 +524,17 @@ def _intensity(
 def clip_note(pixels: Pixels, preprocess: dict[str, Any]) -> str | None:
     """The note load_image tells `on_clip` for these values, or None: for values read in parts
     (a volume's slices), so that the whole is judged, and told, once."""
+    ends = _fixed_ends(pixels, preprocess)
+    return None if ends is None else _clip_note(pixels, preprocess, *ends)
+
+
+def _fixed_ends(pixels: Pixels, preprocess: dict[str, Any]) -> tuple[float, float] | None:
+    """A window's or [low, high]'s ends in the units of these values; None for the rules
+    that take their range from the values (dtype, image) and for the legacy scale."""
     fixed = None if "scale" in preprocess else _fixed_range(preprocess)
     if fixed is None:
         return None
-    low, high = _in_value_units(fixed, pixels, preprocess.get("units", "rescaled"))
-    return _clip_note(pixels, preprocess, low, high)
+    return _in_value_units(fixed, pixels, preprocess.get("units", "rescaled"))
 
 
 def _is_fixed(preprocess: dict[str, Any]) -> bool:

@@ -183,24 +183,20 @@ class FusionModel(nn.Module):
 
 def build_model(
     method: str,
-    backbone: str = "resnet18",
-    stage: int = 4,
-    in_channels: int = 3,
-    num_classes: int | None = None,
-    features: int = 64,
+    *,
     pretrained: bool = False,
     weights: str | Path | None = None,
-    **options: Any,
+    **config: Any,
 ) -> FusionModel:
-    """Build a fusion model in eval mode; `options` are the fusion methods' own (each method's
-    `options` names them, e.g. spp's levels).
+    """Build a fusion model in eval mode; `config` is ModelConfig's (backbone, stage,
+    in_channels, num_classes, features, and the fusion methods' own options such as spp's
+    levels), with its defaults.
 
     Weights: random by default; `pretrained=True` takes torchvision's ImageNet backbone (needs a
     network); `weights=PATH` loads a .safetensors file or a PyTorch state dict (weights_only),
     either of a whole fusion model or of a torchvision ResNet backbone.
     """
-    config = ModelConfig(method, backbone, stage, in_channels, num_classes, features, **options)
-    model = FusionModel(config, pretrained=pretrained)
+    model = FusionModel(ModelConfig(method, **config), pretrained=pretrained)
     if weights is not None:
         model.load_weights(weights)
     return model.eval()

@@ -32,7 +32,7 @@ class Phases:
         return self.h2d_ms + self.compute_ms + self.d2h_ms
 
 
-def reject_unknown(backend: str, options: dict[str, Any], known: Iterable[str]) -> None:
+def reject_unknown(backend: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
     """One-line ConfigError naming options a backend does not take, and those it does."""
     known = list(known)
     unknown = set(options) - set(known)
@@ -57,7 +57,7 @@ def validate_options(
 ) -> None:
     """ConfigError naming the first option `backend` does not take or whose value does not fit
     its declaration."""
-    reject_unknown(backend, dict(options), declared)
+    reject_unknown(backend, options, declared)
     for key, value in options.items():
         check = declared[key].check
         if check is not None:
