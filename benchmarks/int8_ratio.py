@@ -56,18 +56,22 @@ def measure(
 
 
 def _commit() -> str | None:
-    """The checkout's commit, so a run can be matched to the graphs it timed."""
+    """The checkout's commit, so a run can be matched to the graphs it timed; "-dirty" when
+    tracked files differ from it (the graphs timed are then not that commit's)."""
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
+        head, changes = (
+            subprocess.run(
+                ["git", *command],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            for command in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"])
         )
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.stdout.strip()
+    return f"{head}-dirty" if changes else head
 
 
 def main() -> None:

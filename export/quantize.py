@@ -11,7 +11,8 @@ convolutions, quantized as convolutions are (TensorRT runs deconvolutions in int
 residual Adds of the backbone read int8 inputs (TensorRT's Q/DQ placement for skip connections).
 Everything else, the sigmoid gate, the pyramid's cumulative sums and the full-resolution
 interpolation and concatenation of each fusion method, stays float32, and the image reaches the
-fused output unquantized.
+fused output unquantized. On CPUs a Concat that only a quantized convolution reads (the fused
+tensor under a segmentation head) concatenates 8-bit values instead (`quantized_concat`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import onnx
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, ExportError, InputContractError
 from resfuse.export.onnx import copy_model
+from resfuse.export.quantized_concat import quantize_concats
 from resfuse.export.subpixel import subpixel_convtranspose
 from resfuse.images import image_files, load_image
 from resfuse.shapes import Shape
@@ -178,6 +180,12 @@ def _none_readable(folder: str | Path, skipped: list[tuple[Path, str]]) -> str:
     )
 
 
+_CPU_REWRITES = [
+    "ConvTranspose (kernel = stride) -> Conv + sub-pixel shuffle",
+    "Concat read only by quantized convolutions -> 8-bit inputs at its output's scale",
+]
+
+
 def quantization_record(calibration: Calibration, symmetric: bool = False) -> dict[str, Any]:
     """How quantize_int8 quantizes, for the manifest; keep it beside the call it describes."""
     activations = "int8, symmetric (zero point 0)" if symmetric else "uint8, asymmetric"
@@ -185,9 +193,7 @@ def quantization_record(calibration: Calibration, symmetric: bool = False) -> di
         "format": "QDQ",
         "ops": _op_types(symmetric),
         "quantized": _quantized_parts(symmetric),
-        "rewrites": []
-        if symmetric
-        else ["ConvTranspose (kernel = stride) -> Conv + sub-pixel shuffle"],
+        "rewrites": [] if symmetric else _CPU_REWRITES,
         "weights": "int8, symmetric, per output channel",
         "activations": f"{activations}, per tensor",
         "biases": "float32" if symmetric else "int32",
@@ -218,10 +224,16 @@ def _inside(folder: str) -> Iterator[None]:
 
 
 def quantize_int8(
-    model: onnx.ModelProto, input_name: str, batches: list[np.ndarray], symmetric: bool = False
+    model: onnx.ModelProto,
+    input_name: str,
+    batches: list[np.ndarray],
+    symmetric: bool = False,
+    *,
+    concat_8bit: bool = True,
 ) -> onnx.ModelProto:
     """The QDQ INT8 form of `model`, calibrated on `batches`; `symmetric`: int8 activations with
-    zero point 0 (TensorRT), else uint8 ones (x86 CPUs)."""
+    zero point 0 (TensorRT), else uint8 ones (x86 CPUs). `concat_8bit=False` leaves a head's
+    Concat in float32 (the same numbers, slower: benchmarks/head_concat.py times the two)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -254,7 +266,8 @@ def quantize_int8(
             )
         except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
-        return _float_inputs(onnx.load(quantized))
+        model = _float_inputs(onnx.load(quantized))
+        return quantize_concats(model) if concat_8bit and not symmetric else model
 
 
 def _non_residual_adds(model: onnx.ModelProto) -> list[str]:
