@@ -57,7 +57,7 @@ def measure(
 
 def _commit() -> str | None:
     """The checkout's commit, so a run can be matched to the graphs it timed; "-dirty" when
-    tracked files differ from it (the graphs timed are then not that commit's)."""
+    tracked Python files differ from it (the graphs timed are then not that commit's)."""
     try:
         head, changes = (
             subprocess.run(
@@ -67,7 +67,10 @@ def _commit() -> str | None:
                 text=True,
                 check=True,
             ).stdout.strip()
-            for command in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"])
+            for command in (
+                ["rev-parse", "--short", "HEAD"],
+                ["status", "--porcelain", "-uno", "--", "*.py"],
+            )
         )
     except (OSError, subprocess.CalledProcessError):
         return None
