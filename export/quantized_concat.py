@@ -37,19 +37,20 @@ def quantize_concats(proto: onnx.ModelProto) -> onnx.ModelProto:
     scalars = {t.name for t in graph.initializer if not t.dims}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        scale = None if node.output[0] in outputs else _output_scale(node, readers)
-        if scale is not None:
-            nodes += _quantized_inputs(node, scale, producers, scalars)
+        params = None if node.output[0] in outputs else _output_params(node, readers, scalars)
+        if params is not None:
+            nodes += _quantized_inputs(node, params, producers, scalars)
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
     return proto
 
 
-def _output_scale(
-    node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]]
+def _output_params(
+    node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], scalars: set[str]
 ) -> tuple[str, str] | None:
-    """(scale, zero point) of the QuantizeLinear nodes that alone read a Concat's output."""
+    """(scale, zero point) of the per-tensor QuantizeLinear nodes that alone read a Concat's
+    output."""
     if node.op_type != "Concat":
         return None
     users = readers.get(node.output[0], [])
@@ -57,21 +58,21 @@ def _output_scale(
     if not users or len(params) != 1 or any(u.op_type != "QuantizeLinear" for u in users):
         return None
     scale, zero_point = params.pop()
-    return scale, zero_point
+    return (scale, zero_point) if {scale, zero_point} <= scalars else None
 
 
 def _quantized_inputs(
     concat: onnx.NodeProto,
-    scale: tuple[str, str],
+    output_params: tuple[str, str],
     producers: dict[str, onnx.NodeProto],
     scalars: set[str],
 ) -> list[onnx.NodeProto]:
     """A QuantizeLinear -> DequantizeLinear pair on each input of `concat`, which now reads the
-    pairs' outputs."""
+    pairs' outputs: with `output_params` (scale, zero point), or an 8-bit input's own."""
     stem = concat.name or concat.output[0]
     pairs: list[onnx.NodeProto] = []
     for i, name in enumerate(concat.input):
-        params = list(_carried_scale(name, producers, scalars) or scale)
+        params = list(_carried_params(name, producers, scalars) or output_params)
         quantized, restored = f"{stem}/input{i}_q", f"{stem}/input{i}_dq"
         pairs += [
             helper.make_node("QuantizeLinear", [name, *params], [quantized], quantized),
@@ -81,7 +82,7 @@ def _quantized_inputs(
     return pairs
 
 
-def _carried_scale(
+def _carried_params(
     name: str, producers: dict[str, onnx.NodeProto], scalars: set[str]
 ) -> tuple[str, str] | None:
     """The (scale, zero point) of the per-tensor DequantizeLinear that `name` is moved from."""
