@@ -529,16 +529,20 @@ def int8_section() -> str:
             f"{int8_table(data['rows'])}\n\nINT8 time by operator: {profiles}.\n"
         )
     return (
-        "## INT8 against float32 ONNX Runtime, on this CPU and on one with VNNI\n\n"
+        "## INT8 against float32 ONNX Runtime, on this CPU and on CPUs with VNNI\n\n"
         "`python benchmarks/int8_ratio.py` times only what the INT8 target is about (float32 and "
         "INT8 ONNX Runtime, PyTorch eager as the reference, same exports and stopwatch as above), "
-        "so that it fits a short lease of another machine. The `int8-xeon-*` runs come from the "
-        "CPU of a GPU machine lent to this project (Intel Xeon, Sapphire Rapids class, with VNNI "
-        "and AMX), with 2 threads as here; two runs on two such machines, reported both: their "
-        "float32 times differ by up to 1.7x between machines of the same kind. They were measured "
-        "before commit fee8cc6 changed the INT8 graphs (upsample's transposed convolutions then "
-        "ran in float32, no ReLU folded into a convolution's output, the image quantized on its "
-        "way into the output) and are kept as measured: no machine with VNNI has been lent since."
+        "so that it fits a short lease of another machine; each run below names its CPU. The "
+        "`int8-xeon-*` runs come from the CPU of a GPU machine lent to this project (Intel Xeon, "
+        "Sapphire Rapids class, with VNNI and AMX), with 2 threads as here; two runs on two such "
+        "machines, reported both: their float32 times differ by up to 1.7x between machines of "
+        "the same kind. They were measured before commit fee8cc6 changed the INT8 graphs "
+        "(upsample's transposed convolutions then ran in float32, no ReLU folded into a "
+        "convolution's output, the image quantized on its way into the output) and are kept as "
+        "measured: no CPU with AMX has run the current graphs. `int8-epyc-vnni.json` comes from "
+        "an AMD EPYC with VNNI and BF16 but no AMX, with the current graphs. Operator shares of "
+        "runs before commit 111acc0 counted each session's first call, which weighs on the large "
+        "full-resolution tensors; later runs leave it out."
         "\n\n" + "\n".join(parts) + "\n"
     )
 
