@@ -85,22 +85,34 @@ def test_local_run_resumes_and_reports_the_corrupt_file(exported, images: Path, 
 
 def test_ray_data_pipeline_matches_the_runtime(exported, images: Path, tmp_path: Path):
     pytest.importorskip("ray.data", reason="needs Ray Data: pip install 'resfuse[serve]'")
+    nib = pytest.importorskip("nibabel", reason="needs nibabel")
     import ray
+    from nibabel.testing import data_path
+
+    from resfuse.runtime import predict_volume, read_volume
 
     artifact = exported["masked"].manifest_path
     out = tmp_path / "out"
+    volume = images / "mr" / "anat.nii"  # a volume among the images: the actors run it too
+    volume.parent.mkdir()
+    volume.write_bytes(Path(data_path, "anatomical.nii").read_bytes())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = predict(artifact, images, out, batch_size=3, use_ray=True)
-        assert (summary.total, summary.done, summary.skipped) == (6, 4, 0)
+        assert (summary.total, summary.done, summary.skipped) == (7, 5, 0)
         assert_two_failures(summary)
         assert_matches_runtime(artifact, images, out)
         (out / "b.jpg.npy").unlink()
         again = predict(artifact, images, out, batch_size=3, use_ray=True)
-        assert (again.done, again.skipped, len(again.failures)) == (1, 3, 2)
+        assert (again.done, again.skipped, len(again.failures)) == (1, 4, 2)
     finally:
         ray.shutdown()
     assert_matches_runtime(artifact, images, out)
+    with load(artifact) as session:
+        expected = predict_volume(session, read_volume(volume))
+        tolerance = session.manifest.tolerance
+    got = np.asarray(nib.load(out / "mr" / "anat.nii.nii.gz").dataobj)
+    np.testing.assert_allclose(got, expected, atol=tolerance.atol, rtol=tolerance.rtol)
 
 
 def test_a_head_writes_masks_through_the_command(head_artifact: Path, images: Path, tmp_path: Path):
