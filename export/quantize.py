@@ -193,7 +193,7 @@ def quantization_record(calibration: Calibration, symmetric: bool = False) -> di
         "format": "QDQ",
         "ops": _op_types(symmetric),
         "quantized": _quantized_parts(symmetric),
-        "rewrites": [] if symmetric else _CPU_REWRITES,
+        "rewrites": [] if symmetric else list(_CPU_REWRITES),
         "weights": "int8, symmetric, per output channel",
         "activations": f"{activations}, per tensor",
         "biases": "float32" if symmetric else "int32",
@@ -266,8 +266,8 @@ def quantize_int8(
             )
         except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
-        model = _float_inputs(onnx.load(quantized))
-        return quantize_concats(model) if concat_8bit and not symmetric else model
+        graph = _float_inputs(onnx.load(quantized))
+        return quantize_concats(graph) if concat_8bit and not symmetric else graph
 
 
 def _non_residual_adds(model: onnx.ModelProto) -> list[str]:
