@@ -59,22 +59,18 @@ def _commit() -> str | None:
     """The checkout's commit, so a run can be matched to the graphs it timed; "-dirty" when
     tracked Python files differ from it (the graphs timed are then not that commit's)."""
     try:
-        head, changes = (
-            subprocess.run(
-                ["git", *command],
-                cwd=Path(__file__).parent,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            for command in (
-                ["rev-parse", "--short", "HEAD"],
-                ["status", "--porcelain", "-uno", "--", "*.py"],
-            )
-        )
+        head = _git("rev-parse", "--short", "HEAD")
+        changes = _git("status", "--porcelain", "-uno", "--", "*.py")
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}-dirty" if changes else head
+
+
+def _git(*args: str) -> str:
+    found = subprocess.run(
+        ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+    )
+    return found.stdout.strip()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from resfuse.errors import ConfigError, ResfuseError
+from resfuse.precisions import TARGETS
 from resfuse.runtime.backend_spec import parse_spec, with_threads
 from resfuse.runtime.backends import threaded
 from resfuse.runtime.session import prepare
@@ -33,7 +34,7 @@ def group(*options: Decorator) -> Decorator:
 
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
-DEVICES = click.Choice(["cpu", "cuda", "tensorrt"])
+DEVICES = click.Choice(TARGETS)  # the devices an artifact can be made for
 
 
 class FiniteRange(click.FloatRange):

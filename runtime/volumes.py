@@ -369,9 +369,10 @@ def _batches(
             f"arrays to session.run"
         )
     check_preprocess(preprocess, contract.channels, LOAD_FIX)
-    note = clip_note(Pixels(volume.data, volume.full_range, volume.name), preprocess)
-    if note is not None and on_clip is not None:
-        on_clip(note)
+    if on_clip is not None:  # judging the whole volume is a pass over it: only when heard
+        note = clip_note(Pixels(volume.data, volume.full_range, volume.name), preprocess)
+        if note is not None:
+            on_clip(note)
     limit = _batch_limit(contract.batch.max, batch_size)
     for start in range(0, slices.shape[0], limit):
         inputs = []
