@@ -35,6 +35,7 @@ import numpy as np
 
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, InputContractError
+from resfuse.orientation import ORIENTATIONS, RADIOLOGICAL, InPlane, dicom_in_plane
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
@@ -44,7 +45,7 @@ UNITS = ("rescaled", "stored")  # what a window or [low, high] is written in (DI
 CLIP_NOTE_SHARE = 0.25  # a [low, high] range clipping more of an image than this is noted
 # what a reader of an artifact does about a bad preprocess section
 LOAD_FIX = "fix the preprocess section or re-export the artifact"
-_FIELDS = ("range", "window", "units", "scale", "mean", "std", "resize")
+_FIELDS = ("range", "window", "units", "scale", "mean", "std", "resize", "slice_orientation")
 _INTENSITY_FIELDS = ("range", "window", "scale")
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # Pillow modes and raw modes of uint16
 _SIGNED_SIXTEEN = ("I;16S", "I;16BS", "I;16LS", "I;16NS")  # int16, which Pillow loads as "I"
@@ -63,6 +64,9 @@ class Pixels:
     # (slope, intercept) that turned the file's stored integers into `values` (DICOM's
     # RescaleSlope/Intercept): a window or range in stored units goes through it too
     rescale: tuple[float, float] = (1.0, 0.0)
+    # how the stored (H, W) turn to what the model sees (resfuse.orientation): DICOM images
+    # and volume slices, whose place in the patient is known; other images as they are
+    in_plane: InPlane = InPlane()
 
 
 def find_images(folder: str | Path, option: str = "--images") -> list[Path]:
@@ -168,7 +172,13 @@ def preprocess_record(
             f"{intensity['range']!r} rule has neither: add --window or --intensity-range "
             f"LOW,HIGH, or drop --intensity-units"
         )
-    record = {**intensity, "mean": list(mean), "std": list(std), "resize": resize}
+    record = {
+        **intensity,
+        "mean": list(mean),
+        "std": list(std),
+        "resize": resize,
+        "slice_orientation": RADIOLOGICAL,
+    }
     check_preprocess(record, channels, "fix the preprocessing options")
     return record
 
@@ -215,6 +225,12 @@ def _check_fields(preprocess: object, channels: int) -> None:
     _check_list(preprocess.get("mean", [0.0] * channels), "mean", channels, positive=False)
     _check_list(preprocess.get("std", [1.0] * channels), "std", channels, positive=True)
     check_resize(preprocess.get("resize", "none"), "preprocess.resize")
+    orientation = preprocess.get("slice_orientation", RADIOLOGICAL)
+    if orientation not in ORIENTATIONS:
+        _bad(
+            f"preprocess.slice_orientation {_shown(orientation)} is unknown; "
+            f"allowed: {', '.join(ORIENTATIONS)}"
+        )
 
 
 def load_image(
@@ -256,9 +272,10 @@ def to_input(
     policy = resize or preprocess.get("resize", "none")
     check_resize(policy, "resize policy")
     to_unit = _intensity(pixels, preprocess, on_clip)  # from the whole image, before any resize
+    values = pixels.in_plane.to_model(pixels.values, (0, 1))
     if size is None and policy == "fit":
-        size = _fit_size(pixels.values.shape[0], pixels.values.shape[1], contract)
-    values = pixels.values if size is None else _resize(pixels.values, size)
+        size = _fit_size(values.shape[0], values.shape[1], contract)
+    values = values if size is None else _resize(values, size)
     x = to_unit(values)
     mean = np.asarray(preprocess.get("mean", [0.0] * contract.channels), dtype=np.float32)
     std = np.asarray(preprocess.get("std", [1.0] * contract.channels), dtype=np.float32)
@@ -385,7 +402,37 @@ def _from_dicom(dataset: Any, name: str) -> Pixels:
     signed = int(dataset.PixelRepresentation) == 1
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     ends = sorted((low * slope + intercept, high * slope + intercept))  # a slope may be negative
-    return Pixels(values[..., None], (ends[0], ends[1]), name, (slope, intercept))
+    plane = dicom_plane(dataset)
+    return Pixels(values[..., None], (ends[0], ends[1]), name, (slope, intercept), plane)
+
+
+def dicom_plane(dataset: Any) -> InPlane:
+    """How a DICOM image turns to the model's slice orientation: from its
+    ImageOrientationPatient; as stored when it has none (projection X-rays) or a broken one."""
+    try:
+        cosines = np.asarray([float(v) for v in dataset.ImageOrientationPatient])
+    except (AttributeError, TypeError, ValueError):
+        return InPlane()
+    if cosines.shape != (6,) or not np.all(np.isfinite(cosines)):
+        return InPlane()
+    if min(np.linalg.norm(cosines[:3]), np.linalg.norm(cosines[3:])) < 0.5:
+        return InPlane()
+    return dicom_in_plane(cosines)
+
+
+def output_plane(source: str | Path | Any) -> InPlane:
+    """How a model output for `source` (a path or opened image) turns back onto its pixels:
+    read from a DICOM file's header only; images other than DICOM are as stored."""
+    if isinstance(source, (str, Path)):
+        if not _is_dicom(Path(source)):
+            return InPlane()
+        try:
+            source = pydicom().dcmread(source, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - it was read whole before this; now it is gone
+            return InPlane()
+    if type(source).__module__.startswith("pydicom."):
+        return dicom_plane(source)
+    return InPlane()
 
 
 # What pip installs a decoder for each compressed transfer syntax (pydicom's pixel plugins).
@@ -489,6 +536,13 @@ def _check_dicom(dataset: Any, name: str) -> None:
         raise InputContractError(
             f"{name} is {photometric or 'of unknown colour'}; resfuse reads grayscale "
             f"(MONOCHROME2) DICOM only: convert it to grayscale"
+        )
+    image_type = dataset.get("ImageType", None) or []
+    kinds = [image_type] if isinstance(image_type, str) else list(image_type)
+    if "MOSAIC" in [str(kind).strip().upper() for kind in kinds]:
+        raise InputContractError(
+            f"{name} is a Siemens MOSAIC: one file tiles a whole volume's slices in a grid, "
+            f"which resfuse does not take apart; convert it with dcm2niix and pass the NIfTI"
         )
     frames = int(dataset.get("NumberOfFrames", None) or 1)
     if frames > 1:

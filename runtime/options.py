@@ -133,8 +133,23 @@ tile_options = group(
 
 
 def tiling_options(tile: object, overlap: float, blend: str) -> dict[str, Any]:
-    """Session.run's tiling keywords from --tile/--overlap/--blend; none without --tile."""
-    return {} if tile is None else {"tile": tile, "overlap": overlap, "blend": blend}
+    """Session.run's tiling keywords from --tile/--overlap/--blend; none without --tile, where
+    an --overlap or --blend given on the command line is a usage error (it would do nothing)."""
+    if tile is None:
+        ctx = click.get_current_context(silent=True)
+        given = [
+            f"--{name}"
+            for name in ("overlap", "blend")
+            if ctx is not None
+            and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise click.UsageError(
+                f"{' and '.join(given)} only shape tiles, and no --tile was given; add --tile "
+                f"auto (or a size), or drop {' and '.join(given)}"
+            )
+        return {}
+    return {"tile": tile, "overlap": overlap, "blend": blend}
 
 
 def resolve_backend(artifact: Path, spec: str, device: str, threads: int | None) -> str:

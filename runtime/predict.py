@@ -38,15 +38,18 @@ from rich.markup import escape
 from resfuse.artifacts import Manifest, read_manifest, replace_file
 from resfuse.console import err
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.images import _is_dicom, find_images, grayscale_note, pil
+from resfuse.images import _is_dicom, find_images, grayscale_note, output_plane, pil
 from resfuse.runtime.session import Session, load
+from resfuse.runtime.tiling import Tiling
 from resfuse.runtime.volumes import (
     find_volumes,
     is_nifti,
+    nibabel,
     predict_volume,
     read_volume,
     series_files,
     slice_axis,
+    slice_size,
 )
 from resfuse.runtime.volumes import nifti_bytes as volume_bytes
 
@@ -62,9 +65,13 @@ class Options:
     volume_index: int | None = None  # 4-D NIfTI: the volume to read
     tiling: dict[str, Any] = field(default_factory=dict)  # session.run's tiling keywords
 
-    def volume_record(self) -> dict[str, Any]:
-        """What a volume's record must match to be resumed, besides artifact and input."""
-        return {"axis": self.axis, "volume_index": self.volume_index}
+    def volume_record(self, source: Path) -> dict[str, Any]:
+        """What a volume's record must match to be resumed, besides artifact and input: the
+        index only for a 4-D file (a 3-D one is read whole whatever it says)."""
+        return {"axis": self.axis, "volume_index": self.index_of(source)}
+
+    def index_of(self, source: Path) -> int | None:
+        return self.volume_index if _is_4d(source) else None
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,7 @@ def job_artifact(job: Job, manifest: Manifest, options: Options) -> dict[str, An
     artifact = artifact_identity(manifest)
     if options.tiling:  # how large inputs were cut: JSON's form, so a read record compares
         artifact["tiling"] = json.loads(json.dumps(options.tiling))
-    return {**artifact, "volume": options.volume_record()} if job.is_volume else artifact
+    return {**artifact, "volume": options.volume_record(job.source)} if job.is_volume else artifact
 
 
 # Planning
@@ -220,21 +227,39 @@ def plan(
     images = [p for p in images if not (p.parent in folders and _is_dicom(p))]
     jobs = []
     for source in [*images, *volumes]:
-        job = Job(source, _output_path(source, input_dir, output_dir, head))
+        index = options.index_of(source)
+        job = Job(source, _output_path(source, input_dir, output_dir, head, index))
         if not is_current(source, job.output, job_artifact(job, manifest, options)):
             jobs.append(Job(job.source, job.output, stale=job.output.is_file()))
     return jobs, len(images) + len(volumes)
 
 
-def _output_path(source: Path, input_dir: Path, output_dir: Path, head: bool) -> Path:
+def _output_path(
+    source: Path, input_dir: Path, output_dir: Path, head: bool, index: int | None = None
+) -> Path:
+    """OUTPUT/<relative path><suffix>; one volume of a 4-D file: <relative path>.vol<index>
+    <suffix>, so each volume picked keeps its own output."""
     if is_nifti(source) or source.is_dir():
         suffix = VOLUME_SUFFIXES[0] if head else VOLUME_SUFFIXES[1]
     else:
         suffix = MASK_SUFFIX if head else ".npy"
+    if index is not None:
+        suffix = f".vol{index}{suffix}"
     relative = source.relative_to(input_dir)
     if relative == Path():  # INPUT_DIR itself is the series: named after it
         relative = Path(input_dir.resolve().name)
     return output_dir / f"{relative}{suffix}"
+
+
+def _is_4d(source: Path) -> bool:
+    """A NIfTI file of several volumes, from its header (an unreadable one fails when run)."""
+    if not is_nifti(source):
+        return False
+    try:
+        shape = nibabel().load(source).shape
+    except Exception:  # noqa: BLE001 - nibabel, gzip and zlib each raise their own
+        return False
+    return len(shape) > 3 and any(n > 1 for n in shape[3:])
 
 
 def check_writable(output_dir: Path) -> None:
@@ -329,8 +354,10 @@ def process_volume(
         # hashed before it is read, as an image is
         record = {"artifact": artifact, "input": input_identity(job.source)}
         volume = read_volume(job.source, index=options.volume_index)
-        axis = slice_axis(volume.affine) if options.axis is None else options.axis
-        h, w = (n for i, n in enumerate(volume.data.shape[:3]) if i != axis)
+        axis = slice_axis(volume) if options.axis is None else options.axis
+        for note in volume.notes:
+            _warn(note)
+        h, w = slice_size(volume, axis)
         tiling = {} if session.runner.accepts(h, w) else options.tiling  # as images: if needed
         output = predict_volume(
             session, volume, axis=axis, batch_size=limit, on_clip=_warn, **tiling
@@ -370,6 +397,7 @@ def _process_images(
     except (ResfuseError, RuntimeError, ValueError) as exc:  # a backend failure: this batch only
         return results + [(job, f"inference failed: {exc}") for job, _, _ in ready + tiled]
     for (job, _, record), output in zip(ready + tiled, outputs, strict=True):
+        output = output_plane(job.source).to_stored(output)  # onto the file's own pixels
         try:
             write_output(job, mask_png(output) if head else npy_bytes(output), record)
             results.append((job, None))
@@ -384,7 +412,21 @@ def _record(summary: Summary, results: Iterable[tuple[Job, str | None]]) -> None
             summary.done += 1
             summary.stale += job.stale
         else:
-            summary.failures.append((str(job.source), reason))
+            summary.failures.append((str(job.source), reason + _set_aside(job)))
+
+
+def _set_aside(job: Job) -> str:
+    """A failed job's stale output (made from an earlier input or artifact) renamed to
+    <output>.stale, its record removed: kept, but never again taken for this input's answer."""
+    if not job.stale or not job.output.is_file():
+        return ""
+    aside = job.output.with_name(job.output.name + ".stale")
+    try:
+        job.output.replace(aside)
+        record_path(job.output).unlink(missing_ok=True)
+    except OSError as exc:
+        return f"; its earlier output {job.output} is stale and could not be moved aside: {exc}"
+    return f"; its earlier output, made from another input or artifact, was moved to {aside}"
 
 
 # Drivers
@@ -419,6 +461,7 @@ def predict(
     if axis is not None and axis not in (0, 1, 2):
         raise ConfigError(f"--axis {axis} is not a voxel axis of a volume; use 0, 1 or 2")
     options = Options(axis, volume_index, dict(tiling or {}))
+    _check_tiling(manifest, options.tiling)
     jobs, total = plan(input_dir, output_dir, manifest, options, series=series)
     if jobs:
         check_writable(output_dir)
@@ -436,6 +479,14 @@ def predict(
             tick(len(results))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_tiling(manifest: Manifest, tiling: dict[str, Any]) -> None:
+    """A tile size outside the artifact's range, refused once before any input is read (each
+    input would fail alone with the same reason); 'auto' always fits."""
+    if tiling and tiling["tile"] != "auto":
+        h, w = tiling["tile"]
+        Tiling((h, w), tiling["overlap"], tiling["blend"]).fit(manifest.contract)
 
 
 def _warn(note: str) -> None:

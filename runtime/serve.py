@@ -34,7 +34,7 @@ import json
 import math
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import numpy as np
 
 from resfuse.artifacts import read_manifest
 from resfuse.errors import ConfigError, InputContractError, ResfuseError
+from resfuse.orientation import InPlane
 from resfuse.runtime.predict import has_head, init_ray, mask_png, npy_bytes, run_groups
 from resfuse.runtime.session import Session, load
 from resfuse.runtime.tiling import Tiling, parse_tile
@@ -55,6 +56,7 @@ NIFTI_TYPE = "application/x-nifti"
 NIFTI_ANSWER_TYPE = "application/gzip"  # the answer is .nii.gz bytes
 NPY_MAGIC = b"\x93NUMPY"
 GZIP_MAGIC = b"\x1f\x8b"
+BODY_NAME = "the NIfTI body"  # what messages call a volume sent to the server
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,11 @@ class ResfuseDeployment:
 
         try:
             answer = await self._route(request)
-            headers = {"X-Resfuse-Warning": " | ".join(answer.notes)} if answer.notes else None
+            notes = " | ".join(for_http(note) for note in answer.notes)
+            headers = {"X-Resfuse-Warning": notes} if notes else None
             return Response(answer.body, media_type=answer.media, headers=headers)
         except HTTPError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            return JSONResponse({"error": for_http(str(exc))}, status_code=exc.status)
         except Exception as exc:  # noqa: BLE001 - a backend failure: JSON like the rest
             return JSONResponse({"error": f"inference failed: {exc}"}, status_code=500)
 
@@ -182,19 +185,25 @@ class ResfuseDeployment:
                 "(num_classes); ask for format=npy",
             )
         tiling = self.tiling(request.query_params)
+        axis, index = (_count(request.query_params, key) for key in ("axis", "volume_index"))
+        if axis is not None and axis > 2:
+            raise HTTPError(400, f"axis={axis} is not a voxel axis of a volume; use 0, 1 or 2")
         body = await read_body(request, self.options.max_body_bytes)
         notes: list[str] = []  # what the intensity rule clipped: told in a response header
-        x = self.decode(body, request.headers.get("content-type", ""), notes)
+        x, plane = self.decode(body, request.headers.get("content-type", ""), notes, index)
         if not isinstance(x, np.ndarray):
-            return await self._predict_volume(x, fmt, tiling)
+            return await self._predict_volume(x, fmt, tiling, axis)
         tiled = bool(tiling) and x.ndim == 4 and not self.session.runner.accepts(*x.shape[2:])
         try:
             self.session.check(x, spatial=not tiled)  # alone: a bad request never fails a batch
         except InputContractError as exc:  # out of range: it names tiles (here ?tile=auto)
             raise HTTPError(422, str(exc)) from exc
         if tiled:  # tiles batch themselves, up to the backend's limit
-            output = await asyncio.to_thread(self.session.run, x, **tiling)
-            return self._answer(np.asarray(output), fmt, notes)
+            try:
+                output = await asyncio.to_thread(self.session.run, x, **tiling)
+            except ConfigError as exc:  # a tile count past the limit
+                raise HTTPError(422, str(exc)) from exc
+            return self._answer(plane.to_stored(np.asarray(output)), fmt, notes)
         if x.shape[0] > self.options.max_batch:  # serve.batch would refuse it with a 500
             raise HTTPError(
                 422,
@@ -203,7 +212,7 @@ class ResfuseDeployment:
             )
         if fmt == "png" and x.shape[0] != 1:
             raise HTTPError(400, f"format=png takes one image, got a batch of {x.shape[0]}")
-        return self._answer(await self._batched(x), fmt, notes)
+        return self._answer(plane.to_stored(await self._batched(x)), fmt, notes)
 
     def _answer(self, output: np.ndarray, fmt: str, notes: list[str]) -> Answer:
         if fmt == "png":
@@ -223,11 +232,14 @@ class ResfuseDeployment:
             blend = str(query.get("blend", options.blend))
             self.session.tiling(roi, overlap, blend)  # refused here, before the body is read
         except (ResfuseError, ValueError) as exc:
-            raise HTTPError(400, str(exc).replace("--tile", "tile=")) from exc
+            raise HTTPError(400, str(exc)) from exc
         return {"tile": roi, "overlap": overlap, "blend": blend}
 
-    def decode(self, body: bytes, content_type: str, notes: list[str]) -> np.ndarray | Any:
-        """An image, DICOM or .npy body as the model's input; a NIfTI body as a Volume.
+    def decode(
+        self, body: bytes, content_type: str, notes: list[str], volume_index: int | None = None
+    ) -> tuple[np.ndarray | Any, InPlane]:
+        """An image, DICOM or .npy body as the model's input; a NIfTI body as a Volume; with
+        how the output turns back onto the body's pixels (a DICOM image's orientation).
         Clipping notes go to `notes`."""
         media = content_type.split(";")[0].strip().lower()
         if not body:
@@ -235,19 +247,19 @@ class ResfuseDeployment:
         if media == DICOM_TYPE or (media == NPY_TYPE and is_dicom(body)):
             return self.decode_dicom(body, notes)
         if media == NIFTI_TYPE or (media == NPY_TYPE and is_nifti(body)):
-            return decode_volume(body)
+            return decode_volume(body, volume_index), InPlane()
         if media == NPY_TYPE:
-            return decode_npy(body)
+            return decode_npy(body), InPlane()
         if media in IMAGE_TYPES:
-            return self.decode_image(body, notes)
+            return self.decode_image(body, notes), InPlane()
         raise HTTPError(
             415,
             f"Content-Type {media or '(none)'} is not accepted; send {', '.join(IMAGE_TYPES)}, "
             f"{DICOM_TYPE}, {NIFTI_TYPE} or {NPY_TYPE} (.npy bytes of a float32 NCHW tensor)",
         )
 
-    def decode_dicom(self, body: bytes, notes: list[str]) -> np.ndarray:
-        from resfuse.images import pydicom
+    def decode_dicom(self, body: bytes, notes: list[str]) -> tuple[np.ndarray, InPlane]:
+        from resfuse.images import dicom_plane, pydicom
 
         try:
             module = pydicom()
@@ -257,18 +269,26 @@ class ResfuseDeployment:
             dataset = module.dcmread(io.BytesIO(body))
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad bytes
             raise HTTPError(400, f"the body is not a readable DICOM file: {exc}") from exc
-        return self.preprocess(dataset, notes)
+        return self.preprocess(dataset, notes), dicom_plane(dataset)
 
-    async def _predict_volume(self, volume: Any, fmt: str, tiling: dict[str, Any]) -> Answer:
-        from resfuse.runtime.volumes import nifti_bytes, predict_volume
+    async def _predict_volume(
+        self, volume: Any, fmt: str, tiling: dict[str, Any], axis: int | None
+    ) -> Answer:
+        from resfuse.runtime.volumes import nifti_bytes, predict_volume, slice_axis, slice_size
 
         if fmt != "npy":
             raise HTTPError(400, "a NIfTI volume is answered as NIfTI; drop ?format=png")
-        notes: list[str] = []  # what the intensity rule clipped: told in a response header
-        run = partial(predict_volume, self.session, volume, on_clip=notes.append, **tiling)
+        # its geometry's notes, then what the intensity rule clipped: told in a response header
+        notes: list[str] = list(volume.notes)
+        axis = slice_axis(volume) if axis is None else axis
+        if tiling and self.session.runner.accepts(*slice_size(volume, axis)):
+            tiling = {}  # as resfuse-predict: tiles only where slices do not fit whole
+        run = partial(
+            predict_volume, self.session, volume, axis=axis, on_clip=notes.append, **tiling
+        )
         try:
             output = await asyncio.to_thread(run)
-        except InputContractError as exc:
+        except ResfuseError as exc:  # a slice or volume the model cannot take, a tile count
             raise HTTPError(422, str(exc)) from exc
         return Answer(nifti_bytes(volume, output), NIFTI_ANSWER_TYPE, notes)
 
@@ -341,8 +361,9 @@ def is_nifti(body: bytes) -> bool:
     )
 
 
-def decode_volume(body: bytes) -> Any:
-    """A NIfTI body as a Volume, read by nibabel from a temporary file (it reads files)."""
+def decode_volume(body: bytes, index: int | None = None) -> Any:
+    """A NIfTI body as a Volume named "the NIfTI body" (no server path reaches a client), read
+    by nibabel from a temporary file (it reads files); `index` picks one of a 4-D file."""
     from resfuse.runtime.volumes import read_volume
 
     suffix = ".nii.gz" if body[:2] == GZIP_MAGIC else ".nii"
@@ -350,11 +371,43 @@ def decode_volume(body: bytes) -> Any:
         path = Path(folder, f"body{suffix}")
         path.write_bytes(body)
         try:
-            return read_volume(path)
+            volume = read_volume(path, index=index)
         except InputContractError as exc:
-            raise HTTPError(422, str(exc).replace(str(path), "the NIfTI body")) from exc
+            raise HTTPError(422, str(exc).replace(str(path), BODY_NAME)) from exc
         except ConfigError as exc:  # nibabel is not installed on the server
             raise HTTPError(415, str(exc)) from exc
+    notes = tuple(note.replace(str(path), BODY_NAME) for note in volume.notes)
+    return replace(volume, name=BODY_NAME, notes=notes)
+
+
+# What the library's messages name for a command line, as an HTTP client spells it.
+_HTTP_SPELLINGS = (
+    ("run it in tiles (tile='auto', --tile auto)", "run it in tiles (?tile=auto)"),
+    ("--tile auto", "?tile=auto"),
+    ("--tile", "?tile="),
+    ("--overlap", "?overlap="),
+    ("--volume-index ", "?volume_index="),
+    (" (index= in Python)", ""),
+    ("--axis (axis= in Python; ", "?axis= ("),
+)
+
+
+def for_http(message: str) -> str:
+    """A library message (written for resfuse's commands) with query parameters where it
+    names command-line options."""
+    for command_line, query in _HTTP_SPELLINGS:
+        message = message.replace(command_line, query)
+    return message
+
+
+def _count(query: Any, key: str) -> int | None:
+    """A query parameter that is a whole number from 0, or None when absent; else a 400."""
+    value = query.get(key, None)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise HTTPError(400, f"{key}={value!r} must be a whole number from 0")
+    return int(value)
 
 
 def decode_npy(body: bytes) -> np.ndarray:

@@ -167,7 +167,8 @@ def serve_main(
     "--axis",
     default=None,
     type=click.IntRange(0, 2),
-    help="Volumes: the voxel axis to slice along [default: the one closest to axial].",
+    help="Volumes: the voxel axis to slice along [default: the acquisition's: a series' "
+    "slices, a NIfTI's slice_dim, else its third axis].",
 )
 @click.option(
     "--volume-index",

@@ -11,6 +11,7 @@ import torch
 
 from resfuse.artifacts import Manifest, read_manifest
 from resfuse.errors import ConfigError, SessionClosedError
+from resfuse.images import output_plane
 from resfuse.models.fusion import METHODS
 from resfuse.runtime.backend_spec import merge_options
 from resfuse.runtime.backends import Runner, claimed, create_runner
@@ -83,8 +84,12 @@ class Session:
                 f"the session on {self.manifest.path.name} ({self.backend}) is closed; open a "
                 f"new one with resfuse.runtime.load(), or call run() inside the `with` block"
             )
-        if is_image(x):
+        if is_image(x):  # its output goes back onto its own pixels (a DICOM file's orientation)
+            plane = output_plane(x)
             x = self.preprocess(x, resize="none" if tile is not None else None)
+            tiles = {"tile": tile, "overlap": overlap, "blend": blend, "sigma_scale": sigma_scale}
+            out = self.run(x, **tiles, tile_batch=tile_batch, align=align)
+            return plane.to_stored(np.asarray(out))
         if tile is not None:
             tiling = self.tiling(tile, overlap, blend, sigma_scale, tile_batch, align)
             return self._run_tiled(x, tiling)

@@ -31,6 +31,9 @@ from resfuse.contract import InputContract
 from resfuse.errors import ConfigError
 
 BLENDS = ("constant", "gaussian")
+# tiles one image may take: past this an overlap near 1 (0.99 cuts an 8000^2 image into 219,961
+# tiles of 512^2) is a mistake that would run for hours, not a plan
+MAX_TILES = 10_000
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, C, h, w) float32 -> (n, K, h, w) float32
 
 
@@ -134,6 +137,7 @@ def _one_image(predict: Predict, x: np.ndarray, tiling: Tiling) -> np.ndarray:
         rows = window_starts(max(h, rh), rh, tiling.overlap, tiling.align)
         cols = window_starts(max(w, rw), rw, tiling.overlap, tiling.align)
         padded, crop = _pad_end(x, (rows[-1] + rh, cols[-1] + rw)), (0, 0)
+    _check_count(len(rows) * len(cols), (h, w), tiling)
     weights = importance_map(tiling.roi, tiling.blend, tiling.sigma_scale)
     out: np.ndarray | None = None
     total = np.zeros(padded.shape[2:], np.float32)
@@ -148,6 +152,18 @@ def _one_image(predict: Predict, x: np.ndarray, tiling: Tiling) -> np.ndarray:
     assert out is not None  # at least one tile: size >= roi
     out /= total
     return out[:, :, crop[0] : crop[0] + h, crop[1] : crop[1] + w]
+
+
+def _check_count(count: int, size: tuple[int, int], tiling: Tiling) -> None:
+    if count <= MAX_TILES:
+        return
+    usual = len(window_starts(max(size[0], tiling.roi[0]), tiling.roi[0], 0.25, tiling.align))
+    usual *= len(window_starts(max(size[1], tiling.roi[1]), tiling.roi[1], 0.25, tiling.align))
+    raise ConfigError(
+        f"a {size[0]}x{size[1]} input in {tiling.roi[0]}x{tiling.roi[1]} tiles at overlap "
+        f"{tiling.overlap:g} takes {count:,} tiles, over the limit of {MAX_TILES:,}; lower "
+        f"the overlap (0.25 takes {usual:,}) or use larger tiles"
+    )
 
 
 def _pad_centred(x: np.ndarray, roi: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:

@@ -2,14 +2,18 @@
 
 A volume is its values on a voxel grid (i, j, k) and the affine that places that grid in the
 patient's RAS+ world (millimetres), as NIfTI stores it. The model sees one slice at a time along
-one voxel axis (by default the one closest to the world's superior axis: axial slices), each
-slice turned into a model input by the very rule that image files follow
-(resfuse.images.to_input). The output volume keeps the input's grid: same voxel axes, same
-affine (and, for a NIfTI input, its header), so it overlays the input in any viewer. Nothing is
-ever resampled or reoriented.
+one voxel axis: by default the acquisition's stacking axis (a DICOM series' slices; for NIfTI,
+the header's slice_dim, else a distinctly coarser axis, else the third, where every converter
+stacks slices). Each slice is turned to the radiological display (resfuse.orientation: only
+transposes and flips), then into a model input by the very rule that image files follow
+(resfuse.images.to_input), so a series read from DICOM and the same series converted to NIfTI
+reach the model alike. The output volume keeps the input's grid: same voxel axes, same affine
+(and, for a NIfTI input, its header), so it overlays the input in any viewer. Nothing is ever
+resampled.
 
-A DICOM series is read into voxel axes (row, column, slice): each slice is exactly the 2D image
-its file gives alone, so a model sees a series' slices as it sees its files one by one.
+A DICOM series is read into voxel axes (row, column, slice). A grid that is not orthogonal (a
+tilted CT gantry shears it) is written with its exact sform only: a qform cannot hold a shear,
+and ITK-based readers trust the qform, so they refuse such a file rather than misplace it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from resfuse.images import (
     pydicom,
     to_input,
 )
+from resfuse.orientation import RAS_TO_LPS, InPlane, in_plane
 from resfuse.runtime.session import Session
 from resfuse.shapes import format_shape
 
@@ -44,6 +49,8 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's patient axes are L, P, 
 _ORIENTATION_TOL = 1e-4  # direction cosines as scanners write them (6 decimals, some rounding)
 _SPACING_TOL = 0.01  # relative: slice gaps differing by more are not one regular grid
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index, not an image
+_QFORM_TOL = 1e-3  # mm: a qform placing any voxel farther from the sform than this is not written
+_COARSER = 1.5  # an axis this much coarser than both others is the one slices were stacked on
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class Volume:
     header: Any | None  # the NIfTI input's header, kept for the output; None for DICOM
     full_range: tuple[float, float] | None  # the "dtype" rule's range; None: float, as 0..1
     name: str  # for messages
+    stacking: int | None = None  # the axis the source says slices were acquired along
+    notes: tuple[str, ...] = ()  # what a user should know of its geometry (a sheared grid)
 
 
 # Reading
@@ -93,9 +102,15 @@ def _read_nifti(path: Path, index: int | None) -> Volume:
         image = nib.load(path)
     except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib each raise their own
         raise InputContractError(f"cannot read {path} as NIfTI: {_one_line(exc)}") from exc
+    if isinstance(image, nib.Cifti2Image):
+        raise InputContractError(
+            f"{path} is a CIFTI-2 file (surface vertices and grayordinates), which has no voxel "
+            f"grid to slice; pass a 3-D NIfTI volume"
+        )
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputContractError(
-            f"{path} is a {type(image).__name__}, not NIfTI; convert it to .nii or .nii.gz"
+            f"{path} is a {type(image).__name__}, not NIfTI; convert it to a 3-D NIfTI volume "
+            f"(.nii or .nii.gz)"
         )
     header = image.header
     stored = np.dtype(header.get_data_dtype())
@@ -112,12 +127,16 @@ def _read_nifti(path: Path, index: int | None) -> Volume:
     data = data.reshape(shape)  # drops the trailing 1s _spatial_shape found
     # nibabel moves the file's scl_slope/inter into the proxy and clears them in the header
     slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    slice_dim = header.get_dim_info()[2]  # 0-based, or None where the writer did not say
     return Volume(
         data.astype(data.dtype.newbyteorder("="), copy=False),  # native order: numpy's fast paths
-        np.asarray(image.affine, dtype=np.float64),
+        affine,
         header.copy(),
         _scaled_range(stored, slope, inter),
         str(path),
+        slice_dim if slice_dim in (0, 1, 2) else None,
+        _shear_notes(affine, shape, str(path)),
     )
 
 
@@ -140,8 +159,8 @@ def _spatial_shape(path: Path, shape: tuple[int, ...], index: int | None) -> tup
         count = shape[3]
         if index is None:
             raise InputContractError(
-                f"{path} is 4-D {format_shape(shape)}: {count} volumes; pick one with index= "
-                f"(--volume-index) 0..{count - 1}"
+                f"{path} is 4-D {format_shape(shape)}: {count} volumes; pick one with "
+                f"--volume-index 0..{count - 1} (index= in Python)"
             )
         if not 0 <= index < count:
             raise InputContractError(
@@ -197,7 +216,9 @@ def read_series(folder: Path) -> Volume:
     lps[:3, 3] = positions[0]
     # one range for the volume (slices may rescale differently): the union of theirs
     full_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
-    return Volume(data, _LPS_TO_RAS @ lps, None, full_range, str(folder))
+    affine = _LPS_TO_RAS @ lps
+    notes = _shear_notes(affine, data.shape, str(folder))
+    return Volume(data, affine, None, full_range, str(folder), 2, notes)
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -303,15 +324,58 @@ def _slice_step(
     return np.asarray((positions[-1] - positions[0]) / (len(positions) - 1))
 
 
+def qform_misfit(affine: np.ndarray, shape: Sequence[int]) -> float:
+    """How far (mm) a NIfTI qform of `affine` would place the grid's farthest voxel from the
+    affine itself: 0 for an orthogonal grid, tens of mm for a tilted gantry's sheared one. The
+    qform is a rotation times zooms: the nearest orthonormal matrix, as nibabel writes it."""
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    zooms = np.linalg.norm(matrix, axis=0)
+    u, _, vt = np.linalg.svd(matrix / zooms)
+    difference = matrix - (u @ vt) * zooms  # linear in the voxel: largest at a corner
+    ends = [(0, max(n - 1, 0)) for n in shape[:3]]
+    corners = np.asarray([(a, b, c) for a in ends[0] for b in ends[1] for c in ends[2]], float)
+    return float(np.linalg.norm(corners @ difference.T, axis=1).max())
+
+
+def _shear_notes(affine: np.ndarray, shape: Sequence[int], name: str) -> tuple[str, ...]:
+    misfit = qform_misfit(affine, shape)
+    if misfit <= _QFORM_TOL:
+        return ()
+    return (
+        f"{name} has a sheared voxel grid (as a tilted CT gantry makes): a NIfTI qform would "
+        f"misplace voxels by up to {misfit:.1f} mm, so its output carries the exact sform only "
+        f"(qform_code 0); nibabel places it exactly, ITK-based tools (SimpleITK, ITK-SNAP, "
+        f"3D Slicer) refuse it: for those, convert the series with dcm2niix (its resampled "
+        f"_Tilt_ file) and run on that NIfTI",
+    )
+
+
 # Running
 
 
-def slice_axis(affine: np.ndarray) -> int:
-    """The voxel axis whose direction is closest to the world's superior axis: its slices are
-    the axial ones."""
-    directions = np.asarray(affine, dtype=np.float64)[:3, :3]
-    cosines = np.abs(directions[2]) / np.linalg.norm(directions, axis=0)
-    return int(np.argmax(cosines))
+def slice_axis(volume: Volume) -> int:
+    """The acquisition's stacking axis: what the source says (a DICOM series' slices, a NIfTI
+    header's slice_dim), else an axis distinctly coarser than both others (thick slices),
+    else the third axis, along which every DICOM-to-NIfTI converter stacks slices."""
+    if volume.stacking is not None:
+        return volume.stacking
+    spacing = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
+    coarsest = int(np.argmax(spacing))
+    others = np.delete(spacing, coarsest)
+    return coarsest if spacing[coarsest] >= _COARSER * others.max() else 2
+
+
+def slice_size(volume: Volume, axis: int) -> tuple[int, int]:
+    """The (H, W) the model sees of a slice along `axis`."""
+    first, second = (n for a, n in enumerate(volume.data.shape) if a != axis)
+    return slice_plane(volume, axis).model_size((first, second))
+
+
+def slice_plane(volume: Volume, axis: int) -> InPlane:
+    """How slices along `axis` turn to the model's orientation (resfuse.orientation)."""
+    first, second = (a for a in range(3) if a != axis)
+    directions = np.asarray(volume.affine, dtype=np.float64)[:3, :3] * RAS_TO_LPS[:, None]
+    return in_plane(directions[:, first], directions[:, second])
 
 
 def predict_volume(
@@ -324,13 +388,14 @@ def predict_volume(
     on_clip: Callable[[str], None] | None = None,
     **tiling: Any,
 ) -> np.ndarray:
-    """Run each slice along `axis` (default: slice_axis) through the session; the output has
-    the volume's voxel axes: the argmax class per voxel for a model with a head (uint8, uint16
-    above 256 classes), else the fused channels (or those in `channels`) as a last axis, float32.
-    Slices go `batch_size` at a time (default and at most the artifact's batch limit);
-    `tiling` is passed to every session.run. `on_clip` hears once, of the whole volume, when
-    a [low, high] rule clips a large share of its voxels."""
-    axis = slice_axis(volume.affine) if axis is None else axis
+    """Run each slice along `axis` (default: slice_axis) through the session, turned to the
+    model's slice orientation and back; the output has the volume's voxel axes: the argmax
+    class per voxel for a model with a head (uint8, uint16 above 256 classes), else the fused
+    channels (or those in `channels`) as a last axis, float32. Slices go `batch_size` at a time
+    (default and at most the artifact's batch limit); `tiling` is passed to every session.run.
+    `on_clip` hears once, of the whole volume, when a [low, high] rule clips a large share of
+    its voxels."""
+    axis = slice_axis(volume) if axis is None else axis
     if axis not in (0, 1, 2):
         raise ConfigError(f"slice axis {axis} is not a voxel axis of a volume; use 0, 1 or 2")
     head = session.manifest.config.num_classes
@@ -339,15 +404,51 @@ def predict_volume(
             "channels= selects fused output channels, but this model has a head and gives a "
             "class mask; drop channels="
         )
+    plane = slice_plane(volume, axis)
+    _check_slices(session, volume, axis)
+    _check_finite(volume)
     slices = np.moveaxis(volume.data, axis, 0)
     parts = []
-    for batch in _batches(session, volume, slices, axis, batch_size, on_clip):
+    for batch in _batches(session, volume, slices, axis, plane, batch_size, on_clip):
         output = _run(session, batch, volume, axis, tiling)
         if head is not None:
-            parts.append(output.argmax(axis=1).astype(np.uint8 if head <= 256 else np.uint16))
+            mask = output.argmax(axis=1).astype(np.uint8 if head <= 256 else np.uint16)
+            parts.append(plane.to_stored(mask))
         else:
-            parts.append(_select(output, channels).transpose(0, 2, 3, 1))
-    return np.moveaxis(np.concatenate(parts), 0, axis)
+            parts.append(plane.to_stored(_select(output, channels)).transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(np.moveaxis(np.concatenate(parts), 0, axis))
+
+
+def _check_slices(session: Session, volume: Volume, axis: int) -> None:
+    """Slices thinner than the model's minimum are no images it knows (a volume cut across its
+    acquisition plane gives 1024 x 4 strips): refused, naming the axes that give what."""
+    contract = session.contract
+    h, w = slice_size(volume, axis)
+    if h >= contract.height.min and w >= contract.width.min:
+        return
+    sizes = ", ".join(
+        f"{a}: " + "x".join(str(n) for b, n in enumerate(volume.data.shape) if b != a)
+        for a in range(3)
+    )
+    raise InputContractError(
+        f"{volume.name}: slices along voxel axis {axis} are {h}x{w}, thinner than this "
+        f"model's minimum {contract.height.min}x{contract.width.min}; slice along another axis "
+        f"with --axis (axis= in Python; slices per axis {sizes}), or pass a larger volume"
+    )
+
+
+def _check_finite(volume: Volume) -> None:
+    """NaN or infinite voxels, counted over the whole volume, once."""
+    if volume.data.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(volume.data)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputContractError(
+            f"{volume.name} has {count} NaN or infinite voxels (the first at voxel {first}); "
+            f"replace them (e.g. with the background value) before running it"
+        )
 
 
 def _batches(
@@ -355,6 +456,7 @@ def _batches(
     volume: Volume,
     slices: np.ndarray,
     axis: int,
+    plane: InPlane,
     batch_size: int | None,
     on_clip: Callable[[str], None] | None,
 ) -> Iterator[np.ndarray]:
@@ -378,7 +480,8 @@ def _batches(
         inputs = []
         for k in range(start, min(start + limit, slices.shape[0])):
             values = np.repeat(slices[k][..., None], contract.channels, axis=2)
-            pixels = Pixels(values, volume.full_range, f"{volume.name} slice {k} (axis {axis})")
+            name = f"{volume.name} slice {k} (axis {axis})"
+            pixels = Pixels(values, volume.full_range, name, in_plane=plane)
             inputs.append(to_input(pixels, preprocess, contract, "none"))
         yield np.concatenate(inputs)
 
@@ -396,8 +499,7 @@ def _run(
     except InputContractError as exc:  # name the volume and axis: the slice size alone is vague
         h, w = batch.shape[2:]
         raise InputContractError(
-            f"{volume.name}: slices along axis {axis} are {h}x{w}: {_one_line(exc)} (or slice "
-            f"along another axis)"
+            f"{volume.name}: slices along axis {axis} are {h}x{w}: {_one_line(exc)}"
         ) from exc
 
 
@@ -435,9 +537,12 @@ def nifti_bytes(volume: Volume, output: np.ndarray) -> bytes:
     image = kind(output, volume.affine, header=header)
     image.header.set_data_dtype(output.dtype)
     image.header["cal_min"], image.header["cal_max"] = 0.0, 0.0  # the input's window fits no mask
-    if header is None:  # DICOM positions are the scanner's own coordinates
+    if header is None:  # DICOM positions are the scanner's own coordinates, in mm
         image.set_sform(volume.affine, code="scanner")
         image.set_qform(volume.affine, code="scanner")
+        image.header.set_xyzt_units("mm")
+    if qform_misfit(volume.affine, output.shape) > _QFORM_TOL:  # a shear: no valid qform
+        image.set_qform(None, code=0)
     # mtime 0: the same output is the same bytes
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 

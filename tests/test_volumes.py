@@ -26,7 +26,7 @@ from resfuse.images import read_pixels  # noqa: E402
 from resfuse.models import ModelConfig  # noqa: E402
 from resfuse.runtime import load, predict_volume, read_volume, write_nifti  # noqa: E402
 from resfuse.runtime.predict import predict, record_path  # noqa: E402
-from resfuse.runtime.volumes import nifti_bytes, slice_axis  # noqa: E402
+from resfuse.runtime.volumes import nifti_bytes, slice_axis, slice_plane  # noqa: E402
 
 NIFTI = Path(data_path)
 ANATOMICAL = NIFTI / "anatomical.nii"  # 33x41x25 int16, LAS
@@ -87,12 +87,17 @@ def test_a_mask_keeps_the_affine_shape_and_header_codes(head_artifact: Path, tmp
 
 
 def test_each_mask_slice_is_that_slice_run_alone(head_artifact: Path):
+    """Each slice as the model sees it (LAS stored: transposed and flipped to the radiological
+    display), its mask turned back onto the stored slice."""
     volume = read_volume(ANATOMICAL)
+    plane = slice_plane(volume, 2)
+    assert plane.transpose and plane.flip_rows and not plane.flip_columns
     with load(head_artifact) as session:
         mask = predict_volume(session, volume)
         for k in range(volume.data.shape[2]):
-            alone = session.run(_three_channels(volume, k, session.manifest.data))
-            np.testing.assert_array_equal(mask[:, :, k], np.asarray(alone)[0].argmax(axis=0))
+            x = plane.to_model(_three_channels(volume, k, session.manifest.data))
+            alone = np.asarray(session.run(np.ascontiguousarray(x)))[0].argmax(axis=0)
+            np.testing.assert_array_equal(mask[:, :, k], plane.to_stored(alone))
 
 
 def _three_channels(volume, k: int, manifest: dict) -> np.ndarray:
@@ -108,23 +113,27 @@ def test_each_fused_slice_is_that_slice_run_alone(gray_artifact: Path):
     with load(gray_artifact) as session:
         fused = predict_volume(session, volume)
         assert fused.shape == (33, 41, 25, 9) and fused.dtype == np.float32
+        plane = slice_plane(volume, 2)
         for k in range(volume.data.shape[2]):
-            alone = session.run(slice_input(volume.data[:, :, k], INT16, session.manifest.data))
+            x = plane.to_model(slice_input(volume.data[:, :, k], INT16, session.manifest.data))
+            alone = plane.to_stored(session.run(np.ascontiguousarray(x)))
             np.testing.assert_allclose(fused[:, :, k], alone[0].transpose(1, 2, 0), atol=1e-5)
         picked = predict_volume(session, volume, channels=[8, 0])
     np.testing.assert_array_equal(picked, fused[..., [8, 0]])
 
 
-def test_the_slice_axis_follows_the_affine_and_is_put_back(gray_artifact: Path, tmp_path: Path):
-    """The same voxels stored superior-axis first: the axial axis is found from the affine,
-    the slices are the same images, and the output comes back in the file's own axis order."""
+def test_the_slice_axis_follows_the_header_and_is_put_back(gray_artifact: Path, tmp_path: Path):
+    """The same voxels stored superior-axis first, the header's slice_dim saying so: the model
+    sees the same images (the same plane, the same display orientation), and the output comes
+    back in the file's own axis order."""
     source = nib.load(ANATOMICAL)
     permuted = nib.Nifti1Image(
         np.asanyarray(source.dataobj).transpose(2, 0, 1), source.affine[:, [2, 0, 1, 3]]
     )
+    permuted.header.set_dim_info(slice=0)
     nib.save(permuted, tmp_path / "s-first.nii.gz")
     original, moved = read_volume(ANATOMICAL), read_volume(tmp_path / "s-first.nii.gz")
-    assert (slice_axis(original.affine), slice_axis(moved.affine)) == (2, 0)
+    assert (slice_axis(original), slice_axis(moved)) == (2, 0)
     with load(gray_artifact) as session:
         expected = predict_volume(session, original)
         got = predict_volume(session, moved)
@@ -136,7 +145,7 @@ def test_the_slice_axis_follows_the_affine_and_is_put_back(gray_artifact: Path, 
 
 def test_the_reoriented_sample_keeps_its_orientation(gray_artifact: Path, tmp_path: Path):
     volume = read_volume(REORIENTED)
-    assert slice_axis(volume.affine) == 2 and volume.full_range is None  # float32 values
+    assert slice_axis(volume) == 2 and volume.full_range is None  # float32 values
     with load(gray_artifact) as session:
         with pytest.raises(InputContractError, match="outside the 0..1"):  # "dtype" on floats
             predict_volume(session, volume)
@@ -273,8 +282,8 @@ def test_predict_writes_volumes_beside_images_and_resumes(gray_artifact: Path, t
     assert record["artifact"]["volume"] == {"axis": None, "volume_index": None}
 
     again = predict(gray_artifact, inputs, out, batch_size=4, series=True, volume_index=1)
-    assert (again.done, again.skipped, again.failures) == (3, 0, [])  # another index: redone
-    assert nib.load(out / "4d.nii.gz.nii.gz").shape == (128, 96, 24, 9)
+    assert (again.done, again.skipped, again.failures) == (1, 2, [])  # 3-D volumes: current
+    assert nib.load(out / "4d.nii.gz.vol1.nii.gz").shape == (128, 96, 24, 9)
     changed = pydicom.dcmread(inputs / "ct" / "2.dcm")  # one pixel of one slice changes
     pixels = changed.pixel_array.copy()
     pixels[0, 0] += 1
@@ -297,7 +306,7 @@ def test_the_command_takes_a_volume_index(head_artifact: Path, tmp_path: Path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    mask = nib.load(out / "run.nii.gz.mask.nii.gz")
+    mask = nib.load(out / "run.nii.gz.vol0.mask.nii.gz")
     assert mask.shape == (128, 96, 24) and mask.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(mask.affine, nib.load(FOUR_D).affine)
 
