@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -191,7 +192,7 @@ BAD = [
         NPY,
         "",
         422,
-        "width 300 is outside the allowed range 32..256; run it in tiles",
+        "width 300 is outside the allowed range 32..256; run it in tiles (?tile=auto)",
     ),
     ("bad tile", (1, 3, 32, 32), NPY, "?tile=big", 400, "tile= must be 'auto'"),
     ("tile too large", (1, 3, 32, 32), NPY, "?tile=512", 400, "tile 512x512 is outside"),
@@ -201,7 +202,11 @@ BAD = [
     ("jpeg dicom", "jpeg dicom", DICOM, "", 422, "pip install pylibjpeg"),
     ("garbage dicom", b"x" * 200, DICOM, "", 400, "not a readable DICOM file"),
     ("nifti as png", "nifti", NIFTI, "?format=png", 400, "answered as NIfTI"),
-    ("4-D nifti", "nifti 4d", NIFTI, "", 422, "4-D"),
+    ("4-D nifti", "nifti 4d", NIFTI, "", 422, "pick one with ?volume_index=0..1"),
+    ("volume index", "nifti 4d", NIFTI, "?volume_index=5", 422, "the NIfTI body's 2 volumes"),
+    ("bad volume index", "nifti 4d", NIFTI, "?volume_index=one", 400, "whole number"),
+    ("bad axis", "nifti", NIFTI, "?axis=3", 400, "axis=3 is not a voxel axis"),
+    ("mosaic", "mosaic", DICOM, "", 422, "Siemens MOSAIC"),
     ("garbage nifti", b"y" * 400, NIFTI, "", 422, "cannot read the NIfTI body as NIfTI"),
     ("batch", (5, 3, 32, 32), NPY, "", 422, "batch size 5"),
     ("over max batch", (4, 3, 32, 32), NPY, "", 422, "over this server's --max-batch 3"),
@@ -243,6 +248,7 @@ def _body(spec: object) -> bytes:
         "jpeg dicom": lambda: Path(get_testdata_file("JPEG-lossy.dcm")).read_bytes(),
         "nifti": lambda: Path(nibabel_data, "anatomical.nii").read_bytes(),
         "nifti 4d": lambda: Path(nibabel_data, "example4d.nii.gz").read_bytes(),
+        "mosaic": lambda: Path(nibabel_data, "0.dcm").read_bytes(),
     }
     return made[str(spec)]()
 
@@ -257,7 +263,10 @@ def test_bad_requests_get_a_json_error(
 ) -> None:
     status, answer = request(f"{server.url}/predict{query}", _body(body), content_type)
     assert status == code, answer
-    assert text in json.loads(answer)["error"]
+    error = json.loads(answer)["error"]
+    assert text in error
+    # an HTTP client is told query parameters, never command-line options or server paths
+    assert not re.search(r"--tile|--volume-index|--axis|--overlap|resfuse-serve-", error), error
 
 
 @pytest.mark.parametrize("content_type", [DICOM, NPY])
@@ -302,6 +311,35 @@ def test_a_nifti_body_is_answered_as_nifti_over_the_same_voxels(
     with load(server.options.artifact) as session:
         expected = predict_volume(session, read_volume(path))
     np.testing.assert_array_equal(np.asarray(answer.dataobj), expected)
+
+
+def test_one_volume_of_a_4d_body_by_its_index(server: Server) -> None:
+    import nibabel
+
+    from resfuse.runtime.volumes import predict_volume, read_volume
+
+    path = Path(nibabel_data, "example4d.nii.gz")
+    status, body = request(f"{server.url}/predict?volume_index=1", path.read_bytes(), NIFTI)
+    assert status == 200, body
+    answer = nibabel.Nifti1Image.from_bytes(gzip.decompress(body))
+    with load(server.options.artifact) as session:
+        expected = predict_volume(session, read_volume(path, index=1))
+    np.testing.assert_array_equal(np.asarray(answer.dataobj), expected)
+
+
+def test_a_volume_body_is_named_without_the_server_path() -> None:
+    """A sheared NIfTI's geometry note, as the X-Resfuse-Warning header carries it."""
+    import nibabel
+
+    from resfuse.runtime.serve import decode_volume
+
+    source = nibabel.load(Path(nibabel_data, "anatomical.nii"))
+    affine = source.affine.copy()
+    affine[0, 2] = 1.0  # slices shifted along x as they go: a sheared grid
+    sheared = nibabel.Nifti1Image(np.asanyarray(source.dataobj), affine)
+    volume = decode_volume(sheared.to_bytes())
+    assert volume.name == "the NIfTI body" and volume.notes
+    assert all("resfuse-serve-" not in note and "the NIfTI body" in note for note in volume.notes)
 
 
 def test_unknown_route_and_method(server: Server) -> None:

@@ -291,3 +291,16 @@ def test_resfuse_predict_tiles_volume_slices_below_the_range(
     assert tiled.exit_code == 0, tiled.output
     mask = nibabel.load(out / "a.nii.mask.nii.gz")
     assert mask.shape == nibabel.load(scans / "a.nii").shape == (33, 41, 25)
+
+
+def test_an_absurd_tile_count_is_refused_with_the_count(head_session: Session) -> None:
+    """An overlap near 1 would run for hours: refused before the first tile, the count said
+    with what a usual overlap would take."""
+    calls: list[int] = []
+    x = np.zeros((1, 3, 600, 600), np.float32)
+    tiling = Tiling((32, 32), overlap=0.99)
+    with pytest.raises(ConfigError, match=r"takes 323,761 tiles, over the limit of 10,000"):
+        sliding_window(lambda tiles: calls.append(len(tiles)) or tiles, x, tiling)
+    assert calls == []
+    with pytest.raises(ConfigError, match="lower the overlap"):
+        head_session.run(x, tile=32, overlap=0.99, align=1)

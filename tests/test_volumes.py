@@ -291,6 +291,66 @@ def test_predict_writes_volumes_beside_images_and_resumes(gray_artifact: Path, t
     changed.save_as(inputs / "ct" / "2.dcm")
     redone = predict(gray_artifact, inputs, out, batch_size=4, series=True, volume_index=1)
     assert (redone.done, redone.skipped) == (1, 2)
+    first = predict(gray_artifact, inputs, out, batch_size=4, series=True, volume_index=0)
+    assert (first.done, first.skipped) == (1, 2)  # its own output: index 1's stays
+    assert (out / "4d.nii.gz.vol0.nii.gz").is_file() and (out / "4d.nii.gz.vol1.nii.gz").is_file()
+
+
+def test_an_input_that_no_longer_reads_sets_its_old_output_aside(
+    gray_artifact: Path, tmp_path: Path
+):
+    """anat.nii replaced by a truncated copy: the run fails for it, and the output of the
+    earlier file is moved to .stale (kept, but no longer taken for this input's answer)."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copyfile(ANATOMICAL, inputs / "anat.nii")
+    assert predict(gray_artifact, inputs, out, batch_size=4).done == 1
+    (inputs / "anat.nii").write_bytes(ANATOMICAL.read_bytes()[:5000])
+    summary = predict(gray_artifact, inputs, out, batch_size=4)
+    assert len(summary.failures) == 1 and "moved to" in summary.failures[0][1]
+    assert not (out / "anat.nii.nii.gz").exists() and (out / "anat.nii.nii.gz.stale").is_file()
+    assert not record_path(out / "anat.nii.nii.gz").exists()
+
+
+def test_a_bad_tile_is_refused_once_before_any_input(gray_artifact: Path, tmp_path: Path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copyfile(ANATOMICAL, inputs / "anat.nii")
+    tiling = {"tile": (4000, 4000), "overlap": 0.25, "blend": "gaussian"}
+    with pytest.raises(ConfigError, match="tile 4000x4000 is outside"):
+        predict(gray_artifact, inputs, tmp_path / "out", batch_size=4, tiling=tiling)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overlap_without_tile_is_a_usage_error(gray_artifact: Path, tmp_path: Path):
+    from clirun import invoke
+
+    from resfuse.runtime.serve_cli import predict_main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    args = [str(gray_artifact), str(inputs), "--output", str(tmp_path / "o"), "--batch-size", "4"]
+    proc = invoke(predict_main, *args)
+    assert proc.returncode == 0, proc.stderr
+    proc = invoke(predict_main, *args, "--overlap", "0.5")
+    assert proc.returncode == 2 and "--overlap only shape tiles" in proc.stderr
+
+
+def test_nan_voxels_are_counted_over_the_whole_volume(gray_artifact: Path):
+    volume = read_volume(REORIENTED)
+    data = volume.data / volume.data.max()
+    data[3, 4, 5] = np.nan
+    data[:, :, 9] = np.inf  # a whole slice
+    with load(gray_artifact) as session, pytest.raises(InputContractError) as caught:
+        predict_volume(session, replace(volume, data=data))
+    message = str(caught.value)
+    assert f"{1 + 21 * 26} NaN or infinite voxels" in message and "axis" not in message
+
+
+def test_a_cifti_file_is_told_it_has_no_voxel_grid():
+    with pytest.raises(InputContractError, match="CIFTI-2 .* no voxel grid") as caught:
+        read_volume(NIFTI / "row_major.dconn.nii")
+    assert "convert it to .nii" not in str(caught.value)
 
 
 def test_the_command_takes_a_volume_index(head_artifact: Path, tmp_path: Path):
