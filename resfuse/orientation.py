@@ -68,7 +68,7 @@ class InPlane:
 
     def _flip(self, x: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
         flipped = [a for a, on in zip(axes, (self.flip_rows, self.flip_columns), strict=True) if on]
-        return np.flip(x, flipped) if flipped else x
+        return np.flip(x, tuple(flipped)) if flipped else x
 
 
 def in_plane(first: np.ndarray, second: np.ndarray) -> InPlane:

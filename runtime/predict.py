@@ -61,7 +61,7 @@ VOLUME_SUFFIXES = (".mask.nii.gz", ".nii.gz")  # (a model with a head, without)
 class Options:
     """How inputs run, besides the artifact and the batch size."""
 
-    axis: int | None = None  # volumes: the slice axis; None: the one closest to axial
+    axis: int | None = None  # volumes: the slice axis; None: the acquisition's (slice_axis)
     volume_index: int | None = None  # 4-D NIfTI: the volume to read
     tiling: dict[str, Any] = field(default_factory=dict)  # session.run's tiling keywords
 

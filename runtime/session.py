@@ -87,8 +87,15 @@ class Session:
         if is_image(x):  # its output goes back onto its own pixels (a DICOM file's orientation)
             plane = output_plane(x)
             x = self.preprocess(x, resize="none" if tile is not None else None)
-            tiles = {"tile": tile, "overlap": overlap, "blend": blend, "sigma_scale": sigma_scale}
-            out = self.run(x, **tiles, tile_batch=tile_batch, align=align)
+            out = self.run(
+                x,
+                tile=tile,
+                overlap=overlap,
+                blend=blend,
+                sigma_scale=sigma_scale,
+                tile_batch=tile_batch,
+                align=align,
+            )
             return plane.to_stored(np.asarray(out))
         if tile is not None:
             tiling = self.tiling(tile, overlap, blend, sigma_scale, tile_batch, align)

@@ -312,7 +312,10 @@ def test_preprocess_record() -> None:
         "mean": [0.5],
         "std": [0.5],
         "resize": "none",
+        "slice_orientation": "radiological",
     }
+    with pytest.raises(ConfigError, match="slice_orientation 'neurological' is unknown"):
+        check_preprocess({"slice_orientation": "neurological"}, 1)
     twelve = preprocess_record(1, mean=[0], std=[1], value_range=(0, 4095))
     assert twelve["range"] == [0, 4095]
     ct = preprocess_record(1, mean=[0], std=[1], window={"center": 40, "width": 400})

@@ -267,11 +267,12 @@ def test_resfuse_predict_tiles_large_images_records_it_and_warns_of_clipping(
     assert "2 written (2 stale redone)" in other.output  # another tiling: another output
 
 
-def test_resfuse_predict_tiles_volume_slices_below_the_range(
+def test_resfuse_predict_refuses_volume_slices_thinner_than_the_model(
     head_artifact: Path, tmp_path: Path
 ) -> None:
-    """anatomical.nii sliced along axis 0 gives 41 x 25 slices, below the artifact's 32: in
-    tiles they are padded and cropped back, so the mask keeps the volume's grid."""
+    """anatomical.nii sliced along axis 0 gives 41 x 25 slices, across its acquisition plane
+    and below the artifact's 32: refused naming --axis, tiles or not (padding them would feed
+    the model mostly zeros); its own axis runs."""
     import shutil
 
     import nibabel
@@ -285,9 +286,10 @@ def test_resfuse_predict_tiles_volume_slices_below_the_range(
     shutil.copy(Path(data_path, "anatomical.nii"), scans / "a.nii")
     out = tmp_path / "out"
     args = [str(head_artifact), str(scans), "--output", str(out), "--batch-size", "4"]
-    whole = CliRunner().invoke(predict_main, [*args, "--axis", "0"])
-    assert whole.exit_code == 1 and "25 is outside" in whole.output
-    tiled = CliRunner().invoke(predict_main, [*args, "--axis", "0", "--tile", "auto"])
+    for tiling in ([], ["--tile", "auto"]):
+        thin = CliRunner().invoke(predict_main, [*args, "--axis", "0", *tiling])
+        assert thin.exit_code == 1 and "thinner than" in thin.output and "--axis" in thin.output
+    tiled = CliRunner().invoke(predict_main, [*args, "--tile", "auto"])
     assert tiled.exit_code == 0, tiled.output
     mask = nibabel.load(out / "a.nii.mask.nii.gz")
     assert mask.shape == nibabel.load(scans / "a.nii").shape == (33, 41, 25)
