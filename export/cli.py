@@ -8,16 +8,24 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from resfuse.compare import pooled
 from resfuse.console import err, fail, out
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
-from resfuse.export.quantize import Calibration
+from resfuse.export.parity import ParityResult
+from resfuse.export.pipeline import ExportOptions, ExportResult, GateError, export_artifact
+from resfuse.export.quantize import CALIBRATION_METHODS, Calibration
+from resfuse.export.sensitivity import Sensitivity
 from resfuse.export.triton import KINDS, TritonOptions, require_schema, write_triton_repo
 from resfuse.images import UNITS
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
-from resfuse.precisions import PRECISIONS, from_option, options, variant_targets
+from resfuse.precisions import HEAD_GATES, PRECISIONS, from_option, options, variant_targets
 from resfuse.precisions import precision as precision_entry
 from resfuse.shapes import format_shape
+
+
+def _head_bounds() -> str:
+    bounds = {p.option: p.head_max_rel_l2 for p in PRECISIONS if p.head_max_rel_l2 is not None}
+    return ", ".join(f"{bound:g} for {option}" for option, bound in bounds.items())
 
 
 def _bounds() -> str:
@@ -128,10 +136,59 @@ def _bounds() -> str:
     help="Calibration inputs are resized to this H and W.",
 )
 @click.option(
+    "--calib-method",
+    type=click.Choice(list(CALIBRATION_METHODS)),
+    default="minmax",
+    show_default=True,
+    help="INT8 calibration: each tensor's whole range (minmax), its 99.999th percentile, or "
+    "the range that keeps most information (entropy); --keep-accuracy tries the others too.",
+)
+@click.option(
     "--max-rel-l2",
     default=None,
     type=float,
-    help=f"fp16/int8 parity bound: relative L2 error against PyTorch [default: {_bounds()}].",
+    help=f"fp16/int8 parity bound: relative L2 error against PyTorch [default: {_bounds()}; "
+    f"a head's logits: {_head_bounds()}, its mask gated].",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="fp16/int8 of a model with a head: least share of pixels keeping the original's "
+    f"argmax class over the sweep [default: {HEAD_GATES.min_agreement}].",
+)
+@click.option(
+    "--min-dice",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="fp16/int8 of a model with a head: least Dice of every class against the original's "
+    f"mask over the sweep [default: {HEAD_GATES.min_dice}].",
+)
+@click.option(
+    "--keep-accuracy",
+    is_flag=True,
+    help="fp16/int8 that misses its gate: try the other calibration methods, then keep its "
+    "most sensitive layers float, fewest first, until it passes (a -mixed artifact).",
+)
+@click.option(
+    "--keep-accuracy-seconds",
+    default=900.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="With --keep-accuracy: stop searching after this long.",
+)
+@click.option(
+    "--keep-accuracy-limit",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --keep-accuracy: keep at most this many layers float.",
+)
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="fp16/int8: rank every layer by the error it adds alone at the output (ONNX node and "
+    "PyTorch module), pass or fail.",
 )
 @click.option(
     "--intensity-range",
@@ -202,7 +259,14 @@ def main(
     calib_random: bool,
     calib_count: int,
     calib_size: int,
+    calib_method: str,
     max_rel_l2: float | None,
+    min_agreement: float | None,
+    min_dice: float | None,
+    keep_accuracy: bool,
+    keep_accuracy_seconds: float,
+    keep_accuracy_limit: int,
+    explain: bool,
     intensity_range: str | None,
     window: str | None,
     intensity_units: str | None,
@@ -238,7 +302,14 @@ def main(
                 "--triton-kind, --triton-instances and --triton-tensorrt need --triton-repo DIR"
             )
         precision = _precision(precision, int8)
-        calibration = _calibration(precision, calib_images, calib_random, calib_count, calib_size)
+        calibration = _calibration(
+            precision, calib_images, calib_random, calib_count, calib_size, calib_method
+        )
+        if not precision_entry(from_option(precision)).converter and (keep_accuracy or explain):
+            raise ConfigError(
+                "--keep-accuracy and --explain work on an fp16 or int8 variant; a float32 export "
+                "is the original graph: add --precision fp16 or --int8, or drop them"
+            )
         options = ExportOptions(
             opset=opset,
             min_size=min_size,
@@ -252,6 +323,12 @@ def main(
             precision=from_option(precision),
             target=target,
             max_rel_l2=max_rel_l2,
+            min_agreement=min_agreement,
+            min_dice=min_dice,
+            keep_accuracy=keep_accuracy,
+            keep_accuracy_seconds=keep_accuracy_seconds,
+            keep_accuracy_limit=keep_accuracy_limit,
+            explain=explain,
             intensity_range=_intensity_range(intensity_range),
             window=None if window is None else _pair(window, "--window", "CENTER,WIDTH"),
             intensity_units=intensity_units,
@@ -260,24 +337,25 @@ def main(
             triton.check_targets(options.targets, f"the {options.precision} artifact")
         for m in methods:
             config = ModelConfig(m, backbone, int(stage), in_channels, num_classes, features)
-            with err.status(f"[bold]{m}[/]: starting") as status:
-                result = export_artifact(
-                    config,
-                    output,
-                    options,
-                    weights,
-                    pretrained,
-                    name,
-                    progress=lambda step, m=m: status.update(f"[bold]{m}[/]: {step}"),
-                    warn=_warn,
-                )
-            out.print(
-                f"\n{result.name} ({options.precision}): ONNX Runtime (CPU) vs PyTorch "
-                f"(float32), {options.tolerance.describe()}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            out.print(_parity_table(result, options))
+            try:
+                with err.status(f"[bold]{m}[/]: starting") as status:
+                    result = export_artifact(
+                        config,
+                        output,
+                        options,
+                        weights,
+                        pretrained,
+                        name,
+                        progress=lambda step, m=m: status.update(f"[bold]{m}[/]: {step}"),
+                        warn=_warn,
+                    )
+            except GateError as exc:  # the whole table, as a passing export shows it
+                _show_sweep(f"{m} ({options.precision})", exc.results, options, config)
+                _show_ranking(exc.ranking)
+                raise
+            _show_sweep(f"{result.name} ({options.precision})", result.parity, options, config)
+            _show_ranking(result.mixed.ranking)
+            _show_kept(result)
             if options.simplify and not result.simplified:
                 err.print(f"note: onnxslim {result.simplify_note}", highlight=False, markup=False)
             if triton_repo is not None:
@@ -318,7 +396,7 @@ def _precision(precision: str | None, int8: bool) -> str:
 
 
 def _calibration(
-    precision: str, images: Path | None, random: bool, count: int, size: int
+    precision: str, images: Path | None, random: bool, count: int, size: int, method: str
 ) -> Calibration | None:
     if not precision_entry(from_option(precision)).calibrated:
         if images or random:
@@ -332,15 +410,39 @@ def _calibration(
             "--int8 needs calibration data: --calib-images DIR (representative images) or "
             "--calib-random (latency work only), one of them"
         )
-    return Calibration(images, count, size)
+    return Calibration(images, count, size, method)
 
 
-def _parity_table(result: ExportResult, options: ExportOptions) -> Table:
+def _show_sweep(
+    title: str, results: list[ParityResult], options: ExportOptions, config: ModelConfig
+) -> None:
+    gates = options.gates(config)
+    judged = options.tolerance_for(config).describe() + (f"; {gates.describe()}" if gates else "")
+    out.print(
+        f"\n{title}: ONNX Runtime (CPU) vs PyTorch (float32), {judged}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if results:
+        out.print(_parity_table(results))
+    masks = [r.mask for r in results if r.mask is not None]
+    if gates is not None and masks:
+        sweep = pooled(masks, gates)
+        verdict = "[green]pass[/]" if sweep.passed else "[red]FAIL[/]"
+        out.print(f"mask over the sweep: {sweep.describe()}: {verdict}", highlight=False)
+
+
+def _parity_table(results: list[ParityResult]) -> Table:
     table = Table()
-    for col in ("shape", "max |err|", "p99 |err|", "max rel", "rel L2", "1 - cosine", "result"):
+    masks = any(r.mask is not None for r in results)
+    columns = ["shape", "max |err|", "p99 |err|", "max rel", "rel L2", "1 - cosine"]
+    for col in [*columns, *(["agreement", "min Dice"] if masks else []), "result"]:
         table.add_column(col, justify="right")
-    for r in result.parity:
+    for r in results:
         s = r.stats
+        mask = []
+        if r.mask is not None:
+            mask = [f"{r.mask.agreement:.2%}", f"{min(r.mask.dice.values(), default=1.0):.4f}"]
         table.add_row(
             format_shape(r.shape),
             f"{s.max_abs:.2e}",
@@ -348,9 +450,43 @@ def _parity_table(result: ExportResult, options: ExportOptions) -> Table:
             f"{s.max_rel:.2e}",
             f"{s.rel_l2:.2e}",
             f"{1 - s.cosine:.1e}",
+            *mask,
             "[green]pass[/]" if s.passed else "[red]FAIL[/]",
         )
     return table
+
+
+def _show_ranking(ranking: list[Sensitivity]) -> None:
+    """--explain: every layer by the error it adds alone, most sensitive first."""
+    if not ranking:
+        return
+    table = Table(title="sensitivity: output error with this layer alone reduced")
+    heads = ranking[0].agreement is not None
+    for col in ["rank", "ONNX node", "PyTorch module", "rel L2", *(["agreement"] if heads else [])]:
+        table.add_column(col, justify="right" if col in ("rank", "rel L2", "agreement") else "left")
+    for i, s in enumerate(ranking, 1):
+        agreement = [f"{s.agreement:.2%}"] if s.agreement is not None else []
+        table.add_row(str(i), s.unit.node, s.unit.module or "-", f"{s.rel_l2:.2e}", *agreement)
+    out.print(table)
+
+
+def _show_kept(result: ExportResult) -> None:
+    mixed = result.mixed
+    if mixed.method is not None:
+        out.print(f"calibration: {mixed.method} passed where the default did not", highlight=False)
+    for s in mixed.kept:
+        out.print(
+            f"kept float: {s.unit.node} ({s.unit.module or 'no module'}), rel L2 alone "
+            f"{s.rel_l2:.2e}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    for record in mixed.always_float:
+        out.print(
+            f"kept float32: {record['node']} ({record['module'] or 'no module'}): {record['why']}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _summary_table(results: list[ExportResult]) -> Table:

@@ -17,13 +17,20 @@ names nodes after ATen ops, node_cumsum_1, not after modules):
   (resnet18, 97x131 to 1024x1024): a float16 concat moves the image channels by up to 2e-3, so
   they no longer pass through exactly (resfuse-check's test for `upsample` and `spp`), and
   saves nothing, as the output is float32 anyway: it stays float32.
+
+Beyond these, what no rule can know is measured (`range_hazards`): a node whose float32 output,
+or input, exceeds float16's range (65504) on the sweep's inputs would give inf, and a learned
+layer whose nonzero outputs mostly fall below float16's smallest normal (6.1e-5) would lose them
+to zero; those nodes stay float32 too, and the manifest names them with the values measured.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from resfuse.export.onnx import copy_model
@@ -36,15 +43,18 @@ _SENSITIVE = frozenset({"CumSum", "Sigmoid"})
 _METADATA = frozenset({"Shape", "Size"})  # their outputs are sizes, not image data
 _FLOAT, _FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 _WRAPPED = "__resfuse_output"
+FLOAT16_MAX = 65504.0
+FLOAT16_TINY = 6.103515625e-05  # the smallest normal float16: below it precision fades to 0
+_UNDERFLOW_SHARE = 0.5  # a learned layer losing most of its nonzero outputs is a hazard
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_float16(model: onnx.ModelProto, keep: Iterable[str] = ()) -> onnx.ModelProto:
     """The float16 form of `model`: float16 weights and activations, float32 inputs and outputs,
-    and the nodes `float32_nodes` names kept float32."""
+    and the nodes `float32_nodes` names, and those in `keep`, kept float32."""
     from onnxconverter_common.float16 import convert_float_to_float16
 
     named = _named(model)
-    keep = float32_nodes(named.graph)
+    keep = float32_nodes(named.graph) | set(keep)
     _wrap_outputs(named.graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # weight clipping warnings: the parity sweep judges
@@ -58,6 +68,70 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     _drop_round_trips(half.graph)
     del half.graph.value_info[:]  # stale after the rewrite (even duplicated): infer afresh
     return onnx.shape_inference.infer_shapes(half)
+
+
+@dataclass(frozen=True)
+class Hazard:
+    """A node float16 cannot hold, with what was measured."""
+
+    node: str
+    why: str  # "overflow" (|x| > 65504) or "underflow" (nonzero |x| < 6.1e-5)
+    value: float  # the largest |x| seen, or the share of nonzero outputs below the normal range
+
+    def describe(self) -> str:
+        if self.why == "overflow":
+            return f"|x| up to {self.value:.4g} > 65504"
+        return f"{self.value:.0%} of its nonzero outputs below float16's normal range"
+
+
+def range_hazards(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> list[Hazard]:
+    """Nodes of `model` (named as to_float16 names them) that float16 cannot hold, measured on
+    `inputs` in float32 with ONNX Runtime: every node whose output or data input exceeds 65504,
+    and learned layers most of whose nonzero outputs underflow."""
+    named = _named(model)
+    values = _float_values(named, inputs)
+    data = _data_nodes(named.graph)
+    found = []
+    for node in named.graph.node:
+        if node.name not in data:
+            continue
+        peak = max((values[t][0] for t in [*node.input, *node.output] if t in values), default=0)
+        if peak > FLOAT16_MAX:
+            found.append(Hazard(node.name, "overflow", peak))
+        elif node.op_type in _LEARNED and node.output[0] in values:
+            share = values[node.output[0]][1]
+            if share > _UNDERFLOW_SHARE:
+                found.append(Hazard(node.name, "underflow", share))
+    return found
+
+
+def _float_values(
+    model: onnx.ModelProto, inputs: Sequence[np.ndarray]
+) -> dict[str, tuple[float, float]]:
+    """Every float tensor's largest |x| and the share of its nonzero values below float16's
+    normal range, over `inputs`: each node output made a graph output, as ONNX Runtime's
+    calibrators do."""
+    import onnxruntime as ort
+
+    probe = copy_model(model)
+    inferred = onnx.shape_inference.infer_shapes(probe)
+    floats = {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == _FLOAT}
+    known = {o.name for o in probe.graph.output}
+    names = [t for n in probe.graph.node for t in n.output if t in floats and t not in known]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in session.get_outputs()]
+    feed_name = session.get_inputs()[0].name
+    stats: dict[str, tuple[float, float]] = {}
+    for x in inputs:
+        for name, value in zip(wanted, session.run(wanted, {feed_name: x}), strict=True):
+            value = np.abs(np.asarray(value, dtype=np.float32))
+            nonzero = value[value > 0]
+            tiny = float(np.mean(nonzero < FLOAT16_TINY)) if nonzero.size else 0.0
+            peak = float(value.max(initial=0.0))
+            old = stats.get(name, (0.0, 0.0))
+            stats[name] = (max(old[0], peak), max(old[1], tiny))
+    return stats
 
 
 def float32_nodes(graph: onnx.GraphProto) -> set[str]:

@@ -8,27 +8,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 
 from resfuse.artifacts import check_name, ensure_writable, write_artifact
-from resfuse.compare import Tolerance
+from resfuse.compare import MaskGates, Tolerance
 from resfuse.contract import InputContract, Range
 from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ExportError, ParityError
 from resfuse.export import onnx as onnx_export
-from resfuse.export.parity import ParityResult, onnxruntime_cpu, run_parity, worst
-from resfuse.export.quantize import Calibration, quantization_record
+from resfuse.export.parity import ParityResult, failure, onnxruntime_cpu, run_parity, worst
+from resfuse.export.quantize import CALIBRATION_METHODS, Calibration, quantization_record
+from resfuse.export.sensitivity import Sensitivity, rank, rescue
 from resfuse.images import preprocess_record
 from resfuse.models import FusionModel, ModelConfig, build_model
-from resfuse.precisions import Precision, default_targets
+from resfuse.precisions import MIXED_SUFFIX, Precision, default_targets
 from resfuse.precisions import precision as precision_entry
 from resfuse.schema import FORMAT, FORMAT_VERSION
 from resfuse.shapes import Shape, parity_shapes
 from resfuse.weights import save_weights
+
+if TYPE_CHECKING:
+    from resfuse.export.variants import Conversion
 
 # Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
 _IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -55,6 +59,15 @@ class ExportOptions:
     window: tuple[float, float] | None = None  # (center, width), e.g. CT in Hounsfield units
     # what the window or range is written in: "rescaled" (None: the default) or "stored"
     intensity_units: str | None = None
+    # a variant of a model with a head: its mask gates (None: the precision's defaults)
+    min_agreement: float | None = None
+    min_dice: float | None = None
+    # when a variant misses its gate: keep its most sensitive layers float (resfuse.export.
+    # sensitivity), within this many seconds and at most this many layers
+    keep_accuracy: bool = False
+    keep_accuracy_seconds: float = 900.0
+    keep_accuracy_limit: int = 16
+    explain: bool = False  # rank every layer's sensitivity, pass or fail
 
     @property
     def variant(self) -> Precision:
@@ -75,6 +88,24 @@ class ExportOptions:
         """What the written artifact must meet against PyTorch."""
         bound = self.variant.max_rel_l2 if self.max_rel_l2 is None else self.max_rel_l2
         return self.float_tolerance if bound is None else Tolerance(self.atol, self.rtol, bound)
+
+    def gates(self, config: ModelConfig) -> MaskGates | None:
+        """The mask gates of a variant of a model with a head; None for float32 (judged
+        elementwise) and for fused outputs (no mask)."""
+        default = self.variant.mask_gates
+        if config.num_classes is None or default is None:
+            return None
+        return MaskGates(
+            default.min_agreement if self.min_agreement is None else self.min_agreement,
+            default.min_dice if self.min_dice is None else self.min_dice,
+        )
+
+    def tolerance_for(self, config: ModelConfig) -> Tolerance:
+        """`tolerance`, loosened for a head's logits where mask gates judge the variant."""
+        loose = self.variant.head_max_rel_l2
+        if self.gates(config) is None or loose is None or self.max_rel_l2 is not None:
+            return self.tolerance
+        return Tolerance(self.atol, self.rtol, loose)
 
     def preprocess(self, config: ModelConfig) -> dict[str, Any]:
         """How the runtime turns image files into inputs (recorded in the manifest): the
@@ -159,6 +190,37 @@ class Source:
     warn: Callable[[str], None] | None
 
 
+class GateError(ParityError):
+    """A sweep that failed its gate, with every shape's result, so a command can show the whole
+    table before the one-line reason."""
+
+    def __init__(self, message: str, results: list[ParityResult], ranking: list[Sensitivity]):
+        super().__init__(message)
+        self.results = results
+        self.ranking = ranking
+
+
+@dataclass
+class Mixed:
+    """What a variant kept float beyond its precision's rules, and why: the rescue's layers
+    (with their measured sensitivity), float16's measured range hazards, the calibration
+    method that won, and the ranking when one was made."""
+
+    kept: list[Sensitivity] = field(default_factory=list)
+    always_float: list[dict[str, Any]] = field(default_factory=list)
+    method: str | None = None
+    ranking: list[Sensitivity] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kept_float": [
+                {**s.to_dict(), "why": "rescue: among the most sensitive"} for s in self.kept
+            ]
+            + self.always_float,
+            **({"calibration_method": self.method} if self.method else {}),
+        }
+
+
 @dataclass
 class ExportResult:
     name: str
@@ -167,6 +229,7 @@ class ExportResult:
     seconds: float
     simplify_note: str  # "simplified", or why the raw graph was kept
     parity: list[ParityResult] = field(default_factory=list)
+    mixed: Mixed = field(default_factory=Mixed)
 
     @property
     def simplified(self) -> bool:
@@ -263,6 +326,7 @@ def export_artifact(
         results = _parity(model, raw, shapes, options.float_tolerance, options.seed)
     _require_parity(results, options.float_tolerance, "")
     source = None
+    mixed = Mixed()
     if options.variant.converter is not None:
         # The variant names the float32 graph it was made from. The export is deterministic:
         # a float32 export with the same options and input range writes these very bytes
@@ -271,7 +335,11 @@ def export_artifact(
             "name": artifact_name(config, base=base),
             "onnx_sha256": onnx_export.digest(proto),
         }
-        proto, results = _variant(model, proto, contract, shapes, options, progress, warn)
+        proto, results, mixed = _variant(model, proto, contract, shapes, options, progress, warn)
+        if mixed.kept:  # a mixed variant is an artifact of its own
+            name = check_name(name + MIXED_SUFFIX)
+            ensure_writable(output_dir, name)
+            _keep_other_precisions(Path(output_dir), name, options)
 
     progress("writing the artifact")
     with write_artifact(output_dir, name) as writer:
@@ -280,7 +348,7 @@ def export_artifact(
             "weights": writer.add(".safetensors", lambda path: save_weights(model, path)),
         }
         result = ExportResult(
-            name, Path(output_dir), files, time.perf_counter() - start, note, results
+            name, Path(output_dir), files, time.perf_counter() - start, note, results, mixed
         )
         record = _manifest(
             config=config,
@@ -345,18 +413,98 @@ def _variant(
     options: ExportOptions,
     progress: Callable[[str], None],
     warn: Callable[[str], None] | None = None,
-) -> tuple[onnx.ModelProto, list[ParityResult]]:
+) -> tuple[onnx.ModelProto, list[ParityResult], Mixed]:
     """The verified float32 graph in the options' precision, made by its converter, with its
-    own parity sweep, judged by relative L2 against the float32 PyTorch original."""
-    variant = options.variant
-    source = Source(model, proto, contract, options, progress, warn)
-    graph, sample = variant.convert()(source)
-    onnx_export.check_model(graph)
-    onnx_export.check_dynamic_axes(graph, contract)
-    progress(f"parity sweep on the {options.precision} graph")
-    results = _parity(model, graph, shapes, options.tolerance, options.seed, sample)
-    _require_parity(results, options.tolerance, f"; {variant.hint}" if variant.hint else "")
-    return graph, results
+    own parity sweep against the float32 PyTorch original: relative L2 and, for a model with a
+    head, the mask gates. With `keep_accuracy`, a variant that fails tries the other calibration
+    methods, then keeps its most sensitive layers float (resfuse.export.sensitivity)."""
+    variant, config = options.variant, model.config
+    tol, gates = options.tolerance_for(config), options.gates(config)
+    conversion = variant.convert()(Source(model, proto, contract, options, progress, warn))
+    mixed = Mixed(always_float=conversion.always_float)
+
+    def sweep(graph: onnx.ModelProto) -> list[ParityResult]:
+        onnx_export.check_model(graph)
+        onnx_export.check_dynamic_axes(graph, contract)
+        progress(f"parity sweep on the {options.precision} graph")
+        seed, sample = options.seed, conversion.sample
+        return run_parity(model, onnxruntime_cpu(graph), shapes, tol, seed, sample, gates)
+
+    def ranking() -> list[Sensitivity]:
+        if not mixed.ranking:
+            reference = [onnxruntime_cpu(proto)(x) for x in conversion.inputs]
+            heads = config.num_classes is not None
+            make = conversion.make
+            mixed.ranking = rank(
+                lambda keep: make(keep, mixed.method),
+                conversion.units,
+                conversion.inputs,
+                reference,
+                onnxruntime_cpu,
+                config.image_channels,
+                heads,
+                progress,
+            )
+        return mixed.ranking
+
+    graph = conversion.make((), None)
+    results = sweep(graph)
+    reason = failure(results, gates)
+    if reason is not None and options.keep_accuracy:
+        graph, results, reason = _rescue(conversion, results, sweep, gates, ranking, mixed, options)
+    if options.explain:
+        ranking()
+    if reason is not None:
+        fix = f"; {variant.hint}" if variant.hint and not options.keep_accuracy else ""
+        raise GateError(
+            f"the {options.precision} graph fails its gate ({tol.describe()}"
+            f"{'; ' + gates.describe() if gates else ''}): {reason}{fix}; nothing was written",
+            results,
+            mixed.ranking,
+        )
+    return graph, results, mixed
+
+
+def _rescue(
+    conversion: Conversion,
+    first: list[ParityResult],
+    sweep: Callable[[onnx.ModelProto], list[ParityResult]],
+    gates: MaskGates | None,
+    ranking: Callable[[], list[Sensitivity]],
+    mixed: Mixed,
+    options: ExportOptions,
+) -> tuple[onnx.ModelProto, list[ParityResult], str | None]:
+    """Another calibration method first (the cheapest fix: no layer given up), else the fewest
+    most sensitive layers float, ranked under the method that came closest."""
+    closest: tuple[float, str | None] = (_worst_error(first), None)
+    for method in conversion.methods:
+        results = sweep(graph := conversion.make((), method))
+        if failure(results, gates) is None:
+            mixed.method = method
+            return graph, results, None
+        closest = min(closest, (_worst_error(results), method), key=lambda pair: pair[0])
+    mixed.method = closest[1]
+    found: list[list[ParityResult]] = []
+
+    def passes(graph: onnx.ModelProto) -> bool:
+        found.append(sweep(graph))
+        return failure(found[-1], gates) is None
+
+    try:
+        graph, mixed.kept = rescue(
+            lambda keep: conversion.make(keep, mixed.method),
+            ranking(),
+            passes,
+            options.keep_accuracy_seconds,
+            options.keep_accuracy_limit,
+        )
+    except ExportError as exc:
+        return conversion.make((), mixed.method), found[-1] if found else [], str(exc)
+    return graph, found[-1], None
+
+
+def _worst_error(results: list[ParityResult]) -> float:
+    return max(r.stats.rel_l2 for r in results)
 
 
 def _require_parity(results: list[ParityResult], tol: Tolerance, hint: str) -> None:
@@ -410,20 +558,38 @@ def _manifest(
         "targets": options.targets,
         **({"source": source} if source else {}),
         **(
-            {"quantization": quantization_record(options.calibration, options.variant.symmetric)}
+            {"quantization": _quantization(options, result.mixed.method)}
             if options.calibration
             else {}
         ),
+        **({"mixed": result.mixed.to_dict()} if _is_mixed(result.mixed) else {}),
         "parity": {
             "reference": "torch (cpu, float32)",
             "candidate": "onnxruntime CPUExecutionProvider",
             "inputs": _parity_inputs(options.calibration),
-            **options.tolerance.to_dict(),
+            **options.tolerance_for(config).to_dict(),
+            **_gates_record(options.gates(config)),
             "results": [r.to_dict() for r in result.parity],
         },
         "export_seconds": round(result.seconds, 2),
         "versions": library_versions(),
     }
+
+
+def _quantization(options: ExportOptions, method: str | None) -> dict[str, Any]:
+    assert options.calibration is not None
+    record = quantization_record(options.calibration, options.variant.symmetric)
+    if method is not None:  # another method than asked for won (--keep-accuracy)
+        record["calibration"]["method"] = CALIBRATION_METHODS[method]
+    return record
+
+
+def _is_mixed(mixed: Mixed) -> bool:
+    return bool(mixed.kept or mixed.always_float or mixed.method)
+
+
+def _gates_record(gates: MaskGates | None) -> dict[str, Any]:
+    return {} if gates is None else {"gates": gates.to_dict()}
 
 
 def _parity_inputs(calibration: Calibration | None) -> dict[str, Any]:

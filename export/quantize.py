@@ -18,10 +18,11 @@ tensor under a segmentation head) concatenates 8-bit values instead (`quantized_
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, ExportError, InputContractError
 from resfuse.export.onnx import copy_model
 from resfuse.export.quantized_concat import quantize_concats
+from resfuse.export.sensitivity import Unit, module_of
 from resfuse.export.subpixel import subpixel_convtranspose
 from resfuse.images import image_files, load_image
 from resfuse.shapes import Shape
@@ -57,6 +59,12 @@ def _quantized_parts(symmetric: bool) -> str:
     return "Conv: inputs, weights and outputs, a ReLU after one folded into its uint8 output"
 
 
+# --calib-method: ONNX Runtime's calibrators by the names users know them by. MinMax takes each
+# tensor's whole range; percentile (99.999%) and entropy (KL divergence) clip rare extremes,
+# which keeps resolution for the bulk of values when one outlier channel would take it all.
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Calibration inputs: up to `count` readable images from `images` (a folder; unreadable
@@ -66,6 +74,7 @@ class Calibration:
     images: str | Path | None = None
     count: int = 32
     size: int = 512
+    method: str = "minmax"  # a key of CALIBRATION_METHODS
     # What the last inputs() call read from `images` ("used", "skipped": lists of files), for
     # the manifest's record and the parity sweep's sampler: which files are readable is only
     # known once they are read with the artifact's preprocessing.
@@ -76,6 +85,11 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ConfigError(f"--calib-count must be at least 1, got {self.count}")
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(
+                f"--calib-method {self.method!r} is not one of "
+                f"{', '.join(CALIBRATION_METHODS)}; minmax is the default"
+            )
         if self.images is not None:
             self._files(self.images)  # a bad folder fails before the export
 
@@ -89,16 +103,17 @@ class Calibration:
     def describe(self) -> dict[str, Any]:
         """The record of the calibration: `count` is the inputs used, fewer than --calib-count
         when the folder holds fewer readable images; `skipped` counts the unreadable ones."""
+        method = CALIBRATION_METHODS[self.method]
         if not self.images:
             return {
-                "method": "MinMax",
+                "method": method,
                 "source": "random normal inputs",
                 "count": self.count,
                 "size": self.size,
             }
         skipped = self._read.get("skipped", [])
         return {
-            "method": "MinMax",
+            "method": method,
             "source": f"images in {self.images}",
             "count": len(self._used(self.images)),
             "size": self.size,
@@ -230,10 +245,14 @@ def quantize_int8(
     symmetric: bool = False,
     *,
     concat_8bit: bool = True,
+    exclude: Iterable[str] = (),
+    method: str = "minmax",
 ) -> onnx.ModelProto:
-    """The QDQ INT8 form of `model`, calibrated on `batches`; `symmetric`: int8 activations with
-    zero point 0 (TensorRT), else uint8 ones (x86 CPUs). `concat_8bit=False` leaves a head's
-    Concat in float32 (the same numbers, slower: benchmarks/head_concat.py times the two)."""
+    """The QDQ INT8 form of `model`, calibrated on `batches` by `method` (CALIBRATION_METHODS);
+    `symmetric`: int8 activations with zero point 0 (TensorRT), else uint8 ones (x86 CPUs).
+    The nodes named in `exclude` stay float32: no quantizer reads or writes their tensors unless
+    another quantized node shares them. `concat_8bit=False` leaves a head's Concat in float32
+    (the same numbers, slower: benchmarks/head_concat.py times the two)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -251,23 +270,50 @@ def quantize_int8(
             # ONNX Runtime's symbolic shape inference cannot follow the dynamic H x W through
             # the pyramid's Gather indices; onnx's own inference is enough for QDQ placement.
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                _Reader(input_name, batches),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=_op_types(symmetric),
-                nodes_to_exclude=_non_residual_adds(onnx.load(prepared)),
-                per_channel=True,
-                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options=_extra_options(symmetric),
-            )
+            with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print as they go
+                quantize_static(
+                    str(prepared),
+                    str(quantized),
+                    _Reader(input_name, batches),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=_op_types(symmetric),
+                    nodes_to_exclude=[*_non_residual_adds(onnx.load(prepared)), *exclude],
+                    per_channel=True,
+                    activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                    extra_options=_extra_options(symmetric),
+                )
         except Exception as exc:  # the quantizer raises bare Exceptions of many kinds
             raise ExportError(f"INT8 quantization failed: {type(exc).__name__}: {exc}") from exc
         graph = _float_inputs(onnx.load(quantized))
         return quantize_concats(graph) if concat_8bit and not symmetric else graph
+
+
+def quantizable_units(model: onnx.ModelProto, symmetric: bool) -> list[Unit]:
+    """What quantize_int8 quantizes, layer by layer, as it names the nodes: each convolution
+    (on CPUs after the sub-pixel rewrite, with the ReLU that folds into it), and for TensorRT
+    each transposed convolution and residual Add too."""
+    graph = model if symmetric else subpixel_convtranspose(copy_model(model))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    skipped = set(_non_residual_adds(graph))
+    units, folded = [], set()
+    for node in graph.graph.node:
+        if node.op_type not in _op_types(symmetric) or node.op_type == "Relu":
+            continue
+        if node.name in skipped:
+            continue
+        after = readers.get(node.output[0], [])
+        relu = [r.name for r in after if r.op_type == "Relu" and len(after) == 1]
+        folded.update(relu)
+        module = module_of(graph.graph, node)
+        units.append(Unit(node.name, module, (node.name, *relu)))
+    # a ReLU after a residual sum is quantized on its own (CPUs): a unit of its own
+    alone = [n for n in graph.graph.node if n.op_type == "Relu" and n.name not in folded]
+    return units + [Unit(n.name, "", (n.name,)) for n in alone if not symmetric]
 
 
 def _non_residual_adds(model: onnx.ModelProto) -> list[str]:

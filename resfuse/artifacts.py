@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from resfuse.compare import Tolerance
+from resfuse.compare import MaskGates, Tolerance
 from resfuse.contract import InputContract
 from resfuse.errors import ArtifactWriteError, ConfigError, ManifestError
 from resfuse.models import FusionModel, ModelConfig
@@ -230,6 +230,26 @@ class Manifest:
         parity = self.data.get("parity") or {}
         known = {f.name for f in fields(Tolerance)}
         return Tolerance(**{k: v for k, v in parity.items() if k in known})
+
+    @property
+    def kept_float(self) -> list[dict[str, Any]]:
+        """The layers a reduced-precision variant kept float beyond its precision's rules
+        (--keep-accuracy's rescue, float16's measured range hazards), with why."""
+        return list((self.data.get("mixed") or {}).get("kept_float") or [])
+
+    @property
+    def precision_label(self) -> str:
+        """The precision as a person reads it: "int8", or "int8, 2 layers kept float"."""
+        kept = len(self.kept_float)
+        return self.precision if not kept else f"{self.precision}, {kept} layers kept float"
+
+    @property
+    def mask_gates(self) -> MaskGates:
+        """The mask gates the export's parity sweep passed (a reduced-precision model with a
+        head): the default for later checks; none recorded: reported, not gated."""
+        gates = (self.data.get("parity") or {}).get("gates") or {}
+        known = {f.name for f in fields(MaskGates)}
+        return MaskGates(**{k: v for k, v in gates.items() if k in known})
 
     def record(self, key: str) -> dict[str, Any]:
         record = self.data["files"].get(key)

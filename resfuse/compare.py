@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -164,3 +165,79 @@ def _p99(top: np.ndarray, gamma: float) -> float:
     a, b = float(pair[0]), float(pair[1])
     step = b - a
     return b - step * (1 - gamma) if gamma >= 0.5 else a + step * gamma
+
+
+@dataclass(frozen=True)
+class MaskGates:
+    """What a segmentation user signs off on: the share of pixels whose argmax class agrees
+    with the PyTorch original, and each class's Dice against it (None: reported, not gated)."""
+
+    min_agreement: float | None = None
+    min_dice: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"agreement >= {self.min_agreement:.2%}"] if self.min_agreement is not None else []
+        parts += [f"every class's Dice >= {self.min_dice:g}"] if self.min_dice is not None else []
+        return ", ".join(parts) or "masks reported, not gated"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MaskAgreement:
+    """Two argmax masks compared, as pixel counts (so several inputs pool into one judgement):
+    how many pixels there are and agree, and per class (present in either mask) the pixels in
+    both and in each."""
+
+    pixels: int
+    matching: int
+    overlap: dict[int, tuple[int, int]]  # class: (in both masks, in the one plus in the other)
+    gates: MaskGates = field(default_factory=MaskGates)
+
+    @property
+    def agreement(self) -> float:
+        return self.matching / self.pixels if self.pixels else 1.0
+
+    @property
+    def dice(self) -> dict[int, float]:
+        return {c: 2 * both / total for c, (both, total) in sorted(self.overlap.items())}
+
+    @property
+    def passed(self) -> bool:
+        gates = self.gates
+        low_dice = min(self.dice.values(), default=1.0)
+        return (gates.min_agreement is None or self.agreement >= gates.min_agreement) and (
+            gates.min_dice is None or low_dice >= gates.min_dice
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"agreement": self.agreement, "dice": {str(c): d for c, d in self.dice.items()}}
+
+    def describe(self) -> str:
+        dice = self.dice
+        low = min(dice, key=dice.__getitem__) if dice else None
+        text = f", min Dice {dice[low]:.4f} (class {low})" if low is not None else ""
+        return f"{self.agreement:.4%}{text}"
+
+
+def mask_agreement(ref: np.ndarray, out: np.ndarray, gates: MaskGates) -> MaskAgreement:
+    """Argmax masks of two (B, N, H, W) logit arrays compared pixel by pixel."""
+    a, b = ref.argmax(axis=1), out.argmax(axis=1)
+    overlap = {}
+    for c in np.union1d(np.unique(a), np.unique(b)).tolist():
+        in_a, in_b = a == c, b == c
+        overlap[int(c)] = (int(np.count_nonzero(in_a & in_b)), int(in_a.sum() + in_b.sum()))
+    return MaskAgreement(int(a.size), int(np.count_nonzero(a == b)), overlap, gates)
+
+
+def pooled(masks: Iterable[MaskAgreement], gates: MaskGates) -> MaskAgreement:
+    """Several comparisons as one, by their counts: a sweep's agreement and per-class Dice."""
+    pixels = matching = 0
+    overlap: dict[int, tuple[int, int]] = {}
+    for mask in masks:
+        pixels, matching = pixels + mask.pixels, matching + mask.matching
+        for c, (both, total) in mask.overlap.items():
+            old = overlap.get(c, (0, 0))
+            overlap[c] = (old[0] + both, old[1] + total)
+    return MaskAgreement(pixels, matching, overlap, gates)

@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 
 from resfuse.artifacts import read_manifest
-from resfuse.compare import ErrorStats, compare_output
+from resfuse.compare import ErrorStats, MaskGates, compare_output, mask_agreement
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.precisions import accuracy_class
 from resfuse.runtime.backend_spec import parse_spec as parse_backend
 from resfuse.runtime.backends import BACKENDS, Phases, quiet_options, runs_original, threaded
-from resfuse.runtime.check import MaskGates, mask_agreement
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.machine import machine_info
 from resfuse.runtime.report import markdown_table

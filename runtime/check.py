@@ -11,55 +11,21 @@ import numpy as np
 import torch
 
 from resfuse.artifacts import Manifest
-from resfuse.compare import ErrorStats, Tolerance, compare, compare_output
+from resfuse.compare import (
+    ErrorStats,
+    MaskAgreement,
+    MaskGates,
+    Tolerance,
+    compare,
+    compare_output,
+    mask_agreement,
+)
 from resfuse.errors import ConfigError, ResfuseError
 from resfuse.models.fusion import METHODS
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import markdown_table
 from resfuse.runtime.session import Session, load
 from resfuse.shapes import Shape, format_shape, parity_shapes
-
-
-@dataclass(frozen=True)
-class MaskGates:
-    """What a segmentation user signs off on: the share of pixels whose argmax class agrees
-    with the PyTorch original, and each class's Dice against it (None: reported, not gated)."""
-
-    min_agreement: float | None = None
-    min_dice: float | None = None
-
-
-@dataclass
-class MaskAgreement:
-    agreement: float  # share of pixels with the original's argmax class
-    dice: dict[int, float]  # per class present in either mask
-    gates: MaskGates
-
-    @property
-    def passed(self) -> bool:
-        gates = self.gates
-        low_dice = min(self.dice.values(), default=1.0)
-        return (gates.min_agreement is None or self.agreement >= gates.min_agreement) and (
-            gates.min_dice is None or low_dice >= gates.min_dice
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"agreement": self.agreement, "dice": {str(c): d for c, d in self.dice.items()}}
-
-    def describe(self) -> str:
-        low = min(self.dice, key=self.dice.__getitem__) if self.dice else None
-        dice = f", min Dice {self.dice[low]:.4f} (class {low})" if low is not None else ""
-        return f"{self.agreement:.4%}{dice}"
-
-
-def mask_agreement(ref: np.ndarray, out: np.ndarray, gates: MaskGates) -> MaskAgreement:
-    """Argmax masks of two (B, N, H, W) logit arrays compared pixel by pixel."""
-    a, b = ref.argmax(axis=1), out.argmax(axis=1)
-    dice = {}
-    for c in np.union1d(np.unique(a), np.unique(b)).tolist():
-        in_a, in_b = a == c, b == c
-        dice[int(c)] = float(2 * np.count_nonzero(in_a & in_b) / (in_a.sum() + in_b.sum()))
-    return MaskAgreement(float(np.mean(a == b)), dice, gates)
 
 
 @dataclass
@@ -182,7 +148,7 @@ def check_artifact(
     seed: int = 0,
     resize: str | None = None,
     progress: Callable[[], None] = lambda: None,
-    gates: MaskGates = MaskGates(),
+    gates: MaskGates | None = None,
     on_clip: Callable[[str], None] | None = None,
     tiling: dict[str, Any] | None = None,
     **options: Any,
@@ -190,7 +156,8 @@ def check_artifact(
     """Judges as the export did: on the shapes of its parity sweep with random inputs, or, for
     an INT8 artifact swept on its calibration images, on images (those, unless `images` names
     others), random ones only at `shapes` asked for. A model with a head also gets argmax
-    agreement and per-class Dice against the original, gated by `gates`. `on_clip` hears, once
+    agreement and per-class Dice against the original, gated by `gates` (default: the gates
+    its export passed, if any). `on_clip` hears, once
     per image file, that the artifact's intensity range clips much of it (resfuse.images).
     `tiling` (Session.run's tile keywords) runs an input the deployed backend cannot take in one
     call as tiles, on both backends alike."""
@@ -199,6 +166,7 @@ def check_artifact(
         load(path, "torch", "cpu") as reference,
     ):
         tol = tolerance or deployed.manifest.tolerance
+        gates = gates or deployed.manifest.mask_gates
         report = CheckReport(str(path), backend, device, tol, deployed.manifest.precision)
         grid, images = judged_inputs(deployed.manifest, shapes, images)
         for shape in grid:  # refuse a bad grid before spending time on a good part of it

@@ -151,14 +151,18 @@ def check_main(
                 seed,
                 resize,
                 progress=lambda: bar.advance(task),
-                gates=MaskGates(min_agreement, min_dice),
+                # none given: the gates the export passed (check_artifact reads them)
+                gates=None
+                if min_agreement is min_dice is None
+                else MaskGates(min_agreement, min_dice),
                 on_clip=_warn,
                 tiling=tiling_options(tile, overlap, blend),
             )
     except ResfuseError as exc:
         fail(str(exc))
+    label = manifest.precision_label  # a mixed variant says what stayed float
     out.print(
-        f"{artifact} ({report.precision}): {backend} ({device}) against torch (cpu, float32), "
+        f"{artifact} ({label}): {backend} ({device}) against torch (cpu, float32), "
         f"{tolerance.describe()}\n",
         highlight=False,
     )
