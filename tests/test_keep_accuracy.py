@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from clirun import invoke
+from planted import plant
 
 from resfuse import runtime
 from resfuse.artifacts import read_manifest
@@ -24,27 +24,11 @@ from resfuse.export.pipeline import ExportOptions, ExportResult, GateError, expo
 from resfuse.export.quantize import Calibration
 from resfuse.export.sensitivity import counts
 from resfuse.models import ModelConfig, build_model
-from resfuse.weights import save_weights
 
 pytestmark = pytest.mark.slow  # INT8 exports, each calibrated several times
 CONFIG = ModelConfig("upsample", stage=2, in_channels=1, features=8)
 PLANTED = ("encoder.layers.0.0.conv1", "encoder.layers.0.0.conv2")  # bn1 sits between them
 CALIBRATION = Calibration(None, count=8, size=64)
-
-
-def plant(path: Path, factor: float, config: ModelConfig = CONFIG) -> Path:
-    """The seed-0 model with channel 5 of encoder.layers.0.0.bn1 scaled by `factor` (kept
-    positive, so the ReLU passes it) and conv2's weights for that channel divided by it."""
-    torch.manual_seed(0)
-    model = build_model(**config.to_dict(), pretrained=False)
-    modules = dict(model.named_modules())
-    bn, conv = modules["encoder.layers.0.0.bn1"], modules["encoder.layers.0.0.conv2"]
-    with torch.no_grad():
-        bn.weight[5] *= factor
-        bn.bias[5] = (bn.bias[5].abs() + 0.5) * factor
-        conv.weight[:, 5] /= factor
-    save_weights(model, path)
-    return path
 
 
 def int8(**changes: object) -> ExportOptions:
