@@ -111,7 +111,10 @@ def judge(models: dict[str, bytes], inputs: list[np.ndarray], threads: int) -> d
 def nncf_model(fp32: onnx.ModelProto, calib: list[np.ndarray], val: list[np.ndarray],
                threads: int) -> onnx.ModelProto:  # fmt: skip
     """NNCF's accuracy-aware INT8 on the same graph, data and gate (features within 0.1)."""
-    import nncf
+    try:
+        import nncf
+    except ImportError:
+        raise SystemExit("this benchmark compares with NNCF: pip install nncf") from None
 
     run_fp32 = session(fp32.SerializeToString(), threads)
     items = [(x, run_fp32.run(None, {INPUT_NAME: x})[0]) for x in val]

@@ -38,6 +38,15 @@ class Conversion:
     methods: tuple[str, ...] = ()  # other calibration methods the rescue tries first
     always_float: list[dict[str, Any]] = field(default_factory=list)  # measured, not ruled
 
+    @classmethod
+    def fixed(cls, graph: onnx.ModelProto, sample: Sampler | None = None) -> Conversion:
+        """A conversion with nothing it could keep float: one graph, ranked and rescued never."""
+
+        def make(keep: Sequence[str] = (), method: str | None = None) -> onnx.ModelProto:
+            return graph
+
+        return cls(make, [], [], sample)
+
 
 def float16_graph(source: Source) -> Conversion:
     """float16 with the rule-based float32 parts, plus every node whose float32 values on random

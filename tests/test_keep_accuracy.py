@@ -88,27 +88,12 @@ def test_the_rescued_graph_runs_on_onnxruntime_and_openvino(rescued: ExportResul
 def test_the_tensorrt_form_is_rescued_and_builds_with_tensorrt_rtx(
     weights: Path, tmp_path: Path
 ) -> None:
-    from resfuse.engine_manifest import BuildSettings
-    from resfuse.errors import BackendUnavailableError
-    from resfuse.export import engines
-    from resfuse.profiles import Profile
-    from resfuse.tensorrt_env import FLAVOURS, import_flavour
-
     result = export_artifact(
         CONFIG, tmp_path, int8(target="tensorrt", keep_accuracy=True), weights=weights
     )
     assert result.name == "upsample-resnet18-int8-trt-mixed"
     assert {s.unit.module for s in result.mixed.kept} == set(PLANTED)
-    try:
-        import_flavour(FLAVOURS["tensorrt-rtx"])
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    profile = Profile((1, 1, 32, 32), (1, 1, 64, 64), (1, 1, 128, 128))
-    built = engines.find_or_build(
-        result.manifest_path, [profile], BuildSettings(builder_level=0), tmp_path / "cache",
-        engine="tensorrt-rtx",
-    )  # fmt: skip
-    assert built.record.precision == "int8" and len(built.plan) > 100_000
+    _builds_with_rtx(result.manifest_path, tmp_path / "cache")
 
 
 def test_an_unplanted_model_needs_no_rescue(tmp_path: Path) -> None:
@@ -138,6 +123,34 @@ def test_float16_keeps_what_overflows_in_float32_and_passes(tmp_path: Path) -> N
         model, onnxruntime_cpu(naive), [(1, 1, 64, 64)], Tolerance(max_rel_l2=5e-3)
     )
     assert results[0].stats.nonfinite > 0 or not results[0].stats.passed
+
+    pytest.importorskip("openvino", reason="pip install 'resfuse[openvino]'")
+    x = np.random.default_rng(4).standard_normal((1, 1, 80, 96), dtype=np.float32)
+    with runtime.load(result.manifest_path, "torch") as original:
+        reference = np.asarray(original.run(x))
+    with runtime.load(result.manifest_path, "openvino") as session:
+        out = np.asarray(session.run(x))
+    assert compare_output(reference, out, Tolerance(max_rel_l2=5e-3), 1).passed
+    _builds_with_rtx(result.manifest_path, tmp_path / "cache")
+
+
+def _builds_with_rtx(manifest: Path, cache: Path) -> None:
+    from resfuse.engine_manifest import BuildSettings
+    from resfuse.errors import BackendUnavailableError
+    from resfuse.export import engines
+    from resfuse.profiles import Profile
+    from resfuse.tensorrt_env import FLAVOURS, import_flavour
+
+    try:
+        import_flavour(FLAVOURS["tensorrt-rtx"])
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+    profile = Profile((1, 1, 32, 32), (1, 1, 64, 64), (1, 1, 128, 128))
+    built = engines.find_or_build(
+        manifest, [profile], BuildSettings(builder_level=0), cache, engine="tensorrt-rtx"
+    )
+    assert built.record.precision == read_manifest(manifest).precision
+    assert len(built.plan) > 100_000
 
 
 def test_a_failing_export_prints_its_table_and_names_the_rescue(
