@@ -442,7 +442,8 @@ def _parity_table(results: list[ParityResult]) -> Table:
         s = r.stats
         mask = []
         if r.mask is not None:
-            mask = [f"{r.mask.agreement:.2%}", f"{min(r.mask.dice.values(), default=1.0):.4f}"]
+            low = min(r.mask.gated_dice.values(), default=1.0)
+            mask = [f"{r.mask.agreement:.2%}", f"{low:.4f}"]
         table.add_row(
             format_shape(r.shape),
             f"{s.max_abs:.2e}",

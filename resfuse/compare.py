@@ -167,6 +167,9 @@ def _p99(top: np.ndarray, gamma: float) -> float:
     return b - step * (1 - gamma) if gamma >= 0.5 else a + step * gamma
 
 
+MIN_CLASS_SHARE = 1e-3  # of a mask's pixels: a class below it in both masks is not Dice-gated
+
+
 @dataclass(frozen=True)
 class MaskGates:
     """What a segmentation user signs off on: the share of pixels whose argmax class agrees
@@ -188,11 +191,13 @@ class MaskGates:
 class MaskAgreement:
     """Two argmax masks compared, as pixel counts (so several inputs pool into one judgement):
     how many pixels there are and agree, and per class (present in either mask) the pixels in
-    both and in each."""
+    both, in the reference and in the output. A class covering less than MIN_CLASS_SHARE of
+    the pixels in both masks is reported but not gated: with a few pixels its Dice swings
+    between 0 and 1 on one pixel (a random head's rare class: 0.4 at 99.99% agreement)."""
 
     pixels: int
     matching: int
-    overlap: dict[int, tuple[int, int]]  # class: (in both masks, in the one plus in the other)
+    overlap: dict[int, tuple[int, int, int]]  # class: (in both, in the reference, in the output)
     gates: MaskGates = field(default_factory=MaskGates)
 
     @property
@@ -201,12 +206,19 @@ class MaskAgreement:
 
     @property
     def dice(self) -> dict[int, float]:
-        return {c: 2 * both / total for c, (both, total) in sorted(self.overlap.items())}
+        return {c: 2 * both / (a + b) for c, (both, a, b) in sorted(self.overlap.items())}
+
+    @property
+    def gated_dice(self) -> dict[int, float]:
+        """The Dice of the classes large enough to gate (see the class docstring)."""
+        least = MIN_CLASS_SHARE * self.pixels
+        dice = self.dice
+        return {c: dice[c] for c, (_, a, b) in self.overlap.items() if max(a, b) >= least}
 
     @property
     def passed(self) -> bool:
         gates = self.gates
-        low_dice = min(self.dice.values(), default=1.0)
+        low_dice = min(self.gated_dice.values(), default=1.0)
         return (gates.min_agreement is None or self.agreement >= gates.min_agreement) and (
             gates.min_dice is None or low_dice >= gates.min_dice
         )
@@ -215,7 +227,7 @@ class MaskAgreement:
         return {"agreement": self.agreement, "dice": {str(c): d for c, d in self.dice.items()}}
 
     def describe(self) -> str:
-        dice = self.dice
+        dice = self.gated_dice
         low = min(dice, key=dice.__getitem__) if dice else None
         text = f", min Dice {dice[low]:.4f} (class {low})" if low is not None else ""
         return f"{self.agreement:.4%}{text}"
@@ -227,17 +239,17 @@ def mask_agreement(ref: np.ndarray, out: np.ndarray, gates: MaskGates) -> MaskAg
     overlap = {}
     for c in np.union1d(np.unique(a), np.unique(b)).tolist():
         in_a, in_b = a == c, b == c
-        overlap[int(c)] = (int(np.count_nonzero(in_a & in_b)), int(in_a.sum() + in_b.sum()))
+        overlap[int(c)] = (int(np.count_nonzero(in_a & in_b)), int(in_a.sum()), int(in_b.sum()))
     return MaskAgreement(int(a.size), int(np.count_nonzero(a == b)), overlap, gates)
 
 
 def pooled(masks: Iterable[MaskAgreement], gates: MaskGates) -> MaskAgreement:
     """Several comparisons as one, by their counts: a sweep's agreement and per-class Dice."""
     pixels = matching = 0
-    overlap: dict[int, tuple[int, int]] = {}
+    overlap: dict[int, tuple[int, int, int]] = {}
     for mask in masks:
         pixels, matching = pixels + mask.pixels, matching + mask.matching
-        for c, (both, total) in mask.overlap.items():
-            old = overlap.get(c, (0, 0))
-            overlap[c] = (old[0] + both, old[1] + total)
+        for c, counts in mask.overlap.items():
+            old = overlap.get(c, (0, 0, 0))
+            overlap[c] = (old[0] + counts[0], old[1] + counts[1], old[2] + counts[2])
     return MaskAgreement(pixels, matching, overlap, gates)

@@ -10,8 +10,11 @@ import torch
 from resfuse.models import ModelConfig, build_model
 from resfuse.weights import save_weights
 
+# the test model: small, one channel, no head: the fused features show every error
+CONFIG = ModelConfig("upsample", stage=2, in_channels=1, features=8)
 
-def plant(path: Path, factor: float, config: ModelConfig) -> Path:
+
+def plant(path: Path, factor: float, config: ModelConfig = CONFIG) -> Path:
     """The seed-0 model with channel 5 of encoder.layers.0.0.bn1 scaled by `factor` (kept
     positive, so the ReLU passes it) and conv2's weights for that channel divided by it."""
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from clirun import invoke
-from planted import plant
+from planted import CONFIG, plant
 
 from resfuse import runtime
 from resfuse.artifacts import read_manifest
@@ -23,10 +23,9 @@ from resfuse.export.parity import failure, onnxruntime_cpu, run_parity
 from resfuse.export.pipeline import ExportOptions, ExportResult, GateError, export_artifact
 from resfuse.export.quantize import Calibration
 from resfuse.export.sensitivity import counts
-from resfuse.models import ModelConfig, build_model
+from resfuse.models import build_model
 
 pytestmark = pytest.mark.slow  # INT8 exports, each calibrated several times
-CONFIG = ModelConfig("upsample", stage=2, in_channels=1, features=8)
 PLANTED = ("encoder.layers.0.0.conv1", "encoder.layers.0.0.conv2")  # bn1 sits between them
 CALIBRATION = Calibration(None, count=8, size=64)
 
@@ -177,6 +176,15 @@ def test_a_head_is_gated_on_its_mask_pooled_over_the_sweep() -> None:
     assert both.dice[1] == pytest.approx(2 * 15 / (8 + 7 + 8 + 8))
     assert both.passed and not pooled([one], MaskGates(0.97, None)).passed
     assert failure([], MaskGates(0.99, 0.98)) is None
+    # a class on 5 of 10,000 pixels (0.05%) is reported, not gated: one pixel swings its Dice
+    big = np.zeros((1, 2, 100, 100), np.float32)
+    big[0, 1, 0, :5] = 1
+    lost = big.copy()
+    lost[0, 1, 0, :3] = -1
+    rare = mask_agreement(big, lost, MaskGates(0.99, 0.98))
+    assert rare.dice[1] == pytest.approx(4 / 7) and 1 not in rare.gated_dice and rare.passed
+    big[0, 1, 1, :20] = 1  # 25 pixels (0.25%): gated
+    assert not mask_agreement(big, lost, MaskGates(0.99, 0.98)).passed
 
 
 def test_rescue_counts_go_one_by_one_then_grow() -> None:
