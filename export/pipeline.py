@@ -451,7 +451,9 @@ def _variant(
     results = sweep(graph)
     reason = failure(results, gates)
     if reason is not None and options.keep_accuracy:
-        graph, results, reason = _rescue(conversion, results, sweep, gates, ranking, mixed, options)
+        graph, results, reason = _rescue(
+            conversion, (graph, results), sweep, gates, ranking, mixed, options
+        )
     if options.explain:
         ranking()
     if reason is not None:
@@ -467,7 +469,7 @@ def _variant(
 
 def _rescue(
     conversion: Conversion,
-    first: list[ParityResult],
+    first: tuple[onnx.ModelProto, list[ParityResult]],
     sweep: Callable[[onnx.ModelProto], list[ParityResult]],
     gates: MaskGates | None,
     ranking: Callable[[], list[Sensitivity]],
@@ -476,7 +478,7 @@ def _rescue(
 ) -> tuple[onnx.ModelProto, list[ParityResult], str | None]:
     """Another calibration method first (the cheapest fix: no layer given up), else the fewest
     most sensitive layers float, ranked under the method that came closest."""
-    closest: tuple[float, str | None] = (_worst_error(first), None)
+    closest: tuple[float, str | None] = (_worst_error(first[1]), None)
     for method in conversion.methods:
         results = sweep(graph := conversion.make((), method))
         if failure(results, gates) is None:
@@ -498,8 +500,8 @@ def _rescue(
             options.keep_accuracy_seconds,
             options.keep_accuracy_limit,
         )
-    except ExportError as exc:
-        return conversion.make((), mixed.method), found[-1] if found else [], str(exc)
+    except ExportError as exc:  # the last try's table goes with the reason
+        return first[0], found[-1] if found else first[1], str(exc)
     return graph, found[-1], None
 
 

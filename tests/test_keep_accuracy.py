@@ -7,22 +7,39 @@ that activation's whole range to one channel; float16 overflows on it (x 1e5 > 6
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from clirun import invoke
 from planted import CONFIG, plant
 
 from resfuse import runtime
 from resfuse.artifacts import read_manifest
-from resfuse.compare import MaskGates, Tolerance, compare_output, mask_agreement, pooled
+from resfuse.compare import (
+    ErrorStats,
+    MaskGates,
+    Tolerance,
+    compare_output,
+    mask_agreement,
+    pooled,
+)
 from resfuse.export.cli import main as export_main
 from resfuse.export.float16 import to_float16
-from resfuse.export.parity import failure, onnxruntime_cpu, run_parity
-from resfuse.export.pipeline import ExportOptions, ExportResult, GateError, export_artifact
+from resfuse.export.parity import ParityResult, failure, onnxruntime_cpu, run_parity
+from resfuse.export.pipeline import (
+    ExportOptions,
+    ExportResult,
+    GateError,
+    Mixed,
+    _rescue,
+    export_artifact,
+)
 from resfuse.export.quantize import Calibration
-from resfuse.export.sensitivity import counts
+from resfuse.export.sensitivity import Sensitivity, Unit, counts
+from resfuse.export.variants import Conversion
 from resfuse.models import build_model
 
 pytestmark = pytest.mark.slow  # INT8 exports, each calibrated several times
@@ -114,8 +131,6 @@ def test_float16_keeps_what_overflows_in_float32_and_passes(tmp_path: Path) -> N
 
     source = read_manifest(export_artifact(CONFIG, tmp_path / "f32", ExportOptions(
         min_size=32, max_size=128, max_batch=2), weights=weights).manifest_path)  # fmt: skip
-    import onnx
-
     naive = to_float16(onnx.load_from_string(source.read("onnx")))
     model = build_model(**CONFIG.to_dict(), weights=weights)
     results = run_parity(
@@ -200,3 +215,54 @@ def test_resfuse_check_judges_the_rescued_variant_and_says_it_is_mixed(
     proc = invoke(check_main, str(rescued.manifest_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(int8, 2 layers kept float)" in proc.stdout
+
+
+def _results(rel_l2: float) -> list[ParityResult]:
+    """One shape's result with this error, judged by the INT8 bound (0.1)."""
+    stats = ErrorStats(0, 0, 0, 0, rel_l2, 1, 0, 0, passed=rel_l2 <= 0.1)
+    return [ParityResult((1, 1, 32, 32), stats)]
+
+
+def test_the_search_tries_calibration_methods_before_giving_up_layers() -> None:
+    """The search order on made-up measurements: the full variant fails; percentile passes,
+    so no layer is kept float and the method is recorded; when no method passes, layers are
+    kept float under the method that came closest."""
+    units = [Unit(f"conv{i}", f"m{i}", (f"conv{i}",)) for i in range(3)]
+    made: list[tuple[tuple[str, ...], str | None]] = []
+
+    def conversion() -> Conversion:
+        def make(keep: Sequence[str] = (), method: str | None = None) -> onnx.ModelProto:
+            made.append((tuple(keep), method))
+            graph = onnx.ModelProto()
+            graph.doc_string = json.dumps([list(keep), method])
+            return graph
+
+        return Conversion(make, units, [], None, ("percentile", "entropy"))
+
+    def sweep_of(errors: dict[str | None, float]) -> Callable[[onnx.ModelProto], list]:
+        def sweep(graph: onnx.ModelProto) -> list[ParityResult]:
+            keep, method = json.loads(graph.doc_string)
+            return _results(0.01 if "conv2" in keep else errors[method])
+
+        return sweep
+
+    ranking = [Sensitivity(units[2], 0.5, None), Sensitivity(units[0], 0.1, None)]
+    options = ExportOptions()
+    first = (onnx.ModelProto(), _results(0.3))
+    wins = {None: 0.3, "percentile": 0.05, "entropy": 0.2}
+    mixed = Mixed()
+    graph, _, reason = _rescue(
+        conversion(), first, sweep_of(wins), None, lambda: ranking, mixed, options
+    )
+    assert reason is None and mixed.method == "percentile" and not mixed.kept
+    assert made == [((), "percentile")]  # entropy is never tried: percentile passed
+
+    made.clear()
+    closest = {None: 0.3, "percentile": 0.4, "entropy": 0.2}
+    mixed = Mixed()
+    _, _, reason = _rescue(
+        conversion(), first, sweep_of(closest), None, lambda: ranking, mixed, options
+    )
+    assert reason is None and mixed.method == "entropy"
+    assert [s.unit.node for s in mixed.kept] == ["conv2"]
+    assert made[-1] == (("conv2",), "entropy")
