@@ -126,8 +126,8 @@ def test_commands_read_its_declaration(head_artifact: Path, tmp_path: Path, dumm
 
 
 def _readme_options() -> dict[str, set[str]]:
-    """README's table of backend options: backend -> the options its rows name."""
-    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    """The runtime page's table of backend options: backend -> the options its rows name."""
+    lines = (Path(__file__).parents[1] / "docs" / "runtime.md").read_text().splitlines()
     start = lines.index("| backend | option | meaning | default |") + 2
     table: dict[str, set[str]] = {}
     for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:]):
