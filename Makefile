@@ -38,4 +38,4 @@ lint: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_engines.py -k type_checks_against_the_stubs
 
 clean:
-	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf artifacts site .pytest_cache .mypy_cache .ruff_cache .hypothesis
