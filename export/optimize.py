@@ -1,0 +1,483 @@
+"""From a float32 artifact to the fastest verified deployment per target, with a report.
+
+`optimize` chains what the commands do, through the same library functions: it makes each
+variant a target takes (`export_artifact`, with the mixed-precision rescue), judges every
+(variant, backend) candidate as `resfuse-check` does (`check_artifact`, on the user's images),
+times them all in one rotated run as `resfuse-bench` does (`benchmark`), and chooses per target
+the fastest candidate that passes every gate and constraint, saying for every other one why
+not. Everything it made or measured is kept under OUTPUT and reused by a rerun with the same
+inputs (variants by their source's weights, checks and timings by the bytes of the manifests
+they judged), so a Ctrl-C loses only the step in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from resfuse.artifacts import Manifest, named_files, read_manifest, write_json
+from resfuse.compare import MaskGates, pooled
+from resfuse.environment import library_versions
+from resfuse.errors import ConfigError, ParityError
+from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
+from resfuse.export.quantize import Calibration
+from resfuse.images import image_files
+from resfuse.runtime.backend_spec import parse_spec
+from resfuse.runtime.bench import benchmark
+from resfuse.runtime.check import check_artifact
+from resfuse.runtime.machine import machine_info
+from resfuse.shapes import Shape, format_shape
+
+REPORT_FORMAT = "resfuse-optimize"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: the backends that run it here, and the variants it takes
+    (manifest dtype, INT8 activation scheme)."""
+
+    backends: tuple[str, ...]
+    variants: tuple[tuple[str, str | None], ...]
+    bf16: bool = False  # OpenVINO may compute float32 graphs in bf16 where the CPU has it
+
+
+TARGETS = {
+    "cpu": Target(("onnxruntime", "openvino"), (("float32", None), ("int8", "cpu")), True),
+    "openvino": Target(("openvino",), (("float32", None), ("int8", "cpu")), True),
+}
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# images outside the artifact's range are judged as they would be served: in tiles
+_TILES = {"tile": "auto", "overlap": 0.25, "blend": "gaussian"}
+
+
+@dataclass
+class Candidate:
+    """One variant on one backend, with what was measured and the verdict."""
+
+    artifact: str  # the variant's manifest path
+    name: str
+    backend: str
+    precision: str
+    passed: bool = False
+    reasons: list[str] = field(default_factory=list)
+    check: dict[str, Any] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)  # shape -> p50
+
+    def key(self) -> str:
+        return f"{self.name} on {self.backend}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.key(),
+            "artifact": self.artifact,
+            "name": self.name,
+            "backend": self.backend,
+            "precision": self.precision,
+            "passed": self.passed,
+            "reasons": self.reasons,
+            "check": self.check,
+            "latency_ms": self.latency_ms,
+        }
+
+
+@dataclass(frozen=True)
+class Constraints:
+    min_agreement: float | None = None  # a model with a head: least pooled agreement
+    max_dice_drop: float | None = None  # a model with a head: 1 - the lowest class Dice
+    latency_budget_ms: float | None = None  # p50 at the largest serving shape
+
+
+def optimize(
+    artifact: str | Path,
+    output: str | Path,
+    *,
+    images: str | Path,
+    targets: Sequence[str] = ("cpu",),
+    shapes: Sequence[Shape] = (),
+    sweep: Sequence[int] = (128, 256, 512),
+    constraints: Constraints = Constraints(),
+    rounds: int = 3,
+    iters: int = 3,
+    threads: int | None = None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> dict[str, Any]:
+    """Make, judge and time every candidate for `targets`, choose per target, and write
+    OUTPUT/report.json, OUTPUT/report.html and OUTPUT/deploy/<target>/; returns the report."""
+    source = read_manifest(artifact)
+    if source.precision != "float32":
+        raise ConfigError(
+            f"{artifact} is a {source.precision} artifact; resfuse-optimize starts from the "
+            f"float32 one and makes the variants itself: pass the float32 manifest"
+        )
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ConfigError(
+            f"target {unknown[0]!r} is not one of {', '.join(TARGETS)}; TensorRT targets are "
+            f"built with resfuse-build and timed on their GPU"
+        )
+    image_files(images, "--images")  # a bad folder fails before any work
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    shapes = list(shapes) or [(1, source.contract.channels, 512, 512)]
+    sweep_shapes = [(1, source.contract.channels, s, s) for s in sweep]
+    variants = _variants(source, output / "artifacts", images, targets, progress)
+    candidates = _candidates(variants, targets)
+    cache = _Cache(output / "cache")
+    for c in candidates:
+        progress(f"checking {c.key()}")
+        c.check = cache.get_or(
+            ("check", c.artifact, c.backend, str(images)), partial(_checked, c, images)
+        )
+    progress("timing every candidate in one rotated run")
+    timing = cache.get_or(
+        ("bench", str(artifact), *sorted(v for v in variants.values() if v), *_backends(targets),
+         *map(format_shape, [*shapes, *sweep_shapes]), str(rounds), str(iters)),
+        lambda: _timed(source, variants, targets, [*shapes, *sweep_shapes], rounds, iters,
+                       threads),
+    )  # fmt: skip
+    _attach_latency(candidates, timing)
+    serving = [format_shape(s) for s in shapes]
+    for c in candidates:
+        _judge(c, constraints, serving)
+    chosen = {t: _choose([c for c in candidates if c.backend in _target_backends(t)], serving)
+              for t in targets}  # fmt: skip
+    report = {
+        "format": REPORT_FORMAT,
+        "source": str(Path(artifact).resolve()),
+        "images": str(Path(images).resolve()),
+        "targets": list(targets),
+        "shapes": serving,
+        "sweep": [format_shape(s) for s in sweep_shapes],
+        "constraints": constraints.__dict__,
+        "candidates": [c.to_dict() for c in candidates],
+        "chosen": {t: (c.to_dict() if c else None) for t, c in chosen.items()},
+        "why_not": {t: _why_not(candidates, c, t, serving) for t, c in chosen.items()},
+        "reused": cache.reused,
+        "machine": machine_info(),
+        "versions": library_versions(),
+        "commands": _commands(artifact, output, images, targets, shapes),
+    }
+    write_json(output / "report.json", report)
+    for target, candidate in chosen.items():
+        if candidate is not None:
+            _deploy(candidate, output / "deploy" / target)
+    from resfuse.export.report import write_html
+
+    write_html(report, output / "report.html")
+    return report
+
+
+# Variants
+
+
+def _variants(
+    source: Manifest,
+    folder: Path,
+    images: str | Path,
+    targets: Sequence[str],
+    progress: Callable[[str], None],
+) -> dict[tuple[str, str | None], str | None]:
+    """Each variant the targets take, made once (reused when present and made from the same
+    weights); None where it failed its gate even after the rescue."""
+    wanted = {v for t in targets for v in TARGETS[t].variants if v != ("float32", None)}
+    made: dict[tuple[str, str | None], str | None] = {("float32", None): str(source.path)}
+    for dtype, target in sorted(wanted, key=str):
+        name = artifact_name(source.config, dtype, target, _base(source))
+        found = _reusable(folder, name, source)
+        if found is not None:
+            progress(f"reusing {found.name}")
+            made[(dtype, target)] = str(found)
+            continue
+        progress(f"making {name} (rescued if it misses its gate)")
+        try:
+            result = export_artifact(
+                source.config,
+                folder,
+                _options(source, dtype, target, images),
+                weights=source.path.parent / source.record("weights")["path"],
+                name=_base(source),
+                progress=lambda step, name=name: progress(f"{name}: {step}"),
+            )
+            made[(dtype, target)] = str(result.manifest_path)
+        except ParityError as exc:
+            progress(f"{name} failed: {exc}")
+            made[(dtype, target)] = None
+    return made
+
+
+def _base(source: Manifest) -> str:
+    return str(source.data["name"])
+
+
+def _reusable(folder: Path, name: str, source: Manifest) -> Path | None:
+    """A variant already in `folder` (plain or mixed) made from the source's weights."""
+    weights = source.data["files"]["weights"]["sha256"]
+    for candidate in (folder / f"{name}.json", folder / f"{name}-mixed.json"):
+        try:
+            manifest = read_manifest(candidate)
+        except Exception:  # noqa: BLE001 - absent or broken: made again
+            continue
+        if manifest.data["files"]["weights"]["sha256"] == weights:
+            return candidate
+    return None
+
+
+def _options(source: Manifest, dtype: str, target: str | None, images: str | Path) -> ExportOptions:
+    """The source's export options in another precision: its input range, intensity rule and
+    opset, calibrated on the user's images, rescued if it misses its gate."""
+    preprocess = source.data.get("preprocess", {})
+    window = preprocess.get("window")
+    value_range = preprocess.get("range")
+    contract = source.contract
+    side = contract.height.clamp(512)
+    return ExportOptions(
+        opset=int(source.record("onnx").get("opset", 18)),
+        max_size=contract.height.max or 2048,
+        max_batch=contract.batch.max or 32,
+        precision=dtype,
+        target=target,
+        calibration=Calibration(images, count=32, size=side) if dtype == "int8" else None,
+        intensity_range=tuple(value_range) if isinstance(value_range, list) else value_range,
+        window=(window["center"], window["width"]) if window else None,
+        intensity_units=preprocess.get("units"),
+        keep_accuracy=True,
+    )
+
+
+def _candidates(
+    variants: dict[tuple[str, str | None], str | None], targets: Sequence[str]
+) -> list[Candidate]:
+    found: dict[str, Candidate] = {}
+    for target in targets:
+        spec = TARGETS[target]
+        for variant in spec.variants:
+            path = variants.get(variant)
+            if path is None:
+                continue
+            for backend in _target_backends(target):
+                if backend.endswith("bf16") and variant != ("float32", None):
+                    continue  # bf16 computes float32 graphs; an INT8 graph runs as INT8
+                name = Path(path).stem
+                candidate = Candidate(path, name, backend, variant[0])
+                found.setdefault(candidate.key(), candidate)
+    return list(found.values())
+
+
+def _target_backends(target: str) -> list[str]:
+    spec = TARGETS[target]
+    extra = ["openvino:precision=bf16"] if spec.bf16 and _has_bf16() else []
+    return [*spec.backends, *extra]
+
+
+def _backends(targets: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(b for t in targets for b in _target_backends(t)))
+
+
+def _has_bf16() -> bool:
+    flags = set(machine_info().get("cpu_flags", []))
+    return any(flag in flags for flag in _BF16_FLAGS)
+
+
+# Checks and timing
+
+
+def _checked(candidate: Candidate, images: str | Path) -> dict[str, Any]:
+    """resfuse-check's verdict on the user's images (in tiles where one is outside the
+    artifact's range): passed, the worst error, and for a head the agreement and per-class
+    Dice pooled over the images."""
+    backend, options = parse_spec(candidate.backend)
+    report = check_artifact(  # the user's images only, so every candidate is judged alike
+        candidate.artifact, backend, shapes=[], images=images, tiling=_TILES, **options
+    )
+    masks = [r.mask for r in report.records if r.mask is not None]
+    record: dict[str, Any] = {
+        "passed": report.passed,
+        "rel_l2": max((r.stats.rel_l2 for r in report.records if r.stats), default=0.0),
+        "inputs": len(report.records),
+    }
+    if masks:
+        sweep = pooled(masks, MaskGates())
+        record |= {"agreement": sweep.agreement, "dice": {str(c): d for c, d in sweep.dice.items()}}
+    return record
+
+
+def _timed(
+    source: Manifest,
+    variants: dict[tuple[str, str | None], str | None],
+    targets: Sequence[str],
+    shapes: list[Shape],
+    rounds: int,
+    iters: int,
+    threads: int | None,
+) -> dict[str, Any]:
+    also = [p for v, p in variants.items() if p and v != ("float32", None)]
+    return benchmark(
+        source.path,
+        backends=_backends(targets),
+        shapes=shapes,
+        also=also,
+        rounds=rounds,
+        iters=iters,
+        threads=threads,
+        warmup=1,
+    )
+
+
+def _attach_latency(candidates: list[Candidate], timing: dict[str, Any]) -> None:
+    for record in timing["records"]:
+        for c in candidates:
+            if record["artifact"] == c.name and record["backend"] == c.backend:
+                c.latency_ms[format_shape(record["shape"])] = record["p50_ms"]
+
+
+# Choosing
+
+
+def _judge(c: Candidate, constraints: Constraints, serving: list[str]) -> None:
+    """`passed` and the reasons it did not: the check, then each constraint."""
+    reasons = (
+        []
+        if c.check.get("passed")
+        else [
+            f"fails resfuse-check on the images (worst rel L2 {c.check.get('rel_l2', 0.0):.3g}, "
+            f"outside the artifact's tolerance or gates)"
+        ]
+    )
+    agreement, dice = c.check.get("agreement"), c.check.get("dice") or {}
+    if constraints.min_agreement is not None and agreement is not None:
+        if agreement < constraints.min_agreement:
+            reasons.append(f"agreement {agreement:.4%} < {constraints.min_agreement:.4%}")
+    if constraints.max_dice_drop is not None and dice:
+        drop = 1 - min(dice.values())
+        if drop > constraints.max_dice_drop:
+            reasons.append(f"Dice drop {drop:.4f} > {constraints.max_dice_drop:g}")
+    missing = [s for s in serving if s not in c.latency_ms]
+    if missing:
+        reasons.append(f"not timed at {', '.join(missing)}")
+    elif constraints.latency_budget_ms is not None:
+        largest = c.latency_ms[serving[-1]]
+        if largest > constraints.latency_budget_ms:
+            reasons.append(
+                f"p50 {largest:.1f} ms at {serving[-1]} > budget {constraints.latency_budget_ms:g}"
+            )
+    c.passed, c.reasons = not reasons, reasons
+
+
+def serving_ms(c: Candidate | dict[str, Any], serving: list[str]) -> float:
+    """A candidate's latency for choosing: the mean p50 over the serving shapes."""
+    latency = c.latency_ms if isinstance(c, Candidate) else c["latency_ms"]
+    return sum(latency[s] for s in serving) / len(serving)
+
+
+def _choose(candidates: list[Candidate], serving: list[str]) -> Candidate | None:
+    passing = [c for c in candidates if c.passed]
+    return min(passing, key=lambda c: serving_ms(c, serving)) if passing else None
+
+
+def _why_not(
+    candidates: list[Candidate], chosen: Candidate | None, target: str, serving: list[str]
+) -> dict[str, str]:
+    """Every other candidate of the target and why it was not chosen."""
+    found = {}
+    for c in candidates:
+        if c.backend not in _target_backends(target) or c is chosen:
+            continue
+        if c.reasons:
+            found[c.key()] = "; ".join(c.reasons)
+        elif chosen is not None:
+            ratio = serving_ms(c, serving) / serving_ms(chosen, serving)
+            found[c.key()] = f"passes, {ratio:.2f}x the chosen one's latency"
+    return found
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other beats on both (latency, error), lower being better,
+    sorted by latency: the front a choice should lie on."""
+    front = []
+    for i, (latency, error) in enumerate(points):
+        beaten = any(
+            (l2 <= latency and e2 <= error) and (l2 < latency or e2 < error)
+            for j, (l2, e2) in enumerate(points)
+            if j != i
+        )
+        if not beaten:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+# Outputs
+
+
+def _deploy(candidate: Candidate, folder: Path) -> None:
+    """The chosen artifact's manifest and files, a Triton model repository, and the lines
+    that run it."""
+    from resfuse.export.triton import TritonOptions, write_triton_repo
+
+    manifest = Path(candidate.artifact)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name in [manifest.name, *named_files(manifest)]:
+        shutil.copy2(manifest.parent / name, folder / name)
+    backend, options = parse_spec(candidate.backend)
+    args = "".join(f", {k}={v!r}" for k, v in options.items())
+    (folder / "run.py").write_text(
+        "from resfuse import runtime\n\n"
+        f'with runtime.load("{manifest.name}", "{backend}"{args}) as session:\n'
+        '    output = session.run("image.png")  # or an NCHW float32 array\n'
+    )
+    (folder / "COMMAND").write_text(
+        f"resfuse-predict {manifest.name} INPUT_DIR --output OUT --backend {candidate.backend}\n"
+    )
+    write_triton_repo(folder / manifest.name, folder / "triton", TritonOptions())
+
+
+def _commands(
+    artifact: str | Path,
+    output: Path,
+    images: str | Path,
+    targets: Sequence[str],
+    shapes: Sequence[Shape],
+) -> list[str]:
+    shown = ",".join(format_shape(s) for s in shapes)
+    return [
+        f"resfuse-optimize {artifact} --images {images} --targets {','.join(targets)} "
+        f"--shapes {shown} --output {output}"
+    ]
+
+
+class _Cache:
+    """Checks and timings already made, keyed by what they depend on: the bytes of every
+    manifest they judged (which name their files' sha256), the backend and the inputs."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.reused: list[str] = []
+
+    def get_or(self, key: tuple[str, ...], make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps([_identity(k) for k in key]).encode()).hexdigest()
+        path = self.folder / f"{key[0]}-{digest[:16]}.json"
+        if path.is_file():
+            self.reused.append(f"{key[0]}: {' '.join(Path(k).name for k in key[1:3])}")
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        value = make()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(path, value)
+        return value
+
+
+def _identity(part: str) -> str:
+    """A manifest path stands for its bytes; an image folder for its files' names and sizes."""
+    path = Path(part)
+    if path.is_file() and path.suffix == ".json":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        files = sorted((str(p.relative_to(path)), p.stat().st_size) for p in image_files(path))
+        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+    return part

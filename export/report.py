@@ -1,0 +1,199 @@
+"""resfuse-optimize's report as one self-contained HTML file: no network, no script, the plots
+matplotlib SVG inlined, every number read from the report dict that report.json holds."""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from resfuse.artifacts import replace_file
+from resfuse.export.optimize import pareto, serving_ms
+
+
+def write_html(report: dict[str, Any], path: Path) -> None:
+    replace_file(path, render(report).encode())
+
+
+def render(report: dict[str, Any]) -> str:
+    timed = [c for c in report["candidates"] if c["latency_ms"]]
+    sections = [
+        _chosen(report),
+        _figure("Latency against input size", _latency_plot(report, timed)),
+        _figure("Accuracy against latency", _pareto_plot(report, timed)),
+        _figure("Per-class Dice against the PyTorch original", _dice_plot(report)),
+        _candidates_table(report),
+        _machine(report),
+    ]
+    title = f"resfuse-optimize: {html.escape(Path(report['source']).name)}"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>{_STYLE}</style></head><body>"
+        f"<h1>{title}</h1>{''.join(sections)}</body></html>"
+    )
+
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+    "text-align:right}th{background:#f3f3f3}.fail{color:#a00}.pass{color:#060}"
+    "figure{margin:1.5em 0}svg{max-width:100%;height:auto}"
+)
+
+
+def _chosen(report: dict[str, Any]) -> str:
+    rows = []
+    for target, chosen in report["chosen"].items():
+        if chosen is None:
+            rows.append(f"<tr><td>{html.escape(target)}</td><td colspan=3>none passed</td></tr>")
+            continue
+        ms = serving_ms(chosen, report["shapes"])
+        rows.append(
+            f"<tr><td>{html.escape(target)}</td><td>{html.escape(chosen['candidate'])}</td>"
+            f"<td>{ms:.2f}</td><td>deploy/{html.escape(target)}/</td></tr>"
+        )
+    why = "".join(
+        f"<li><b>{html.escape(target)}</b>: {html.escape(k)}: {html.escape(v)}</li>"
+        for target, reasons in report["why_not"].items()
+        for k, v in reasons.items()
+    )
+    return (
+        "<h2>Chosen</h2><table><tr><th>target</th><th>candidate</th>"
+        f"<th>p50 ms (serving shapes)</th><th>folder</th></tr>{''.join(rows)}</table>"
+        f"<h3>Not chosen</h3><ul>{why}</ul>"
+    )
+
+
+def _error(candidate: dict[str, Any]) -> float:
+    """What the accuracy plot puts on its y axis: 1 - agreement for a head, else rel L2."""
+    check = candidate["check"]
+    agreement = check.get("agreement")
+    return float(1 - agreement) if agreement is not None else float(check.get("rel_l2", 0.0))
+
+
+def _latency_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
+    plt = _pyplot()
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    sweep = report["sweep"]
+    for c in timed:
+        points = [(s, c["latency_ms"][s]) for s in sweep if s in c["latency_ms"]]
+        pixels = [_pixels(s) for s, _ in points]
+        axes.plot(pixels, [ms for _, ms in points], marker="o", label=c["candidate"], gid=_gid(c))
+    axes.set_xlabel("H x W (pixels)")
+    axes.set_ylabel("p50 latency (ms)")
+    axes.legend(fontsize=7)
+    return _svg(figure)
+
+
+def _pareto_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
+    plt = _pyplot()
+
+    serving = report["shapes"]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    points = [(serving_ms(c, serving), _error(c)) for c in timed]
+    for c, (ms, error) in zip(timed, points, strict=True):
+        style = {"marker": "o"} if c["passed"] else {"marker": "x"}
+        axes.scatter([ms], [error], label=c["candidate"], gid=_gid(c), **style)
+    front = pareto(points)
+    axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=0.8,
+              label="Pareto front")  # fmt: skip
+    chosen = {c["candidate"] for c in report["chosen"].values() if c}
+    for c, (ms, error) in zip(timed, points, strict=True):
+        if c["candidate"] in chosen:
+            axes.scatter([ms], [error], marker="*", s=250, facecolors="none", edgecolors="red")
+    axes.set_xlabel("p50 latency at the serving shapes (ms)")
+    axes.set_ylabel("1 - agreement" if any("agreement" in c["check"] for c in timed) else "rel L2")
+    axes.legend(fontsize=7)
+    return _svg(figure)
+
+
+def _dice_plot(report: dict[str, Any]) -> str:
+    plt = _pyplot()
+
+    with_dice = [c for c in report["candidates"] if c["check"].get("dice")]
+    if not with_dice:
+        return "<p>No segmentation head: no classes to score.</p>"
+    figure, axes = plt.subplots(figsize=(7, 4))
+    classes = sorted({k for c in with_dice for k in c["check"]["dice"]}, key=int)
+    width = 0.8 / len(with_dice)
+    for i, c in enumerate(with_dice):
+        xs = [k + i * width for k in range(len(classes))]
+        values = [c["check"]["dice"].get(k, 0.0) for k in classes]
+        axes.bar(xs, values, width, label=c["candidate"], gid=_gid(c))
+    axes.set_xticks([k + 0.4 - width / 2 for k in range(len(classes))], classes)
+    axes.set_xlabel("class")
+    axes.set_ylabel("Dice")
+    axes.legend(fontsize=7)
+    return _svg(figure)
+
+
+def _candidates_table(report: dict[str, Any]) -> str:
+    shapes = report["shapes"] + [s for s in report["sweep"] if s not in report["shapes"]]
+    head = "".join(f"<th>{html.escape(s)} ms</th>" for s in shapes)
+    rows = []
+    for c in report["candidates"]:
+        verdict = "pass" if c["passed"] else "fail"
+        cells = "".join(
+            f"<td>{c['latency_ms'][s]:.2f}</td>" if s in c["latency_ms"] else "<td>-</td>"
+            for s in shapes
+        )
+        agreement = c["check"].get("agreement")
+        rows.append(
+            f"<tr><td>{html.escape(c['candidate'])}</td><td class={verdict}>{verdict}</td>"
+            f"<td>{'-' if agreement is None else f'{agreement:.4%}'}</td>"
+            f"<td>{c['check'].get('rel_l2', 0.0):.3g}</td>{cells}"
+            f"<td>{html.escape('; '.join(c['reasons']))}</td></tr>"
+        )
+    return (
+        "<h2>Every candidate</h2><table><tr><th>candidate</th><th>verdict</th>"
+        f"<th>agreement</th><th>worst rel L2</th>{head}<th>why not</th></tr>"
+        f"{''.join(rows)}</table>"
+    )
+
+
+def _machine(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    flags = " ".join(machine.get("cpu_flags", []))
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    commands = "".join(f"<pre>{html.escape(c)}</pre>" for c in report["commands"])
+    return (
+        f"<h2>Machine and versions</h2><p>{html.escape(str(machine.get('cpu')))}; flags "
+        f"{html.escape(flags)}</p><p>{html.escape(versions)}</p>"
+        f"<h2>To reproduce</h2>{commands}"
+    )
+
+
+def _figure(title: str, body: str) -> str:
+    return f"<figure><figcaption><h2>{html.escape(title)}</h2></figcaption>{body}</figure>"
+
+
+def _svg(figure: Any) -> str:
+    plt = _pyplot()
+
+    buffer = io.StringIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]  # the XML prolog does not belong inside HTML
+
+
+def _pyplot() -> Any:
+    """pyplot on the Agg backend: no display, no window, ever."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _gid(candidate: dict[str, Any]) -> str:
+    return "c-" + "".join(ch if ch.isalnum() else "-" for ch in candidate["candidate"])
+
+
+def _pixels(shape: str) -> int:
+    h, w = (int(v) for v in shape.split("x")[2:])
+    return h * w

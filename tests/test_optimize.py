@@ -1,0 +1,146 @@
+"""resfuse-optimize: the choice and the Pareto front on made-up measurements with a known answer,
+then the whole command on a small model and real photographs, its report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from clirun import invoke
+
+from resfuse.export.optimize import (
+    Candidate,
+    Constraints,
+    _choose,
+    _judge,
+    pareto,
+    serving_ms,
+)
+from resfuse.export.optimize_cli import main as optimize_main
+from resfuse.export.pipeline import ExportOptions, export_artifact
+from resfuse.models import ModelConfig
+
+SERVING = ["1x1x64x64", "1x1x128x128"]
+
+
+def _candidate(name: str, ms: tuple[float, float], passed: bool, **check: object) -> Candidate:
+    c = Candidate(f"/a/{name}.json", name, "onnxruntime", "float32")
+    c.latency_ms = dict(zip(SERVING, ms, strict=True))
+    c.check = {"passed": passed, "rel_l2": 0.01, **check}
+    return c
+
+
+def test_the_choice_is_the_fastest_candidate_that_passes_every_gate_and_constraint() -> None:
+    fast_failing = _candidate("int8-bad", (1.0, 2.0), False)
+    fast = _candidate("int8", (2.0, 4.0), True, agreement=0.995, dice={"0": 0.99, "1": 0.97})
+    slow = _candidate("fp32", (5.0, 9.0), True, agreement=1.0, dice={"0": 1.0, "1": 1.0})
+    for c in (fast_failing, fast, slow):
+        _judge(c, Constraints(), SERVING)
+    assert _choose([fast_failing, fast, slow], SERVING) is fast
+    assert serving_ms(fast, SERVING) == 3.0 and fast_failing.reasons
+
+    for c in (fast, slow):  # a Dice drop of 0.03 is over 0.02: the slower one is chosen
+        _judge(c, Constraints(max_dice_drop=0.02), SERVING)
+    assert _choose([fast, slow], SERVING) is slow and "Dice drop 0.0300 > 0.02" in fast.reasons
+
+    for c in (fast, slow):  # 9 ms at the largest shape is over an 8 ms budget
+        _judge(c, Constraints(latency_budget_ms=8.0), SERVING)
+    assert _choose([fast, slow], SERVING) is fast and "budget 8" in slow.reasons[0]
+    _judge(fast, Constraints(min_agreement=0.999), SERVING)
+    assert not fast.passed and _choose([fast_failing, fast], SERVING) is None
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_on_both() -> None:
+    points = [(10.0, 0.0), (5.0, 0.02), (6.0, 0.03), (2.0, 0.2), (2.5, 0.2), (20.0, 0.0)]
+    assert pareto(points) == [3, 1, 0]  # by latency: 2 ms, 5 ms, 10 ms
+    assert pareto([(1.0, 1.0)]) == [0]
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, object]:
+    """A small 1-channel model with a 3-class head and five real grayscale photographs, run
+    through the command once (and a second time, reusing everything)."""
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("optimize")
+    images = root / "images"
+    images.mkdir()
+    for name in ("camera", "coins", "moon", "page", "text"):
+        Image.fromarray(getattr(data, name)()).save(images / f"{name}.png")
+    config = ModelConfig("masked", stage=3, in_channels=1, num_classes=3, features=16)
+    source = export_artifact(config, root / "art", ExportOptions(max_size=256, max_batch=2))
+    args = [str(source.manifest_path), "--images", str(images), "--shapes", "1x1x128x128"]
+    args += ["--sweep", "64,128", "--rounds", "2", "--iters", "2", "-o", str(root / "out")]
+    first = invoke(optimize_main, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = invoke(optimize_main, *args)
+    assert again.returncode == 0, again.stderr
+    return root / "out", json.loads((root / "out" / "report.json").read_text()), again
+
+
+@pytest.mark.slow
+def test_the_command_chooses_the_fastest_passing_candidate_by_its_own_numbers(optimized) -> None:
+    out, report, _ = optimized
+    candidates = report["candidates"]
+    assert {c["precision"] for c in candidates} == {"float32", "int8"}
+    passing = [c for c in candidates if c["passed"]]
+    expected = min(passing, key=lambda c: serving_ms(c, report["shapes"]))
+    assert report["chosen"]["cpu"]["candidate"] == expected["candidate"]
+    for c in candidates:
+        assert c["passed"] == (not c["reasons"]) and c["check"]["inputs"] == 5  # the images
+        if c["candidate"] != expected["candidate"]:
+            assert c["candidate"] in report["why_not"]["cpu"]
+    deployed = out / "deploy" / "cpu"
+    manifest = Path(expected["artifact"]).name
+    assert (deployed / manifest).is_file() and (deployed / "run.py").is_file()
+    assert (deployed / "triton" / Path(manifest).stem / "config.pbtxt").is_file()
+    assert report["machine"]["cpu_flags"]
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_every_variant_check_and_timing(optimized) -> None:
+    out, report, again = optimized
+    assert "reused" in again.stdout
+    assert len(report["reused"]) == len(report["candidates"]) + 1  # every check, one timing
+
+
+@pytest.mark.slow
+def test_the_report_is_self_contained_and_shows_the_reports_numbers(optimized) -> None:
+    out, report, _ = optimized
+    page = (out / "report.html").read_text()
+    assert page.count("<svg") == 3 and "<script" not in page
+    assert not re.findall(r"(?:src|href)=['\"]https?://", page)  # nothing fetched
+    for c in report["candidates"]:  # the table is the report's numbers
+        for ms in c["latency_ms"].values():
+            assert f"<td>{ms:.2f}</td>" in page
+        assert re.search(rf"id=\"c-{re.escape(_gid(c))}", page)  # each plotted by its id
+
+
+def _gid(candidate: dict) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in candidate["candidate"])
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_a_real_browser_without_the_network(optimized, tmp_path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
+    out, _, _ = optimized
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,2400",
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+         f"--screenshot={shot}", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shot.is_file(), proc.stderr
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert len(np.unique(pixels)) > 20 and pixels.std() > 5  # text and plots, not a blank page
