@@ -21,6 +21,9 @@ demo: $(STAMP)
 	$(BIN)/resfuse-export --method masked --output artifacts
 	$(BIN)/resfuse-check artifacts/masked-resnet18.json
 	$(BIN)/resfuse-bench artifacts/masked-resnet18.json --shapes 1x3x512x512
+	$(BIN)/python benchmarks/demo_images.py artifacts/demo-images
+	$(BIN)/resfuse-optimize artifacts/masked-resnet18.json --images artifacts/demo-images \
+		--shapes 1x3x512x512 --output artifacts/optimized
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
