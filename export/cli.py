@@ -20,6 +20,7 @@ from resfuse.images import UNITS
 from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
 from resfuse.precisions import HEAD_GATES, PRECISIONS, from_option, options, variant_targets
 from resfuse.precisions import precision as precision_entry
+from resfuse.runtime.options import mask_gate_options
 from resfuse.shapes import format_shape
 
 
@@ -150,20 +151,7 @@ def _bounds() -> str:
     help=f"fp16/int8 parity bound: relative L2 error against PyTorch [default: {_bounds()}; "
     f"a head's logits: {_head_bounds()}, its mask gated].",
 )
-@click.option(
-    "--min-agreement",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="fp16/int8 of a model with a head: least share of pixels keeping the original's "
-    f"argmax class over the sweep [default: {HEAD_GATES.min_agreement}].",
-)
-@click.option(
-    "--min-dice",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="fp16/int8 of a model with a head: least Dice of every class against the original's "
-    f"mask over the sweep [default: {HEAD_GATES.min_dice}].",
-)
+@mask_gate_options("over the sweep (fp16/int8)", (HEAD_GATES.min_agreement, HEAD_GATES.min_dice))
 @click.option(
     "--keep-accuracy",
     is_flag=True,

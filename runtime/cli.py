@@ -28,6 +28,7 @@ from resfuse.runtime.options import (
     device_option,
     images_option,
     json_option,
+    mask_gate_options,
     shapes_option,
     threads_option,
     tile_options,
@@ -83,18 +84,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 )
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @json_option("Also write the report as JSON.")
-@click.option(
-    "--min-agreement",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Models with a head: least share of pixels whose argmax class matches the original's.",
-)
-@click.option(
-    "--min-dice",
-    type=click.FloatRange(0, 1),
-    default=None,
-    help="Models with a head: least Dice of any class against the original's mask.",
-)
+@mask_gate_options("per input [default: the gates the export passed, if any]")
 @tile_options
 def check_main(
     artifact: Path,

@@ -33,6 +33,28 @@ def group(*options: Decorator) -> Decorator:
     return apply
 
 
+def mask_gate_options(where: str, defaults: tuple[float, float] | None = None) -> Decorator:
+    """--min-agreement and --min-dice of resfuse-export and resfuse-check: a head's mask gates
+    (resfuse.compare.MaskGates), judged `where` (over the sweep, per input)."""
+    shown = ("", "") if defaults is None else tuple(f" [default: {d:g}]" for d in defaults)
+    return group(
+        click.option(
+            "--min-agreement",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help=f"Models with a head: least share of pixels keeping the original's argmax "
+            f"class {where}{shown[0]}.",
+        ),
+        click.option(
+            "--min-dice",
+            type=click.FloatRange(0, 1),
+            default=None,
+            help=f"Models with a head: least Dice of every class against the original's mask "
+            f"{where}{shown[1]}.",
+        ),
+    )
+
+
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 DEVICES = click.Choice(TARGETS)  # the devices an artifact can be made for
 
