@@ -27,6 +27,7 @@ from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ParityError
 from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
 from resfuse.export.quantize import Calibration
+from resfuse.export.report import serving_ms, write_html
 from resfuse.images import image_files
 from resfuse.runtime.backend_spec import parse_spec
 from resfuse.runtime.bench import benchmark
@@ -167,8 +168,6 @@ def optimize(
     for target, candidate in chosen.items():
         if candidate is not None:
             _deploy(candidate, output / "deploy" / target)
-    from resfuse.export.report import write_html
-
     write_html(report, output / "report.html")
     return report
 
@@ -369,12 +368,6 @@ def _judge(c: Candidate, constraints: Constraints, serving: list[str]) -> None:
     c.passed, c.reasons = not reasons, reasons
 
 
-def serving_ms(c: Candidate | dict[str, Any], serving: list[str]) -> float:
-    """A candidate's latency for choosing: the mean p50 over the serving shapes."""
-    latency = c.latency_ms if isinstance(c, Candidate) else c["latency_ms"]
-    return sum(latency[s] for s in serving) / len(serving)
-
-
 def _choose(candidates: list[Candidate], serving: list[str]) -> Candidate | None:
     passing = [c for c in candidates if c.passed]
     return min(passing, key=lambda c: serving_ms(c, serving)) if passing else None
@@ -394,21 +387,6 @@ def _why_not(
             ratio = serving_ms(c, serving) / serving_ms(chosen, serving)
             found[c.key()] = f"passes, {ratio:.2f}x the chosen one's latency"
     return found
-
-
-def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other beats on both (latency, error), lower being better,
-    sorted by latency: the front a choice should lie on."""
-    front = []
-    for i, (latency, error) in enumerate(points):
-        beaten = any(
-            (l2 <= latency and e2 <= error) and (l2 < latency or e2 < error)
-            for j, (l2, e2) in enumerate(points)
-            if j != i
-        )
-        if not beaten:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i])
 
 
 # Outputs

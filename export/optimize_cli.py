@@ -9,7 +9,8 @@ from rich.markup import escape
 
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
-from resfuse.export.optimize import TARGETS, Constraints, optimize, serving_ms
+from resfuse.export.optimize import TARGETS, Constraints, optimize
+from resfuse.export.report import serving_ms
 from resfuse.runtime.options import shapes_option
 
 

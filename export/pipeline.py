@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from resfuse.errors import ConfigError, ExportError, ParityError
 from resfuse.export import onnx as onnx_export
 from resfuse.export.parity import ParityResult, failure, onnxruntime_cpu, run_parity, worst
 from resfuse.export.quantize import CALIBRATION_METHODS, Calibration, quantization_record
-from resfuse.export.sensitivity import Sensitivity, rank, rescue
+from resfuse.export.sensitivity import Conversion, Sensitivity, rank, rescue
 from resfuse.images import preprocess_record
 from resfuse.models import FusionModel, ModelConfig, build_model
 from resfuse.precisions import MIXED_SUFFIX, Precision, default_targets
@@ -30,9 +30,6 @@ from resfuse.precisions import precision as precision_entry
 from resfuse.schema import FORMAT, FORMAT_VERSION
 from resfuse.shapes import Shape, parity_shapes
 from resfuse.weights import save_weights
-
-if TYPE_CHECKING:
-    from resfuse.export.variants import Conversion
 
 # Inputs are read as images scaled to [0, 1], then normalised; recorded for the runtime.
 _IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -5,11 +5,32 @@ from __future__ import annotations
 
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from resfuse.artifacts import replace_file
-from resfuse.export.optimize import pareto, serving_ms
+
+
+def serving_ms(c: Any, serving: list[str]) -> float:  # a Candidate or its report record
+    """A candidate's latency for choosing: the mean p50 over the serving shapes."""
+    latency = c["latency_ms"] if isinstance(c, dict) else c.latency_ms
+    return sum(latency[s] for s in serving) / len(serving)
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other beats on both (latency, error), lower being better,
+    sorted by latency: the front a choice should lie on."""
+    front = []
+    for i, (latency, error) in enumerate(points):
+        beaten = any(
+            (l2 <= latency and e2 <= error) and (l2 < latency or e2 < error)
+            for j, (l2, e2) in enumerate(points)
+            if j != i
+        )
+        if not beaten:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
 
 
 def write_html(report: dict[str, Any], path: Path) -> None:

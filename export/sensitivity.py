@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,9 @@ import onnx
 
 from resfuse.compare import MaskGates, Tolerance, compare_output, mask_agreement
 from resfuse.errors import ExportError
+from resfuse.shapes import Shape
 
+Sampler = Callable[[Shape, int], np.ndarray]  # a parity sweep's inputs, by shape and index
 Make = Callable[[Sequence[str]], onnx.ModelProto]  # node names kept float -> the variant graph
 Run = Callable[[onnx.ModelProto], Callable[[np.ndarray], np.ndarray]]
 
@@ -140,3 +142,25 @@ def rescue(
         f"--keep-accuracy-limit, calibrate on more representative images, or deploy the "
         f"float32 artifact"
     )
+
+
+@dataclass
+class Conversion:
+    """One precision's conversion of a source graph. `make(keep, method)` is the variant with
+    the nodes named in `keep` float (and, for INT8, calibrated by `method`)."""
+
+    make: Callable[[Sequence[str], str | None], onnx.ModelProto]
+    units: list[Unit]  # what the ranking and the rescue may keep float
+    inputs: list[np.ndarray]  # what the conversion measured or calibrated on
+    sample: Sampler | None
+    methods: tuple[str, ...] = ()  # other calibration methods the rescue tries first
+    always_float: list[dict[str, Any]] = field(default_factory=list)  # measured, not ruled
+
+    @classmethod
+    def fixed(cls, graph: onnx.ModelProto, sample: Sampler | None = None) -> Conversion:
+        """A conversion with nothing it could keep float: one graph, ranked and rescued never."""
+
+        def make(keep: Sequence[str] = (), method: str | None = None) -> onnx.ModelProto:
+            return graph
+
+        return cls(make, [], [], sample)

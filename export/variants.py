@@ -5,9 +5,8 @@ sweep draws inputs from (None: random normal inputs)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -15,37 +14,13 @@ import onnx
 from resfuse.export import onnx as onnx_export
 from resfuse.export.float16 import range_hazards, to_float16
 from resfuse.export.quantize import CALIBRATION_METHODS, quantizable_units, quantize_int8
-from resfuse.export.sensitivity import Unit, module_of
-from resfuse.shapes import Shape
+from resfuse.export.sensitivity import Conversion, Unit, module_of
 
 if TYPE_CHECKING:
     from resfuse.export.pipeline import Source
 
-Sampler = Callable[[Shape, int], np.ndarray]
 _PROBES = 4  # random inputs float16's ranges are measured on
 _PROBE_SIZE = 128
-
-
-@dataclass
-class Conversion:
-    """One precision's conversion of a source graph. `make(keep, method)` is the variant with
-    the nodes named in `keep` float (and, for INT8, calibrated by `method`)."""
-
-    make: Callable[[Sequence[str], str | None], onnx.ModelProto]
-    units: list[Unit]  # what the ranking and the rescue may keep float
-    inputs: list[np.ndarray]  # what the conversion measured or calibrated on
-    sample: Sampler | None
-    methods: tuple[str, ...] = ()  # other calibration methods the rescue tries first
-    always_float: list[dict[str, Any]] = field(default_factory=list)  # measured, not ruled
-
-    @classmethod
-    def fixed(cls, graph: onnx.ModelProto, sample: Sampler | None = None) -> Conversion:
-        """A conversion with nothing it could keep float: one graph, ranked and rescued never."""
-
-        def make(keep: Sequence[str] = (), method: str | None = None) -> onnx.ModelProto:
-            return graph
-
-        return cls(make, [], [], sample)
 
 
 def float16_graph(source: Source) -> Conversion:

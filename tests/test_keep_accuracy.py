@@ -38,8 +38,7 @@ from resfuse.export.pipeline import (
     export_artifact,
 )
 from resfuse.export.quantize import Calibration
-from resfuse.export.sensitivity import Sensitivity, Unit, counts
-from resfuse.export.variants import Conversion
+from resfuse.export.sensitivity import Conversion, Sensitivity, Unit, counts
 from resfuse.models import build_model
 
 pytestmark = pytest.mark.slow  # INT8 exports, each calibrated several times

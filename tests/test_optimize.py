@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 from clirun import invoke
 
-from resfuse.export.optimize import (
-    Candidate,
-    Constraints,
-    _choose,
-    _judge,
-    pareto,
-    serving_ms,
-)
+from resfuse.export.optimize import Candidate, Constraints, _choose, _judge
 from resfuse.export.optimize_cli import main as optimize_main
 from resfuse.export.pipeline import ExportOptions, export_artifact
+from resfuse.export.report import pareto, serving_ms
 from resfuse.models import ModelConfig
 
 SERVING = ["1x1x64x64", "1x1x128x128"]

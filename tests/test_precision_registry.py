@@ -16,7 +16,7 @@ from resfuse import runtime
 from resfuse.artifacts import read_manifest
 from resfuse.errors import ConfigError, ParityError
 from resfuse.export.pipeline import ExportOptions, Source, export_artifact
-from resfuse.export.variants import Conversion
+from resfuse.export.sensitivity import Conversion
 from resfuse.models import ModelConfig
 from resfuse.precisions import PRECISIONS, Precision, accuracy_class, dtypes, precision
 from resfuse.runtime.check import check_artifact
