@@ -21,6 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from resfuse.artifacts import Manifest, named_files, read_manifest, write_json
 from resfuse.compare import MaskGates, pooled
 from resfuse.environment import library_versions
@@ -55,6 +57,7 @@ TARGETS = {
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # images outside the artifact's range are judged as they would be served: in tiles
 _TILES = {"tile": "auto", "overlap": 0.25, "blend": "gaussian"}
+_MASKS = (".png", ".tif", ".tiff")
 
 
 @dataclass
@@ -90,7 +93,9 @@ class Candidate:
 @dataclass(frozen=True)
 class Constraints:
     min_agreement: float | None = None  # a model with a head: least pooled agreement
-    max_dice_drop: float | None = None  # a model with a head: 1 - the lowest class Dice
+    # a model with a head: 1 - the lowest class Dice against the original; with ground-truth
+    # masks, the most any class's Dice against them falls below the original's
+    max_dice_drop: float | None = None
     latency_budget_ms: float | None = None  # p50 at the largest serving shape
 
 
@@ -99,6 +104,7 @@ def optimize(
     output: str | Path,
     *,
     images: str | Path,
+    masks: str | Path | None = None,
     targets: Sequence[str] = ("cpu",),
     shapes: Sequence[Shape] = (),
     sweep: Sequence[int] = (128, 256, 512),
@@ -109,7 +115,9 @@ def optimize(
     progress: Callable[[str], None] = lambda step: None,
 ) -> dict[str, Any]:
     """Make, judge and time every candidate for `targets`, choose per target, and write
-    OUTPUT/report.json, OUTPUT/report.html and OUTPUT/deploy/<target>/; returns the report."""
+    OUTPUT/report.json, OUTPUT/report.html and OUTPUT/deploy/<target>/; returns the report.
+    `masks`: ground-truth label maps (PNG, class per pixel) named as the images are: each
+    candidate's Dice against them is measured too, and the original's beside it."""
     source = read_manifest(artifact)
     if source.precision != "float32":
         raise ConfigError(
@@ -122,7 +130,13 @@ def optimize(
             f"target {unknown[0]!r} is not one of {', '.join(TARGETS)}; TensorRT targets are "
             f"built with resfuse-build and timed on their GPU"
         )
-    image_files(images, "--images")  # a bad folder fails before any work
+    files = image_files(images, "--images")  # a bad folder fails before any work
+    truths = _truths(files, Path(images), masks) if masks is not None else None
+    if truths is not None and source.config.num_classes is None:
+        raise ConfigError(
+            "--masks scores class masks, and this model has no segmentation head "
+            "(num_classes); drop --masks"
+        )
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     shapes = list(shapes) or [(1, source.contract.channels, 512, 512)]
@@ -135,6 +149,15 @@ def optimize(
         c.check = cache.get_or(
             ("check", c.artifact, c.backend, str(images)), partial(_checked, c, images)
         )
+    original = None
+    if truths is not None:
+        original = Candidate(str(source.path), _base(source), "torch", "float32")
+        for c in [original, *candidates]:
+            progress(f"scoring {c.key()} against the masks")
+            c.check["truth_dice"] = cache.get_or(
+                ("truth", c.artifact, c.backend, str(images), str(masks)),
+                partial(_truth_dice, c, truths),
+            )
     progress("timing every candidate in one rotated run")
     timing = cache.get_or(
         ("bench", str(artifact), *sorted(v for v in variants.values() if v), *_backends(targets),
@@ -145,7 +168,7 @@ def optimize(
     _attach_latency(candidates, timing)
     serving = [format_shape(s) for s in shapes]
     for c in candidates:
-        _judge(c, constraints, serving)
+        _judge(c, constraints, serving, original)
     chosen = {t: _choose([c for c in candidates if c.backend in _target_backends(t)], serving)
               for t in targets}  # fmt: skip
     report = {
@@ -156,6 +179,8 @@ def optimize(
         "shapes": serving,
         "sweep": [format_shape(s) for s in sweep_shapes],
         "constraints": constraints.__dict__,
+        "masks": str(Path(masks).resolve()) if masks is not None else None,
+        "original_truth_dice": original.check["truth_dice"] if original else None,
         "candidates": [c.to_dict() for c in candidates],
         "chosen": {t: (c.to_dict() if c else None) for t, c in chosen.items()},
         "why_not": {t: _why_not(candidates, c, t, serving) for t, c in chosen.items()},
@@ -306,6 +331,45 @@ def _checked(candidate: Candidate, images: str | Path) -> dict[str, Any]:
     return record
 
 
+def _truths(files: list[Path], images: Path, masks: str | Path) -> dict[str, Path]:
+    """Each image's ground-truth mask: the file of the same relative path and stem under
+    `masks` (PNG or TIFF); an image without one is an error naming it."""
+    found = {}
+    for file in files:
+        relative = file.relative_to(images).with_suffix("")
+        matches = [p for p in Path(masks).glob(f"{relative}.*") if p.suffix.lower() in _MASKS]
+        if not matches:
+            raise ConfigError(
+                f"no mask for {file} under --masks {masks} (expected {relative}.png); give "
+                f"every image its mask, or drop --masks"
+            )
+        found[str(file)] = matches[0]
+    return found
+
+
+def _truth_dice(candidate: Candidate, truths: dict[str, Path]) -> dict[str, float]:
+    """Per class, the Dice of the candidate's masks against the ground truth, pooled over
+    the images (run in tiles where an image is outside the artifact's range)."""
+    from PIL import Image
+
+    from resfuse.compare import label_agreement
+    from resfuse.runtime.session import load
+
+    backend, options = parse_spec(candidate.backend)
+    results = []
+    with load(candidate.artifact, backend, **options) as session:
+        for image, mask_path in truths.items():
+            truth = np.asarray(Image.open(mask_path))
+            predicted = np.asarray(session.run(image, **_TILES))[0].argmax(axis=0)
+            if truth.shape != predicted.shape:
+                raise ConfigError(
+                    f"mask {mask_path} is {truth.shape[1]}x{truth.shape[0]}, its image "
+                    f"{predicted.shape[1]}x{predicted.shape[0]}; masks must match their images"
+                )
+            results.append(label_agreement(truth[None], predicted[None], MaskGates()))
+    return {str(c): d for c, d in pooled(results, MaskGates()).dice.items()}
+
+
 def _timed(
     source: Manifest,
     variants: dict[tuple[str, str | None], str | None],
@@ -338,8 +402,11 @@ def _attach_latency(candidates: list[Candidate], timing: dict[str, Any]) -> None
 # Choosing
 
 
-def _judge(c: Candidate, constraints: Constraints, serving: list[str]) -> None:
-    """`passed` and the reasons it did not: the check, then each constraint."""
+def _judge(
+    c: Candidate, constraints: Constraints, serving: list[str], original: Candidate | None = None
+) -> None:
+    """`passed` and the reasons it did not: the check, then each constraint (a Dice drop
+    against ground truth where `original`, the PyTorch model scored on the masks, is given)."""
     reasons = (
         []
         if c.check.get("passed")
@@ -352,7 +419,14 @@ def _judge(c: Candidate, constraints: Constraints, serving: list[str]) -> None:
     if constraints.min_agreement is not None and agreement is not None:
         if agreement < constraints.min_agreement:
             reasons.append(f"agreement {agreement:.4%} < {constraints.min_agreement:.4%}")
-    if constraints.max_dice_drop is not None and dice:
+    if constraints.max_dice_drop is not None and original is not None:
+        truth, base = c.check["truth_dice"], original.check["truth_dice"]
+        drop = max((base[k] - truth.get(k, 0.0) for k in base), default=0.0)
+        if drop > constraints.max_dice_drop:
+            reasons.append(
+                f"Dice against the masks drops {drop:.4f} > {constraints.max_dice_drop:g}"
+            )
+    elif constraints.max_dice_drop is not None and dice:
         drop = 1 - min(dice.values())
         if drop > constraints.max_dice_drop:
             reasons.append(f"Dice drop {drop:.4f} > {constraints.max_dice_drop:g}")

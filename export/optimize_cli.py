@@ -23,6 +23,13 @@ from resfuse.runtime.options import shapes_option
     help="Your images: INT8 calibrates on them and every candidate is judged on them.",
 )
 @click.option(
+    "--masks",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Ground-truth label maps named as the images (PNG/TIFF, a class per pixel): Dice "
+    "against them too, and --max-dice-drop judges its fall from the original's.",
+)
+@click.option(
     "--targets",
     default="cpu",
     show_default=True,
@@ -47,6 +54,7 @@ from resfuse.runtime.options import shapes_option
 def main(
     artifact: Path,
     images: Path,
+    masks: Path | None,
     targets: str,
     shapes: list[tuple[int, ...]] | None,
     sweep: str,
@@ -70,6 +78,7 @@ def main(
             artifact,
             output,
             images=images,
+            masks=masks,
             targets=[t for t in targets.split(",") if t],
             shapes=shapes or [],
             sweep=sides,

@@ -161,15 +161,18 @@ def _candidates_table(report: dict[str, Any]) -> str:
             for s in shapes
         )
         agreement = c["check"].get("agreement")
+        truth = c["check"].get("truth_dice")
+        low = f"{min(truth.values()):.4f}" if truth else "-"
         rows.append(
             f"<tr><td>{html.escape(c['candidate'])}</td><td class={verdict}>{verdict}</td>"
-            f"<td>{'-' if agreement is None else f'{agreement:.4%}'}</td>"
+            f"<td>{'-' if agreement is None else f'{agreement:.4%}'}</td><td>{low}</td>"
             f"<td>{c['check'].get('rel_l2', 0.0):.3g}</td>{cells}"
             f"<td>{html.escape('; '.join(c['reasons']))}</td></tr>"
         )
     return (
         "<h2>Every candidate</h2><table><tr><th>candidate</th><th>verdict</th>"
-        f"<th>agreement</th><th>worst rel L2</th>{head}<th>why not</th></tr>"
+        f"<th>agreement</th><th>min Dice vs masks</th><th>worst rel L2</th>{head}"
+        "<th>why not</th></tr>"
         f"{''.join(rows)}</table>"
     )
 

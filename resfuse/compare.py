@@ -235,7 +235,12 @@ class MaskAgreement:
 
 def mask_agreement(ref: np.ndarray, out: np.ndarray, gates: MaskGates) -> MaskAgreement:
     """Argmax masks of two (B, N, H, W) logit arrays compared pixel by pixel."""
-    a, b = ref.argmax(axis=1), out.argmax(axis=1)
+    return label_agreement(ref.argmax(axis=1), out.argmax(axis=1), gates)
+
+
+def label_agreement(a: np.ndarray, b: np.ndarray, gates: MaskGates) -> MaskAgreement:
+    """Two label maps of one shape (a reference, such as a ground-truth mask, and an output)
+    compared pixel by pixel."""
     overlap = {}
     for c in np.union1d(np.unique(a), np.unique(b)).tolist():
         in_a, in_b = a == c, b == c

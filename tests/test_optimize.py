@@ -49,6 +49,27 @@ def test_the_choice_is_the_fastest_candidate_that_passes_every_gate_and_constrai
     assert not fast.passed and _choose([fast_failing, fast], SERVING) is None
 
 
+def test_a_dice_drop_against_ground_truth_is_judged_from_the_originals() -> None:
+    original = _candidate("torch", (9.0, 9.0), True, truth_dice={"0": 0.9, "1": 0.6})
+    fine = _candidate("int8", (1.0, 1.0), True, truth_dice={"0": 0.89, "1": 0.595})
+    worse = _candidate("int8b", (1.0, 1.0), True, truth_dice={"0": 0.9, "1": 0.55})
+    for c in (fine, worse):
+        _judge(c, Constraints(max_dice_drop=0.02), SERVING, original)
+    assert fine.passed and not worse.passed
+    assert "Dice against the masks drops 0.0500 > 0.02" in worse.reasons[0]
+
+
+def test_an_image_without_its_mask_is_one_line(tmp_path: Path) -> None:
+    from resfuse.errors import ConfigError
+    from resfuse.export.optimize import _truths
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no mask for .*a.png under --masks .*expected a.png"):
+        _truths([tmp_path / "images" / "a.png"], tmp_path / "images", tmp_path / "masks")
+
+
 def test_the_pareto_front_keeps_what_nothing_beats_on_both() -> None:
     points = [(10.0, 0.0), (5.0, 0.02), (6.0, 0.03), (2.0, 0.2), (2.5, 0.2), (20.0, 0.0)]
     assert pareto(points) == [3, 1, 0]  # by latency: 2 ms, 5 ms, 10 ms
@@ -63,13 +84,18 @@ def optimized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, obj
     from skimage import data
 
     root = tmp_path_factory.mktemp("optimize")
-    images = root / "images"
+    images, masks = root / "images", root / "masks"
     images.mkdir()
+    masks.mkdir()
     for name in ("camera", "coins", "moon", "page", "text"):
-        Image.fromarray(getattr(data, name)()).save(images / f"{name}.png")
+        photo = getattr(data, name)()
+        Image.fromarray(photo).save(images / f"{name}.png")
+        # a ground truth of three intensity bands: dark, middle, bright
+        Image.fromarray(np.digitize(photo, [85, 170]).astype(np.uint8)).save(masks / f"{name}.png")
     config = ModelConfig("masked", stage=3, in_channels=1, num_classes=3, features=16)
     source = export_artifact(config, root / "art", ExportOptions(max_size=256, max_batch=2))
-    args = [str(source.manifest_path), "--images", str(images), "--shapes", "1x1x128x128"]
+    args = [str(source.manifest_path), "--images", str(images), "--masks", str(masks)]
+    args += ["--shapes", "1x1x128x128"]
     args += ["--sweep", "64,128", "--rounds", "2", "--iters", "2", "-o", str(root / "out")]
     first = invoke(optimize_main, *args)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -95,13 +121,20 @@ def test_the_command_chooses_the_fastest_passing_candidate_by_its_own_numbers(op
     assert (deployed / manifest).is_file() and (deployed / "run.py").is_file()
     assert (deployed / "triton" / Path(manifest).stem / "config.pbtxt").is_file()
     assert report["machine"]["cpu_flags"]
+    # Dice against the ground-truth masks, for the original and every candidate
+    assert set(report["original_truth_dice"]) <= {"0", "1", "2"} and report["original_truth_dice"]
+    assert all(0 <= d <= 1 for c in candidates for d in c["check"]["truth_dice"].values())
+    page = (out / "report.html").read_text()
+    assert "min Dice vs masks" in page
 
 
 @pytest.mark.slow
 def test_a_rerun_reuses_every_variant_check_and_timing(optimized) -> None:
     out, report, again = optimized
     assert "reused" in again.stdout
-    assert len(report["reused"]) == len(report["candidates"]) + 1  # every check, one timing
+    # every check, every score against the masks and the one timing
+    assert len(report["reused"]) == len(list((out / "cache").glob("*.json")))
+    assert len(report["reused"]) == 2 * len(report["candidates"]) + 2
 
 
 @pytest.mark.slow
