@@ -4,12 +4,11 @@ matplotlib SVG inlined, every number read from the report dict that report.json 
 from __future__ import annotations
 
 import html
-import io
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from resfuse.artifacts import replace_file
+from resfuse.runtime.report import figure_html, gid, html_page, pareto, pyplot, svg
 
 
 def serving_ms(c: Any, serving: list[str]) -> float:  # a Candidate or its report record
@@ -18,49 +17,23 @@ def serving_ms(c: Any, serving: list[str]) -> float:  # a Candidate or its repor
     return sum(latency[s] for s in serving) / len(serving)
 
 
-def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other beats on both (latency, error), lower being better,
-    sorted by latency: the front a choice should lie on."""
-    front = []
-    for i, (latency, error) in enumerate(points):
-        beaten = any(
-            (l2 <= latency and e2 <= error) and (l2 < latency or e2 < error)
-            for j, (l2, e2) in enumerate(points)
-            if j != i
-        )
-        if not beaten:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i])
-
-
 def write_html(report: dict[str, Any], path: Path) -> None:
     replace_file(path, render(report).encode())
 
 
 def render(report: dict[str, Any]) -> str:
     timed = [c for c in report["candidates"] if c["latency_ms"]]
-    sections = [
-        _chosen(report),
-        _figure("Latency against input size", _latency_plot(report, timed)),
-        _figure("Accuracy against latency", _pareto_plot(report, timed)),
-        _figure("Per-class Dice against the PyTorch original", _dice_plot(report)),
-        _candidates_table(report),
-        _machine(report),
-    ]
-    title = f"resfuse-optimize: {html.escape(Path(report['source']).name)}"
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{title}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{title}</h1>{''.join(sections)}</body></html>"
+    return html_page(
+        f"resfuse-optimize: {Path(report['source']).name}",
+        [
+            _chosen(report),
+            figure_html("Latency against input size", _latency_plot(report, timed)),
+            figure_html("Accuracy against latency", _pareto_plot(report, timed)),
+            figure_html("Per-class Dice against the PyTorch original", _dice_plot(report)),
+            _candidates_table(report),
+            _machine(report),
+        ],
     )
-
-
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-    "text-align:right}th{background:#f3f3f3}.fail{color:#a00}.pass{color:#060}"
-    "figure{margin:1.5em 0}svg{max-width:100%;height:auto}"
-)
 
 
 def _chosen(report: dict[str, Any]) -> str:
@@ -94,7 +67,7 @@ def _error(candidate: dict[str, Any]) -> float:
 
 
 def _latency_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
 
     figure, axes = plt.subplots(figsize=(7, 4))
     sweep = report["sweep"]
@@ -105,11 +78,11 @@ def _latency_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
     axes.set_xlabel("H x W (pixels)")
     axes.set_ylabel("p50 latency (ms)")
     axes.legend(fontsize=7)
-    return _svg(figure)
+    return svg(figure)
 
 
 def _pareto_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
 
     serving = report["shapes"]
     figure, axes = plt.subplots(figsize=(7, 4))
@@ -127,11 +100,11 @@ def _pareto_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
     axes.set_xlabel("p50 latency at the serving shapes (ms)")
     axes.set_ylabel("1 - agreement" if any("agreement" in c["check"] for c in timed) else "rel L2")
     axes.legend(fontsize=7)
-    return _svg(figure)
+    return svg(figure)
 
 
 def _dice_plot(report: dict[str, Any]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
 
     with_dice = [c for c in report["candidates"] if c["check"].get("dice")]
     if not with_dice:
@@ -147,7 +120,7 @@ def _dice_plot(report: dict[str, Any]) -> str:
     axes.set_xlabel("class")
     axes.set_ylabel("Dice")
     axes.legend(fontsize=7)
-    return _svg(figure)
+    return svg(figure)
 
 
 def _candidates_table(report: dict[str, Any]) -> str:
@@ -189,33 +162,8 @@ def _machine(report: dict[str, Any]) -> str:
     )
 
 
-def _figure(title: str, body: str) -> str:
-    return f"<figure><figcaption><h2>{html.escape(title)}</h2></figcaption>{body}</figure>"
-
-
-def _svg(figure: Any) -> str:
-    plt = _pyplot()
-
-    buffer = io.StringIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="svg", metadata={"Date": None})
-    plt.close(figure)
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]  # the XML prolog does not belong inside HTML
-
-
-def _pyplot() -> Any:
-    """pyplot on the Agg backend: no display, no window, ever."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _gid(candidate: dict[str, Any]) -> str:
-    return "c-" + "".join(ch if ch.isalnum() else "-" for ch in candidate["candidate"])
+    return gid(candidate["candidate"])
 
 
 def _pixels(shape: str) -> int:

@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from resfuse.artifacts import read_manifest, write_json
+from resfuse.artifacts import read_manifest, replace_file, write_json
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
 from resfuse.images import grayscale_note
@@ -34,7 +34,7 @@ from resfuse.runtime.options import (
     tile_options,
     tiling_options,
 )
-from resfuse.runtime.report import markdown_table
+from resfuse.runtime.report import bench_html, markdown_table
 from resfuse.shapes import Shape
 
 
@@ -233,6 +233,14 @@ _BASELINE_HEADERS = [
     help="PNG of latency against resolution.",
 )
 @click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A self-contained HTML page: latency against size, error against latency with the "
+    "Pareto front, every record (the numbers of --json).",
+)
+@click.option(
     "--baseline",
     type=click.Path(path_type=Path),
     default=None,
@@ -259,6 +267,7 @@ def bench_main(
     json_path: Path | None,
     md_path: Path | None,
     plot_path: Path | None,
+    report_path: Path | None,
     baseline: Path | None,
     max_regression: float,
 ) -> None:
@@ -271,7 +280,8 @@ def bench_main(
     timed random input, or with --images on real images."""
     try:
         names = split_specs(backends)
-        for path, option in ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot")):
+        outputs = ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot"))
+        for path, option in (*outputs, (report_path, "--report")):
             check_writable(path, option)
         unknown = [b for b in names if bench_lib.parse_backend(b)[0] not in BACKENDS]
         if unknown or not names:
@@ -304,6 +314,8 @@ def bench_main(
             md_path.write_text(table + "\n")
         if plot_path:
             bench_lib.plot(result, plot_path)
+        if report_path:
+            replace_file(report_path, bench_html(result).encode())
         if old is not None:
             rows, ok = bench_lib.compare_baseline(result, old, max_regression)
             out.print(f"\nagainst {baseline}:\n", highlight=False)

@@ -403,6 +403,8 @@ def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
         str(tmp_path / "b.md"),
         "--plot",
         str(tmp_path / "b.png"),
+        "--report",
+        str(tmp_path / "b.html"),
     )
     assert proc.returncode == 0, proc.stderr
     row = next(line for line in proc.stdout.splitlines() if "| onnxruntime |" in line)
@@ -414,6 +416,9 @@ def test_bench_cli_outputs_and_baseline_gate(exported, tmp_path: Path) -> None:
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "b.json").read_text())
     assert len(result["records"]) == 2
+    page = (tmp_path / "b.html").read_text()  # the same numbers, drawn; nothing to fetch
+    assert page.count("<svg") == 2 and "<script" not in page and 'src="http' not in page
+    assert all(f"<td>{r['p50_ms']:.2f}</td>" in page for r in result["records"])
     ok = run(
         "resfuse-bench",
         path,
