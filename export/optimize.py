@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from resfuse.artifacts import Manifest, named_files, read_manifest, write_json
+from resfuse.artifacts import Manifest, named_files, read_manifest, replace_file, write_json
 from resfuse.compare import MaskGates, pooled
 from resfuse.environment import library_versions
 from resfuse.errors import ConfigError, ParityError
@@ -141,7 +141,7 @@ def optimize(
     output.mkdir(parents=True, exist_ok=True)
     shapes = list(shapes) or [(1, source.contract.channels, 512, 512)]
     sweep_shapes = [(1, source.contract.channels, s, s) for s in sweep]
-    variants = _variants(source, output / "artifacts", images, targets, progress)
+    variants, failed = _variants(source, output / "artifacts", images, targets, progress)
     candidates = _candidates(variants, targets)
     cache = _Cache(output / "cache")
     for c in candidates:
@@ -184,6 +184,7 @@ def optimize(
         "candidates": [c.to_dict() for c in candidates],
         "chosen": {t: (c.to_dict() if c else None) for t, c in chosen.items()},
         "why_not": {t: _why_not(candidates, c, t, serving) for t, c in chosen.items()},
+        "failed_variants": failed,
         "reused": cache.reused,
         "machine": machine_info(),
         "versions": library_versions(),
@@ -206,14 +207,17 @@ def _variants(
     images: str | Path,
     targets: Sequence[str],
     progress: Callable[[str], None],
-) -> dict[tuple[str, str | None], str | None]:
-    """Each variant the targets take, made once (reused when present and made from the same
-    weights); None where it failed its gate even after the rescue."""
+) -> tuple[dict[tuple[str, str | None], str | None], dict[str, str]]:
+    """Each variant the targets take, made once: reused when present and made from the same
+    weights and calibration images; None where it failed its gate even after the rescue, with
+    the reason in the second dict (by the variant's name)."""
     wanted = {v for t in targets for v in TARGETS[t].variants if v != ("float32", None)}
     made: dict[tuple[str, str | None], str | None] = {("float32", None): str(source.path)}
+    failed: dict[str, str] = {}
+    made_from = f"{source.data['files']['weights']['sha256']} {_identity(str(images))}"
     for dtype, target in sorted(wanted, key=str):
         name = artifact_name(source.config, dtype, target, _base(source))
-        found = _reusable(folder, name, source)
+        found = _reusable(folder, name, made_from)
         if found is not None:
             progress(f"reusing {found.name}")
             made[(dtype, target)] = str(found)
@@ -228,27 +232,33 @@ def _variants(
                 name=_base(source),
                 progress=lambda step, name=name: progress(f"{name}: {step}"),
             )
-            made[(dtype, target)] = str(result.manifest_path)
         except ParityError as exc:
             progress(f"{name} failed: {exc}")
-            made[(dtype, target)] = None
-    return made
+            made[(dtype, target)], failed[name] = None, str(exc)
+            continue
+        made[(dtype, target)] = str(result.manifest_path)
+        replace_file(_made_from_path(result.manifest_path), made_from.encode())
+    return made, failed
 
 
 def _base(source: Manifest) -> str:
     return str(source.data["name"])
 
 
-def _reusable(folder: Path, name: str, source: Manifest) -> Path | None:
-    """A variant already in `folder` (plain or mixed) made from the source's weights."""
-    weights = source.data["files"]["weights"]["sha256"]
+def _made_from_path(manifest: Path) -> Path:
+    """Where optimize records what a variant was made from: weights and calibration images."""
+    return manifest.with_name(f".{manifest.stem}.made-from")
+
+
+def _reusable(folder: Path, name: str, made_from: str) -> Path | None:
+    """A variant already in `folder` (plain or mixed) made from the same weights and images."""
     for candidate in (folder / f"{name}.json", folder / f"{name}-mixed.json"):
         try:
-            manifest = read_manifest(candidate)
-        except Exception:  # noqa: BLE001 - absent or broken: made again
+            read_manifest(candidate)  # whole and verified
+            if _made_from_path(candidate).read_text() == made_from:
+                return candidate
+        except Exception:  # noqa: BLE001 - absent, broken or made otherwise: made again
             continue
-        if manifest.data["files"]["weights"]["sha256"] == weights:
-            return candidate
     return None
 
 

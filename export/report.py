@@ -51,6 +51,9 @@ def _chosen(report: dict[str, Any]) -> str:
         f"<li><b>{html.escape(target)}</b>: {html.escape(k)}: {html.escape(v)}</li>"
         for target, reasons in report["why_not"].items()
         for k, v in reasons.items()
+    ) + "".join(
+        f"<li>{html.escape(name)}: not made: {html.escape(reason)}</li>"
+        for name, reason in report["failed_variants"].items()
     )
     return (
         "<h2>Chosen</h2><table><tr><th>target</th><th>candidate</th>"

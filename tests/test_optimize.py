@@ -171,3 +171,17 @@ def test_the_report_renders_in_a_real_browser_without_the_network(optimized, tmp
 
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert len(np.unique(pixels)) > 20 and pixels.std() > 5  # text and plots, not a blank page
+
+
+@pytest.mark.slow
+def test_a_variant_is_reused_only_when_made_from_the_same_weights_and_images(optimized) -> None:
+    from resfuse.export.optimize import _made_from_path, _reusable
+
+    out, report, _ = optimized
+    int8 = next(Path(c["artifact"]) for c in report["candidates"] if c["precision"] == "int8")
+    recorded = _made_from_path(int8).read_text()
+    name = int8.stem.removesuffix("-mixed")
+    assert _reusable(out / "artifacts", name, recorded) == int8
+    weights, images = recorded.split(" ")
+    assert _reusable(out / "artifacts", name, f"{weights} {'0' * len(images)}") is None
+    assert report["failed_variants"] == {}
