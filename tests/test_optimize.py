@@ -185,3 +185,23 @@ def test_a_variant_is_reused_only_when_made_from_the_same_weights_and_images(opt
     weights, images = recorded.split(" ")
     assert _reusable(out / "artifacts", name, f"{weights} {'0' * len(images)}") is None
     assert report["failed_variants"] == {}
+
+
+@pytest.mark.slow  # the fp16 fixture is an export of its own
+def test_bad_inputs_are_refused_in_one_line(exported, fp16, tmp_path: Path) -> None:
+    """Before any work: a target it cannot time, a folder that is not there, a variant given
+    where the float32 artifact is wanted."""
+    path = str(exported["masked"].manifest_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"")
+    cases = [
+        ([path, "--images", str(tmp_path / "none")], "--images"),
+        ([path, "--images", str(images), "--targets", "tensorrt"], "resfuse-build"),
+        ([path, "--images", str(images), "--sweep", "a,b"], "--sweep takes square sides"),
+        ([str(fp16["masked"]), "--images", str(images)], "pass the float32 manifest"),
+    ]
+    for args, text in cases:
+        proc = invoke(optimize_main, *args, "-o", str(tmp_path / "out"))
+        assert proc.returncode != 0 and text in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
