@@ -1,6 +1,6 @@
 """Four of scikit-image's photographs as PNGs, the images `make demo` optimizes on.
 
-    python benchmarks/demo_images.py artifacts/demo-images
+python benchmarks/demo_images.py artifacts/demo-images
 """
 
 from __future__ import annotations

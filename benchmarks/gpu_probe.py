@@ -105,14 +105,11 @@ def _validity(sidecar: Path) -> str:
     import tensorrt_rtx as trt
 
     from resfuse.export.engines import read_engine
+    from resfuse.runtime.backends.tensorrt import invalidity_reasons
 
     plan = read_engine(sidecar).plan
     validity, diagnostics = trt.Runtime(trt.Logger(trt.Logger.WARNING)).get_engine_validity(plan)
-    reasons = [
-        name
-        for name, flag in trt.EngineInvalidityDiagnostics.__members__.items()
-        if int(diagnostics) & int(flag)
-    ]
+    reasons = invalidity_reasons(trt, diagnostics)
     answer = f"{validity.name}; diagnostics: {', '.join(reasons) or 'none'}"
     if validity == trt.EngineValidity.INVALID:
         raise RuntimeError(f"get_engine_validity: {answer}")

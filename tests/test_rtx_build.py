@@ -255,3 +255,21 @@ def test_tiles_follow_a_real_engines_profiles(
     assert runner.accepts(96, 96) and runner.accepts(128, 100)  # one profile each
     assert not runner.accepts(200, 200) and not runner.accepts(60, 60)
     assert Session(runner).tiling("auto").roi == (64, 64)
+
+
+def test_an_invalid_engine_is_told_its_real_reason() -> None:
+    """TensorRT-RTX's own EngineInvalidityDiagnostics flags, decoded: a driver too old or too
+    little memory is not blamed on the compute capability (issue 27, item 8)."""
+    from resfuse.runtime.backends.tensorrt import invalid_engine_message, invalidity_reasons
+
+    lib = import_flavour(FLAVOURS["tensorrt-rtx"])
+    flags = lib.EngineInvalidityDiagnostics
+    driver = int(flags.OLD_CUDA_DRIVER) | int(flags.INSUFFICIENT_GPU_MEMORY)
+    reasons = invalidity_reasons(lib, driver)
+    assert sorted(reasons) == ["INSUFFICIENT_GPU_MEMORY", "OLD_CUDA_DRIVER"]
+    message = invalid_engine_message("m.engine", "8.9", reasons, driver)
+    assert "update the NVIDIA driver" in message and "free GPU memory" in message
+    assert "--compute-capability" not in message and "\n" not in message
+    cc = invalidity_reasons(lib, int(flags.UNSUPPORTED_CC))
+    assert "--compute-capability of this GPU" in invalid_engine_message("m", "8.9", cc, 2)
+    assert "diagnostics 0x80" in invalid_engine_message("m", "8.9", [], 0x80)

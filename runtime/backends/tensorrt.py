@@ -461,16 +461,49 @@ def _select_profile(context: trt.IExecutionContext, index: int, stream: torch.cu
     stream.synchronize()
 
 
+# What each of TensorRT-RTX's engine invalidity diagnostics asks of the user: only an
+# unsupported compute capability is fixed by building for another one.
+_INVALIDITY_FIXES = {
+    "UNSUPPORTED_CC": "rebuild it with resfuse-build --engine tensorrt-rtx "
+    "--compute-capability of this GPU",
+    "VERSION_MISMATCH": "rebuild it with the TensorRT-RTX installed here",
+    "OLD_CUDA_DRIVER": "update the NVIDIA driver",
+    "OLD_CUDA_RUNTIME": "update the CUDA runtime (the nvidia-cuda-runtime wheel)",
+    "INSUFFICIENT_GPU_MEMORY": "free GPU memory, or rebuild with smaller profiles",
+    "MALFORMED_ENGINE": "rebuild it: the plan is damaged",
+    "CUDA_ERROR": "check the GPU and its driver (nvidia-smi)",
+}
+
+
+def invalidity_reasons(lib: Any, diagnostics: Any) -> list[str]:
+    """The names of the EngineInvalidityDiagnostics flags set in `diagnostics`."""
+    members = lib.EngineInvalidityDiagnostics.__members__
+    return [name for name, flag in members.items() if int(diagnostics) & int(flag)]
+
+
+def invalid_engine_message(name: str, built_for: str, reasons: list[str], raw: int) -> str:
+    """One line for an engine TensorRT-RTX refuses: its reasons and, for each, the fix."""
+    said = ", ".join(reasons) or f"diagnostics {raw:#x}"
+    fixes = list(dict.fromkeys(_INVALIDITY_FIXES.get(r, "rebuild it") for r in reasons))
+    return (
+        f"TensorRT-RTX says {name} cannot run on this GPU ({said}; built for compute "
+        f"capability {built_for}): {'; '.join(fixes) or 'rebuild it with resfuse-build'}"
+    )
+
+
 def _require_valid(lib: Any, runtime: Any, engine: Engine) -> None:
-    """TensorRT-RTX says whether a plan can run on this GPU before it is deserialised."""
+    """TensorRT-RTX says whether a plan can run on this GPU before it is deserialised, and
+    why not: a driver too old or too little memory is not fixed by another build."""
     validity, diagnostics = runtime.get_engine_validity(engine.plan)
     if validity == lib.EngineValidity.INVALID:
         record = engine.record
         raise EngineError(
-            f"TensorRT-RTX says {record.path.name} cannot run on this GPU (diagnostics "
-            f"{int(diagnostics):#x}; built for compute capability "
-            f"{record.environment.compute_capability}); rebuild it with resfuse-build --engine "
-            f"tensorrt-rtx --compute-capability of this GPU"
+            invalid_engine_message(
+                record.path.name,
+                record.environment.compute_capability,
+                invalidity_reasons(lib, diagnostics),
+                int(diagnostics),
+            )
         )
 
 
