@@ -204,12 +204,37 @@ def test_tensorrt_ep_profile_and_cache_key(exported, tmp_path: Path) -> None:
     assert opts["trt_profile_opt_shapes"] == "image:1x3x512x512"
     assert opts["trt_profile_max_shapes"] == "image:32x3x1024x1024"
     assert opts["trt_fp16_enable"] == "True" and opts["trt_engine_cache_enable"] == "True"
-    assert opts["trt_engine_cache_path"] == str(tmp_path / sha[:16] / "engines")
-    assert opts["trt_timing_cache_path"] == str(tmp_path / sha[:16] / "timing")
+    folder = Path(opts["trt_engine_cache_path"]).parent
+    assert folder.parent == tmp_path / sha[:16] and folder.name.startswith("ort")
+    assert opts["trt_timing_cache_path"] == str(folder / "timing")
     other = tensorrt_provider_options(contract, "image", "0" * 64, tmp_path)
     assert other["trt_engine_cache_path"] != opts["trt_engine_cache_path"]
     with pytest.raises(ConfigError, match="outside the profile"):
         tensorrt_provider_options(contract, "image", sha, tmp_path, opt_shape=(1, 3, 2048, 64))
+
+
+def test_the_tensorrt_ep_cache_is_keyed_by_versions_and_gpu(exported, tmp_path: Path) -> None:
+    """An ONNX Runtime or TensorRT upgrade, or another GPU, never meets an engine built for
+    the old one (the EP's own file names carry only precision and SM): issue 27, item 3."""
+    from resfuse.artifacts import read_manifest
+    from resfuse.runtime.backends.onnxrt import ep_environment
+
+    manifest = read_manifest(exported["masked"].manifest_path)
+    sha = manifest.record("onnx")["sha256"]
+    base = {"onnxruntime": "1.32.0", "tensorrt": "10.13.0", "gpu": "NVIDIA H100", "cc": "9.0"}
+
+    def path(**changed: str) -> str:
+        env = {**base, **changed}
+        options = tensorrt_provider_options(
+            manifest.contract, "image", sha, tmp_path, environment=env
+        )
+        return options["trt_engine_cache_path"]
+
+    assert path() == path() and "sm90" in path()
+    others = [path(onnxruntime="1.33.0"), path(tensorrt="11.1.0"), path(gpu="NVIDIA H200")]
+    assert len({path(), *others, path(cc="8.9")}) == 5
+    here = ep_environment()  # this machine: ONNX Runtime's version, the rest unknown or found
+    assert set(here) == set(base) and here["onnxruntime"]
 
 
 @pytest.mark.gpu

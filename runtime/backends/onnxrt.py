@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -62,6 +64,42 @@ OPTIONS = MappingProxyType(
 )
 
 
+def ep_environment() -> dict[str, str]:
+    """What a TensorRT EP engine depends on besides the model: ONNX Runtime's and TensorRT's
+    versions, the GPU's name and compute capability ("unknown" where this process cannot
+    tell: TensorRT's Python module absent, or no CUDA device torch can see)."""
+    import onnxruntime as ort
+
+    found = {
+        "onnxruntime": ort.__version__,
+        "tensorrt": "unknown",
+        "gpu": "unknown",
+        "cc": "unknown",
+    }
+    try:  # its Python module may be absent, a stub, or unable to load its libraries
+        import tensorrt
+
+        found["tensorrt"] = str(getattr(tensorrt, "__version__", "unknown"))
+    except Exception:  # noqa: BLE001 - ImportError, OSError from libnvinfer: unknown
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            found["gpu"] = torch.cuda.get_device_name()
+            found["cc"] = "{}.{}".format(*torch.cuda.get_device_capability())
+    except ImportError:
+        pass
+    return found
+
+
+def _environment_key(environment: dict[str, str]) -> str:
+    """A folder name for one environment: readable where it can be, hashed in full."""
+    digest = hashlib.sha256(json.dumps(environment, sort_keys=True).encode()).hexdigest()[:12]
+    cc = environment.get("cc", "unknown").replace(".", "")
+    return f"ort{environment.get('onnxruntime', '?')}-sm{cc}-{digest}"
+
+
 def tensorrt_provider_options(
     contract: InputContract,
     input_name: str,
@@ -70,10 +108,14 @@ def tensorrt_provider_options(
     fp16: bool = False,
     opt_shape: tuple[int, int, int, int] | None = None,
     int8: bool = False,
+    environment: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """TensorRT EP options: one profile spanning the contract and caches keyed by the model's
-    sha256, so a changed ONNX file never meets an engine built from another. `int8`: the graph
-    is an INT8 Q/DQ one, which TensorRT 10 runs in int8 only with trt_int8_enable."""
+    sha256 and by `environment` (ONNX Runtime and TensorRT versions, GPU name and compute
+    capability: ep_environment), so neither a changed ONNX file nor an upgrade nor another GPU
+    ever meets an engine built for something else (the EP's own file names carry only the
+    precision and SM, and a stale engine fails to deserialize). `int8`: the graph is an INT8
+    Q/DQ one, which TensorRT 10 runs in int8 only with trt_int8_enable."""
     low = (contract.batch.min, contract.channels, contract.height.min, contract.width.min)
     high = (contract.batch.max, contract.channels, contract.height.max, contract.width.max)
     if None in high:
@@ -86,6 +128,7 @@ def tensorrt_provider_options(
     if not all(lo <= o <= hi for lo, o, hi in zip(low, opt, high, strict=True)):  # type: ignore[operator]
         raise ConfigError(f"opt_shape {tuple(opt)} is outside the profile {low}..{high}")
     root = Path(cache_dir or Path.home() / ".cache" / "resfuse" / "ort-trt") / onnx_sha256[:16]
+    root = root / _environment_key(environment or ep_environment())
 
     def dims(shape: tuple[Any, ...]) -> str:
         return f"{input_name}:{'x'.join(str(d) for d in shape)}"
