@@ -17,7 +17,7 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +313,7 @@ def _backends(targets: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(b for t in targets for b in _target_backends(t)))
 
 
+@cache  # the machine does not change under a run; machine_info reads /proc and more
 def _has_bf16() -> bool:
     flags = set(machine_info().get("cpu_flags", []))
     return any(flag in flags for flag in _BF16_FLAGS)
