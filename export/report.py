@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from resfuse.artifacts import replace_file
-from resfuse.runtime.report import figure_html, gid, html_page, pareto, pyplot, svg
+from resfuse.runtime.report import figure_html, gid, html_page, pareto, plain_ticks, pyplot, svg
 
 
 def serving_ms(c: Any, serving: list[str]) -> float:  # a Candidate or its report record
@@ -80,6 +80,7 @@ def _latency_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
         axes.plot(pixels, [ms for _, ms in points], marker="o", label=c["candidate"], gid=_gid(c))
     axes.set_xlabel("H x W (pixels)")
     axes.set_ylabel("p50 latency (ms)")
+    plain_ticks(axes)
     axes.legend(fontsize=7)
     return svg(figure)
 
@@ -102,6 +103,7 @@ def _pareto_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
             axes.scatter([ms], [error], marker="*", s=250, facecolors="none", edgecolors="red")
     axes.set_xlabel("p50 latency at the serving shapes (ms)")
     axes.set_ylabel("1 - agreement" if any("agreement" in c["check"] for c in timed) else "rel L2")
+    plain_ticks(axes)
     axes.legend(fontsize=7)
     return svg(figure)
 
@@ -122,6 +124,7 @@ def _dice_plot(report: dict[str, Any]) -> str:
     axes.set_xticks([k + 0.4 - width / 2 for k in range(len(classes))], classes)
     axes.set_xlabel("class")
     axes.set_ylabel("Dice")
+    plain_ticks(axes, x=False)
     axes.legend(fontsize=7)
     return svg(figure)
 

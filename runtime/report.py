@@ -60,13 +60,26 @@ def pyplot() -> Any:
     return plt
 
 
+def plain_ticks(axes: Any, x: bool = True) -> None:
+    """Tick labels that are whole numbers as written (no offset, no shared exponent), so a
+    reader, and a test reading the SVG back, takes a tick's value from its label alone."""
+    from matplotlib.ticker import FuncFormatter
+
+    label = FuncFormatter(lambda value, _: f"{value:.4g}")
+    if x:
+        axes.xaxis.set_major_formatter(label)
+    axes.yaxis.set_major_formatter(label)
+
+
 def svg(figure: Any) -> str:
     """A matplotlib figure as inline SVG (no XML prolog, no date: the same figure, the same
-    bytes)."""
+    bytes); text stays text (selectable, searchable, and a tick label is its number)."""
+    plt = pyplot()
     buffer = io.StringIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="svg", metadata={"Date": None})
-    pyplot().close(figure)
+    with plt.rc_context({"svg.fonttype": "none"}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(figure)
     text = buffer.getvalue()
     return text[text.index("<svg") :]
 
@@ -106,6 +119,7 @@ def bench_html(result: dict[str, Any]) -> str:
                   label=label, gid=gid(label))  # fmt: skip
     axes.set_xlabel("H x W (pixels)")
     axes.set_ylabel("p50 latency (ms)")
+    plain_ticks(axes)
     axes.legend(fontsize=7)
     latency = svg(figure)
     largest = max(records, key=_pixels)["shape"]
@@ -119,6 +133,7 @@ def bench_html(result: dict[str, Any]) -> str:
     axes.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=0.8)
     axes.set_xlabel(f"p50 latency at {'x'.join(map(str, largest))} (ms)")
     axes.set_ylabel("rel L2 against torch")
+    plain_ticks(axes)
     axes.legend(fontsize=7)
     accuracy = svg(figure)
     rows = "".join(

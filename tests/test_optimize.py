@@ -154,6 +154,39 @@ def _gid(candidate: dict) -> str:
 
 
 @pytest.mark.slow
+def test_the_plots_read_back_the_reports_numbers(optimized) -> None:
+    """Every marker and bar, read back through its axis' tick labels, is report.json's value:
+    latency against size, accuracy against latency, Dice per class."""
+    from svgplot import Axes, figures
+
+    out, report, _ = optimized
+    plots = figures((out / "report.html").read_text())
+    latency, accuracy = plots["Latency against input size"], plots["Accuracy against latency"]
+    dice = plots["Per-class Dice against the PyTorch original"]
+    for c in report["candidates"]:
+        series = f"c-{_gid(c)}"
+        want = [(_pixels(s), c["latency_ms"][s]) for s in report["sweep"]]
+        _close(Axes(latency).points(latency, series), want)
+        agreement = c["check"]["agreement"]
+        _close(Axes(accuracy).points(accuracy, series),
+               [(serving_ms(c, report["shapes"]), 1 - agreement)])  # fmt: skip
+        classes = sorted(c["check"]["dice"], key=int)
+        heights = Axes(dice).bars(dice, series)
+        assert heights == pytest.approx([c["check"]["dice"][k] for k in classes], abs=2e-3)
+
+
+def _pixels(shape: str) -> int:
+    return int(shape.split("x")[2]) * int(shape.split("x")[3])
+
+
+def _close(read: list[tuple[float, float]], want: list[tuple[float, float]]) -> None:
+    """Equal within what an SVG's 1e-6 px precision and a ~300 px axis can tell apart."""
+    assert len(read) == len(want), (read, want)
+    for (x, y), (wx, wy) in zip(read, want, strict=True):
+        assert x == pytest.approx(wx, rel=1e-3, abs=1e-6) and y == pytest.approx(wy, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_the_report_renders_in_a_real_browser_without_the_network(optimized, tmp_path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
