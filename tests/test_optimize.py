@@ -183,7 +183,8 @@ def _close(read: list[tuple[float, float]], want: list[tuple[float, float]]) -> 
     """Equal within what an SVG's 1e-6 px precision and a ~300 px axis can tell apart."""
     assert len(read) == len(want), (read, want)
     for (x, y), (wx, wy) in zip(read, want, strict=True):
-        assert x == pytest.approx(wx, rel=1e-3, abs=1e-6) and y == pytest.approx(wy, rel=1e-3, abs=1e-6)
+        assert x == pytest.approx(wx, rel=1e-3, abs=1e-6)
+        assert y == pytest.approx(wy, rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.slow
