@@ -1,4 +1,13 @@
-"""resfuse: ResNet fusion models from PyTorch to ONNX, TensorRT and ONNX Runtime."""
+"""resfuse: ResNet fusion models from PyTorch to ONNX, TensorRT and ONNX Runtime.
+
+The base install runs artifacts (resfuse.runtime) without PyTorch; the model names below that
+need torch (FusionModel, build_model, METHODS) are imported on first use (PEP 562), and in an
+install without torch they raise a one-line error naming the extra to install.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from resfuse.errors import (
     ArtifactWriteError,
@@ -13,9 +22,21 @@ from resfuse.errors import (
     SessionClosedError,
     WeightsError,
 )
-from resfuse.models import BACKBONES, METHODS, FusionModel, ModelConfig, build_model
+from resfuse.models.spec import BACKBONES, ModelConfig
+
+if TYPE_CHECKING:
+    from resfuse.models.fusion import METHODS
+    from resfuse.models.model import FusionModel, build_model
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("METHODS", "FusionModel", "build_model"):
+        from resfuse import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'resfuse' has no attribute {name!r}")
 
 
 def load_original(manifest_path: str) -> FusionModel:

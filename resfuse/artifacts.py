@@ -19,14 +19,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resfuse.compare import MaskGates, Tolerance
 from resfuse.contract import InputContract
 from resfuse.errors import ArtifactWriteError, ConfigError, ManifestError
-from resfuse.models import FusionModel, ModelConfig
+from resfuse.models.spec import ModelConfig
 from resfuse.precisions import default_targets
 from resfuse.schema import validate_manifest
+from resfuse.torch_extra import require_torch
+
+if TYPE_CHECKING:
+    from resfuse.models.model import FusionModel
 
 TAG_LENGTH = 12
 SUFFIXES = (".onnx", ".safetensors", ".plan")  # data files of artifacts and of TensorRT engines
@@ -336,6 +340,7 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def load_original(manifest: str | Path | Manifest) -> FusionModel:
     """Rebuild the PyTorch original from a manifest and its verified weights, in eval mode."""
+    require_torch("the PyTorch original (load_original)")
     from safetensors import SafetensorError
     from safetensors.torch import load
 

@@ -126,7 +126,7 @@ def _source(f: _Fields, source: object, precision: str) -> None:
 
 
 def _model(f: _Fields, data: dict[str, Any]) -> Any:
-    from resfuse.models import ModelConfig
+    from resfuse.models.spec import ModelConfig
 
     model = f.section(data, "model")
     known = ModelConfig.field_names()
@@ -150,7 +150,7 @@ def _model(f: _Fields, data: dict[str, Any]) -> Any:
 
 def _method_options(f: _Fields, model: dict[str, Any]) -> None:
     """Each fusion method's options, checked by the method that declares them."""
-    from resfuse.models.fusion import declared_options
+    from resfuse.models.spec import declared_options
 
     for key, option in declared_options().items():
         try:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from resfuse.errors import WeightsError
-from resfuse.models.backbones import BACKBONES
 from resfuse.models.fusion import METHODS
+from resfuse.models.spec import BACKBONES
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # common checkpoint layouts
 # torch names the global it refused: "Unsupported global: GLOBAL __main__.Net was not an allowed

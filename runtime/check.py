@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from resfuse.artifacts import Manifest
 from resfuse.compare import (
@@ -21,7 +20,6 @@ from resfuse.compare import (
     mask_agreement,
 )
 from resfuse.errors import ConfigError, ResfuseError
-from resfuse.models.fusion import METHODS
 from resfuse.runtime.inputs import image_files
 from resfuse.runtime.report import markdown_table
 from resfuse.runtime.session import Session, load
@@ -266,7 +264,7 @@ def _check_one(
         ref = np.asarray(reference.run(x, **tiling))
         # a gate computed per tile is no whole-image gate: tiled, a gated image part is judged
         # with the rest of the output
-        passes = METHODS[deployed.manifest.config.method].passes_image
+        passes = deployed.manifest.config.spec.passes_image
         image = _expected_image(x, reference) if fused and (passes or not tiling) else None
         out = np.asarray(deployed.run(x, **tiling))
     except ResfuseError as exc:
@@ -286,6 +284,8 @@ def _expected_image(x: np.ndarray, reference: Session) -> tuple[np.ndarray, bool
     model = getattr(reference.runner, "model", None)
     if model is None or model.fusion.passes_image:
         return x, False
+    import torch  # the reference is the PyTorch original: torch is here
+
     with torch.inference_mode():
         t = torch.from_numpy(x)
         mask = model.fusion.mask(t, model.encoder(t)).numpy()

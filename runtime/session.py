@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from resfuse.artifacts import Manifest, read_manifest
 from resfuse.errors import ConfigError, SessionClosedError
 from resfuse.images import output_plane
-from resfuse.models.fusion import METHODS
 from resfuse.runtime.backend_spec import merge_options
 from resfuse.runtime.backends import Runner, claimed, create_runner
 from resfuse.runtime.inputs import check_finite, is_image, load_image
 from resfuse.runtime.tiling import Tiling, sliding_window
+from resfuse.torch_extra import is_tensor
+
+if TYPE_CHECKING:  # a caller's tensors only: the session itself needs no torch (base install)
+    import torch
 
 
 class Session:
@@ -56,8 +58,8 @@ class Session:
         dtype = str(x.dtype).removeprefix("torch.")
         self.contract.check(x.shape, dtype, spatial=spatial)
         if self.finite_check:
-            if isinstance(x, torch.Tensor):
-                if not bool(torch.isfinite(x).all()):
+            if is_tensor(x):
+                if not bool(x.isfinite().all()):
                     check_finite(x.detach().cpu().numpy())  # counts and raises
             else:
                 check_finite(x)
@@ -100,13 +102,13 @@ class Session:
         if tile is not None:
             tiling = self.tiling(tile, overlap, blend, sigma_scale, tile_batch, align)
             return self._run_tiled(x, tiling)
-        if isinstance(x, torch.Tensor):
+        if is_tensor(x):
             self.check(x)
             infer_tensor = getattr(self.runner, "infer_tensor", None)
             if infer_tensor is not None:
                 return infer_tensor(x)
             out = self.runner.infer(np.ascontiguousarray(x.detach().cpu().numpy()))
-            return torch.from_numpy(out).to(x.device)
+            return _like(out, x)
         self.check(_array(x))
         return self.runner.infer(np.ascontiguousarray(x))
 
@@ -132,14 +134,14 @@ class Session:
         """Tiles through the backend, stitched on the CPU; the fused output's image channels
         are the input's own where the method passes the image through (blending would round
         them)."""
-        tensor = x if isinstance(x, torch.Tensor) else None
+        tensor = x if is_tensor(x) else None
         array = _array(x if tensor is None else tensor.detach().cpu().numpy())
         self.check(array, spatial=False)
         out = sliding_window(lambda tiles: self.runner.infer(tiles), array, tiling)
         config = self.manifest.config
-        if config.num_classes is None and METHODS[config.method].passes_image:
+        if config.num_classes is None and config.spec.passes_image:
             out[:, : array.shape[1]] = array
-        return out if tensor is None else torch.from_numpy(out).to(tensor.device)
+        return out if tensor is None else _like(out, tensor)
 
     def close(self) -> None:
         """Release the backend; idempotent. run() afterwards raises SessionClosedError."""
@@ -161,6 +163,13 @@ def _array(x: object) -> np.ndarray:
             f"not {type(x).__name__}"
         )
     return x
+
+
+def _like(out: np.ndarray, tensor: torch.Tensor) -> torch.Tensor:
+    """`out` as a tensor on `tensor`'s device (torch is imported: the caller gave a tensor)."""
+    import torch
+
+    return torch.from_numpy(out).to(tensor.device)
 
 
 def _pair(tile: object) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -12,41 +11,7 @@ if TYPE_CHECKING:
     from torchvision.models import ResNet
 
 from resfuse.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    widths: tuple[int, int, int, int]  # output channels of layer1..layer4
-    blocks: tuple[int, int, int, int]  # residual blocks in layer1..layer4
-
-
-_BASIC = (64, 128, 256, 512)
-_BOTTLENECK = (256, 512, 1024, 2048)
-BACKBONES: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in (
-        BackboneSpec("resnet18", _BASIC, (2, 2, 2, 2)),
-        BackboneSpec("resnet34", _BASIC, (3, 4, 6, 3)),
-        BackboneSpec("resnet50", _BOTTLENECK, (3, 4, 6, 3)),
-        BackboneSpec("resnet101", _BOTTLENECK, (3, 4, 23, 3)),
-        BackboneSpec("resnet152", _BOTTLENECK, (3, 8, 36, 3)),
-    )
-}
-STAGES = (2, 3, 4)
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return BACKBONES[name]
-
-
-def check_stage(stage: int) -> None:
-    if stage not in STAGES:
-        raise ConfigError(
-            f"stage {stage} is not supported; choose 2, 3 or 4 (output stride 8, 16 or 32)"
-        )
+from resfuse.models.spec import backbone_spec, check_stage
 
 
 class ResNetEncoder(nn.Module):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from numbers import Integral
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,50 +17,43 @@ from torch import nn
 
 from resfuse.errors import ConfigError
 from resfuse.models.pooling import adaptive_avg_pool2d
+from resfuse.models.spec import (
+    METHOD_SPECS,
+    SPP_LEVELS,
+    MethodSpec,
+    Option,
+    bin_counts,
+    declare_method,
+)
 
-METHODS: dict[str, type[FusionMethod]] = {}
+
+class _Registry(dict[str, "type[FusionMethod]"]):
+    """The method classes by name. Removing one removes its declaration (spec.METHOD_SPECS) too,
+    so that configs and manifests stop taking it as well."""
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        METHOD_SPECS.pop(name, None)
 
 
-@dataclass(frozen=True)
-class Option:
-    """A config key a method takes beyond the shared ones (backbone, stage, features, ...).
-
-    `parse` gives the value as the method's constructor takes it, or raises ConfigError saying
-    what fits: configs, and so manifests, are checked with it before a model is built.
-    """
-
-    default: Any
-    parse: Callable[[Any], Any]
+METHODS: dict[str, type[FusionMethod]] = _Registry()
 
 
 def register_method(name: str) -> Callable[[type[FusionMethod]], type[FusionMethod]]:
-    """Register a fusion method under `name`: what the factory, weights and manifests need of it
-    is declared on the class (options, state_prefix, features_in, passes_image)."""
+    """Register a fusion method under `name`. A built-in method takes its declaration from
+    spec.py (readable without torch); another declares it on the class (options, state_prefix,
+    passes_image), recorded in spec.py here; features_in stays on the class (it reads tensors)."""
 
     def add(cls: type[FusionMethod]) -> type[FusionMethod]:
-        _check_declarations(name, cls)
+        spec = METHOD_SPECS.get(name) or declare_method(
+            MethodSpec(name, dict(cls.options), cls.passes_image, cls.state_prefix)
+        )
+        cls.name, cls.options = name, spec.options
+        cls.passes_image, cls.state_prefix = spec.passes_image, spec.state_prefix
         METHODS[name] = cls
-        cls.name = name
         return cls
 
     return add
-
-
-def _check_declarations(name: str, cls: type[FusionMethod]) -> None:
-    # An empty prefix would claim every checkpoint, and one config carries every method's
-    # options (declared_options), so a key two methods declare must be the same option.
-    if not cls.state_prefix:
-        raise TypeError(f"fusion method {name!r} declares no state_prefix")
-    declared = declared_options()
-    for key, option in cls.options.items():
-        if declared.get(key, option) != option:
-            raise TypeError(f"fusion method {name!r} redeclares option {key!r} differently")
-
-
-def declared_options() -> dict[str, Option]:
-    """The options of every registered method. A config carries all of them, whichever method it
-    builds, so that every manifest lists the same keys (each has always listed spp's levels)."""
-    return {key: option for cls in METHODS.values() for key, option in cls.options.items()}
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -148,8 +139,6 @@ class UpsampleFusion(FusionMethod):
     keeps the features aligned with the image: exact H x W for every H, W (Slice in ONNX).
     """
 
-    state_prefix = "up."
-
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)
         blocks: list[nn.Module] = []
@@ -180,25 +169,6 @@ class UpsampleFusion(FusionMethod):
         return norms[max(norms)].shape[0] if norms else None
 
 
-SPP_LEVELS = (1, 2, 4)
-
-
-def bin_counts(levels: object) -> tuple[int, ...]:
-    """SPP's levels: distinct bin counts from 1 to 64 (the bound manifests have always had), in
-    a list or tuple."""
-    counts = tuple(levels) if isinstance(levels, (list, tuple)) else ()
-    if not counts or not all(map(_bin_count, counts)) or len(set(counts)) < len(counts):
-        raise ConfigError(
-            f"SPP levels must be distinct bin counts from 1 to 64 such as (1, 2, 4), got {levels}"
-        )
-    return tuple(int(k) for k in counts)
-
-
-def _bin_count(k: object) -> bool:
-    # not a bool: JSON keeps true apart from 1, and so do manifests
-    return isinstance(k, Integral) and not isinstance(k, bool) and 1 <= int(k) <= 64
-
-
 @register_method("spp")
 class PyramidPoolingFusion(FusionMethod):
     """Spatial pyramid pooling (PSPNet style): context pooled over k x k bins per level, projected,
@@ -206,9 +176,6 @@ class PyramidPoolingFusion(FusionMethod):
     H x W by `to_image_grid`: resized to the stride-aligned grid and cropped, so each cell's
     context stays centred on its own input block for every H, W. A 1x1 projection, not PSPNet's 3x3,
     which on resnet50 features costs about 1 GFLOP at 512x512 for little gain."""
-
-    options = {"levels": Option(SPP_LEVELS, bin_counts)}
-    state_prefix = "branches."
 
     def __init__(
         self,
@@ -240,9 +207,6 @@ class MaskedFusion(FusionMethod):
     cat([image * (1 - m), projected_features * m]). Gate and projection are computed on the
     feature grid and brought to H x W by `to_image_grid` (aligned resize, then crop), so each
     cell's gate and features stay centred on its own input block, for every H, W."""
-
-    passes_image = False
-    state_prefix = "gate."
 
     def __init__(self, feature_channels: int, stride: int, features: int = 64) -> None:
         super().__init__(feature_channels, stride, features)

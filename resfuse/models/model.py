@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -10,121 +9,11 @@ import torch
 from torch import nn
 
 from resfuse.contract import InputContract, Range
-from resfuse.errors import ConfigError, WeightsError
-from resfuse.models.backbones import ResNetEncoder, backbone_spec, check_stage, torchvision_name
-from resfuse.models.fusion import METHODS, conv_bn_relu, declared_options
+from resfuse.errors import WeightsError
+from resfuse.models.backbones import ResNetEncoder, torchvision_name
+from resfuse.models.fusion import METHODS, conv_bn_relu
+from resfuse.models.spec import ModelConfig
 from resfuse.weights import check_fit, options_hint, read_state_dict
-
-
-@dataclass(frozen=True, init=False)
-class ModelConfig:
-    """Everything needed to rebuild a fusion model; stored in every artifact's manifest.
-
-    The shared fields, then `options`: a value for every option of every registered method, as
-    (key, value) pairs so that the config stays hashable. Its method is built with the options
-    it declares (method_options); the others only keep every manifest's keys the same.
-    """
-
-    method: str
-    backbone: str
-    stage: int
-    in_channels: int
-    num_classes: int | None
-    features: int
-    options: tuple[tuple[str, Any], ...]
-
-    def __init__(
-        self,
-        method: str,
-        backbone: str = "resnet18",
-        stage: int = 4,
-        in_channels: int = 3,
-        num_classes: int | None = None,
-        features: int = 64,
-        **options: Any,
-    ) -> None:
-        # frozen: set past the dataclass's __setattr__, which refuses every assignment
-        self.__dict__.update(
-            method=method,
-            backbone=backbone,
-            stage=stage,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            features=features,
-        )
-        self._check()
-        self.__dict__["options"] = _parse_options(options)
-
-    def _check(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(
-                f"unknown fusion method {self.method!r}; choose one of {', '.join(METHODS)}"
-            )
-        backbone_spec(self.backbone)
-        check_stage(self.stage)
-        if self.in_channels < 1:
-            raise ConfigError(f"in_channels must be at least 1, got {self.in_channels}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ConfigError(
-                f"num_classes must be at least 1 (or None for no head), got {self.num_classes}"
-            )
-
-    @property
-    def method_options(self) -> dict[str, Any]:
-        """The options this config's method takes: its constructor's keyword arguments."""
-        own = METHODS[self.method].options
-        return {key: value for key, value in self.options if key in own}
-
-    @property
-    def image_channels(self) -> int | None:
-        """How many leading output channels carry the image: a fused output's; none under a
-        segmentation head."""
-        return None if self.num_classes else self.in_channels
-
-    @property
-    def stride(self) -> int:
-        return 2 ** (self.stage + 1)
-
-    @property
-    def out_channels(self) -> int:
-        return self.num_classes or self.in_channels + self.features
-
-    @property
-    def output_name(self) -> str:
-        return "logits" if self.num_classes else "fused"
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        """The keys of to_dict, and all that from_dict reads: the shared fields, then the
-        options of every registered method."""
-        return (*cls._shared(), *declared_options())
-
-    @classmethod
-    def _shared(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "options"]
-
-    def to_dict(self) -> dict[str, Any]:
-        shared = {key: getattr(self, key) for key in self._shared()}
-        # tuples as the lists JSON gives back, so a config and its manifest compare equal
-        return shared | {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return cls(**{key: data[key] for key in cls.field_names() if key in data})
-
-
-def _parse_options(given: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Every registered method's options, each parsed by its declaration, defaults filled in."""
-    declared = declared_options()
-    unknown = sorted(set(given) - set(declared))
-    if unknown:
-        raise ConfigError(
-            f"unknown model option {unknown[0]!r}; the fusion methods take "
-            f"{', '.join(declared) or 'none'}"
-        )
-    return tuple(
-        (key, option.parse(given.get(key, option.default))) for key, option in declared.items()
-    )
 
 
 class SegmentationHead(nn.Sequential):

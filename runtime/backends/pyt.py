@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import time
 from types import MappingProxyType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from resfuse.artifacts import Manifest, load_original
 from resfuse.errors import BackendUnavailableError, ConfigError
 from resfuse.runtime.backends.base import Option, Phases, Runner, check_count, validate_options
+from resfuse.torch_extra import LazyTorch, require_torch
+
+if TYPE_CHECKING:
+    import torch
+else:  # the registry lists this backend in the base install too; it needs torch once chosen
+    torch = LazyTorch("the torch backend (the PyTorch original)")
 
 
 class TorchRunner(Runner):
@@ -25,6 +30,7 @@ class TorchRunner(Runner):
     declared = MappingProxyType({"threads": Option("torch's own count", check_count)})
 
     def __init__(self, manifest: Manifest, device: str = "cpu", **options: Any) -> None:
+        require_torch(f"backend {self.name!r}, which runs the PyTorch original,")
         validate_options(self.name, options, self.declared)
         super().__init__(manifest, device, **options)
         self.model: torch.nn.Module | None = None

@@ -34,7 +34,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from resfuse import engine_manifest, tensorrt_env
 from resfuse.artifacts import Manifest, manifest_path_for, replace_file
@@ -57,9 +56,13 @@ from resfuse.runtime.backends.base import (
     check_path,
     validate_options,
 )
+from resfuse.torch_extra import LazyTorch
 
 if TYPE_CHECKING:
     import tensorrt as trt
+    import torch
+else:  # torch holds the CUDA memory; the base install lists this backend without torch
+    torch = LazyTorch("the tensorrt backend (torch holds its CUDA memory)")
 
 OPTIONS = MappingProxyType(
     {
