@@ -58,6 +58,13 @@ def _bounds() -> str:
     default=None,
     help="Add a segmentation head with this many classes (output `logits`).",
 )
+@click.option(
+    "--class-names",
+    default=None,
+    metavar="NAME,NAME,...",
+    help="The head's class names, background (class 0) first, one per class: the segment "
+    "labels of a DICOM SEG output [default: class 1, class 2, ...].",
+)
 @click.option("--in-channels", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--features",
@@ -227,6 +234,7 @@ def main(
     backbone: str,
     stage: str,
     num_classes: int | None,
+    class_names: str | None,
     in_channels: int,
     features: int,
     weights: Path | None,
@@ -320,6 +328,7 @@ def main(
             intensity_range=_intensity_range(intensity_range),
             window=None if window is None else _pair(window, "--window", "CENTER,WIDTH"),
             intensity_units=intensity_units,
+            class_names=None if class_names is None else tuple(class_names.split(",")),
         )
         if triton_repo is not None:  # a device the artifact is not made for: before the export
             triton.check_targets(options.targets, f"the {options.precision} artifact")

@@ -65,6 +65,8 @@ class ExportOptions:
     keep_accuracy_seconds: float = 900.0
     keep_accuracy_limit: int = 16
     explain: bool = False  # rank every layer's sensitivity, pass or fail
+    # a head's class names, background (class 0) first: the segments of a DICOM SEG output
+    class_names: tuple[str, ...] | None = None
 
     @property
     def variant(self) -> Precision:
@@ -282,6 +284,23 @@ def _keep_other_precisions(folder: Path, name: str, options: ExportOptions) -> N
         )
 
 
+def check_class_names(config: ModelConfig, names: tuple[str, ...] | None) -> None:
+    """One non-empty name per class of the head, background first, each named once."""
+    if not names:
+        return
+    if config.num_classes is None or len(names) != config.num_classes:
+        classes = "no head" if config.num_classes is None else f"{config.num_classes} classes"
+        raise ConfigError(
+            f"--class-names gives {len(names)} names and the model has {classes}; name each "
+            f"class of --num-classes once, background (class 0) first"
+        )
+    if any(not n.strip() or len(n) > 64 for n in names) or len(set(names)) != len(names):
+        raise ConfigError(
+            f"--class-names {','.join(names)!r} must be distinct, non-empty names of at most "
+            f"64 characters (a DICOM segment label's limit)"
+        )
+
+
 def export_artifact(
     config: ModelConfig,
     output_dir: str | Path,
@@ -301,6 +320,7 @@ def export_artifact(
     artifact in one step (resfuse.artifacts). Raises a ResfuseError subclass on any failure.
     """
     contract = options.contract(config)
+    check_class_names(config, options.class_names)
     base = check_name(name) if name is not None else None
     name = check_name(artifact_name(config, options.precision, options.target, base))
     ensure_writable(output_dir, name)
@@ -553,6 +573,7 @@ def _manifest(
         if weights
         else ("torchvision" if pretrained else f"random (seed {options.seed})"),
         "preprocess": options.preprocess(config),
+        **({"class_names": list(options.class_names)} if options.class_names else {}),
         "precision": options.precision,
         "targets": options.targets,
         **({"source": source} if source else {}),

@@ -90,6 +90,8 @@ def validate_manifest(data: object, path: Path) -> None:
         f.fail("quantization", "an object", data["quantization"])
     if "parity" in data:
         _parity(f, data)
+    if "class_names" in data:
+        _class_names(f, data["class_names"], config.num_classes)
     for key in ("name", "created", "weights_source"):
         if key in data:
             f.text(data[key], key)
@@ -98,6 +100,18 @@ def validate_manifest(data: object, path: Path) -> None:
     versions = data.get("versions", {})
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         f.fail("versions", "an object of version strings", versions)
+
+
+def _class_names(f: _Fields, names: object, classes: int | None) -> None:
+    """A head's class names (DICOM SEG segment labels): one per class, distinct, short."""
+    ok = (
+        isinstance(names, list)
+        and len(names) == classes
+        and all(isinstance(n, str) and n.strip() and len(n) <= 64 for n in names)
+        and len(set(names)) == len(names)
+    )
+    if not ok:
+        f.fail("class_names", f"{classes or 0} distinct names of 1..64 characters", names)
 
 
 def _targets(f: _Fields, targets: object) -> None:

@@ -226,3 +226,61 @@ def check_writable(path: Path | None, option: str) -> None:
         ) from exc
     if not existed:
         path.unlink()
+
+
+# --format and --seg-type of resfuse-predict (files, series and DICOMweb alike)
+seg_options = group(
+    click.option(
+        "--format",
+        "output_format",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "seg"]),
+        help="seg: a DICOM Segmentation (SEG) per DICOM file or series, referencing its "
+        "instances (a model with a head); auto: .npy, .mask.png or NIfTI by input.",
+    ),
+    click.option(
+        "--seg-type",
+        default="binary",
+        show_default=True,
+        type=click.Choice(["binary", "fractional"]),
+        help="With --format seg: BINARY (the argmax class mask) or FRACTIONAL (each class's "
+        "probability).",
+    ),
+)
+
+# resfuse-predict against a PACS; credentials only from the environment, never options
+dicomweb_options = group(
+    click.option(
+        "--dicomweb",
+        "dicomweb_url",
+        default=None,
+        metavar="URL",
+        help="Read series from this DICOMweb root (QIDO-RS, WADO-RS) and store each SEG back "
+        "(STOW-RS) instead of INPUT_DIR; credentials from RESFUSE_DICOMWEB_TOKEN, or "
+        "RESFUSE_DICOMWEB_USER and RESFUSE_DICOMWEB_PASSWORD.",
+    ),
+    click.option("--study", default=None, metavar="UID", help="With --dicomweb: the study."),
+    click.option(
+        "--series-uid",
+        "series_uids",
+        multiple=True,
+        metavar="UID",
+        help="With --dicomweb: only this series of the study (repeatable) [default: every "
+        "image series].",
+    ),
+    click.option(
+        "--timeout",
+        default=30.0,
+        show_default=True,
+        type=click.FloatRange(min=0, min_open=True, max=3600),
+        help="With --dicomweb: seconds each request may take.",
+    ),
+    click.option(
+        "--retries",
+        default=3,
+        show_default=True,
+        type=click.IntRange(0, 20),
+        help="With --dicomweb: more tries for a refused connection or a busy server.",
+    ),
+)

@@ -37,8 +37,10 @@ from rich.markup import escape
 
 from resfuse.artifacts import Manifest, read_manifest, replace_file
 from resfuse.console import err
-from resfuse.errors import ConfigError, ResfuseError
+from resfuse.errors import ConfigError, InputContractError, ResfuseError
 from resfuse.images import _is_dicom, find_images, grayscale_note, output_plane, pil
+from resfuse.runtime import seg
+from resfuse.runtime.seg import SEG_SUFFIX
 from resfuse.runtime.session import Session, load
 from resfuse.runtime.tiling import Tiling
 from resfuse.runtime.volumes import (
@@ -64,6 +66,7 @@ class Options:
     axis: int | None = None  # volumes: the slice axis; None: the acquisition's (slice_axis)
     volume_index: int | None = None  # 4-D NIfTI: the volume to read
     tiling: dict[str, Any] = field(default_factory=dict)  # session.run's tiling keywords
+    seg: str | None = None  # DICOM SEG output of this type (resfuse.runtime.seg); None: the others
 
     def volume_record(self, source: Path) -> dict[str, Any]:
         """What a volume's record must match to be resumed, besides artifact and input: the
@@ -198,6 +201,8 @@ def job_artifact(job: Job, manifest: Manifest, options: Options) -> dict[str, An
     artifact = artifact_identity(manifest)
     if options.tiling:  # how large inputs were cut: JSON's form, so a read record compares
         artifact["tiling"] = json.loads(json.dumps(options.tiling))
+    if options.seg is not None:  # a BINARY SEG is no answer to a FRACTIONAL request
+        artifact["seg"] = options.seg
     return {**artifact, "volume": options.volume_record(job.source)} if job.is_volume else artifact
 
 
@@ -228,18 +233,25 @@ def plan(
     jobs = []
     for source in [*images, *volumes]:
         index = options.index_of(source)
-        job = Job(source, _output_path(source, input_dir, output_dir, head, index))
+        job = Job(source, _output_path(source, input_dir, output_dir, head, index, options.seg))
         if not is_current(source, job.output, job_artifact(job, manifest, options)):
             jobs.append(Job(job.source, job.output, stale=job.output.is_file()))
     return jobs, len(images) + len(volumes)
 
 
 def _output_path(
-    source: Path, input_dir: Path, output_dir: Path, head: bool, index: int | None = None
+    source: Path,
+    input_dir: Path,
+    output_dir: Path,
+    head: bool,
+    index: int | None = None,
+    seg: str | None = None,
 ) -> Path:
     """OUTPUT/<relative path><suffix>; one volume of a 4-D file: <relative path>.vol<index>
     <suffix>, so each volume picked keeps its own output."""
-    if is_nifti(source) or source.is_dir():
+    if seg is not None:
+        suffix = SEG_SUFFIX
+    elif is_nifti(source) or source.is_dir():
         suffix = VOLUME_SUFFIXES[0] if head else VOLUME_SUFFIXES[1]
     else:
         suffix = MASK_SUFFIX if head else ".npy"
@@ -359,10 +371,13 @@ def process_volume(
             _warn(note)
         h, w = slice_size(volume, axis)
         tiling = {} if session.runner.accepts(h, w) else options.tiling  # as images: if needed
-        output = predict_volume(
-            session, volume, axis=axis, batch_size=limit, on_clip=_warn, **tiling
-        )
-        data = volume_bytes(volume, output)
+        if options.seg is not None:
+            data = _series_seg(session, job.source, options.seg, limit, tiling)
+        else:
+            output = predict_volume(
+                session, volume, axis=axis, batch_size=limit, on_clip=_warn, **tiling
+            )
+            data = volume_bytes(volume, output)
     except Exception as exc:  # noqa: BLE001 - no one volume (or a backend failure) aborts
         return job, str(exc)
     try:
@@ -372,10 +387,32 @@ def process_volume(
     return job, None
 
 
+def _series_seg(
+    session: Session, folder: Path, seg_type: str, limit: int, tiling: dict[str, Any]
+) -> bytes:
+    """A series folder's DICOM SEG (NIfTI files have no instances to reference)."""
+    if not folder.is_dir():
+        raise InputContractError(
+            f"{folder} is NIfTI, and a DICOM SEG must reference DICOM images; pass DICOM "
+            f"series, or drop --format seg"
+        )
+    sources, frames = seg.series_frames(session, folder, seg_type, limit, **tiling)
+    return seg.seg_bytes(session.manifest, sources, frames, seg_type)
+
+
+def _image_output(session: Session, job: Job, output: np.ndarray, options: Options) -> bytes:
+    """One image's output bytes: a SEG, a class mask PNG (a model with a head) or .npy, each
+    on the file's own pixels."""
+    if options.seg is not None:
+        sources, frames = seg.image_frames(job.source, output, options.seg)
+        return seg.seg_bytes(session.manifest, sources, frames, options.seg)
+    output = output_plane(job.source).to_stored(output)  # onto the file's own pixels
+    return mask_png(output) if has_head(session) else npy_bytes(output)
+
+
 def _process_images(
     session: Session, jobs: list[Job], limit: int, options: Options
 ) -> list[tuple[Job, str | None]]:
-    head = has_head(session)
     results: list[tuple[Job, str | None]] = []
     ready: list[tuple[Job, np.ndarray, dict[str, Any]]] = []
     tiled: list[tuple[Job, np.ndarray, dict[str, Any]]] = []
@@ -397,9 +434,13 @@ def _process_images(
     except (ResfuseError, RuntimeError, ValueError) as exc:  # a backend failure: this batch only
         return results + [(job, f"inference failed: {exc}") for job, _, _ in ready + tiled]
     for (job, _, record), output in zip(ready + tiled, outputs, strict=True):
-        output = output_plane(job.source).to_stored(output)  # onto the file's own pixels
         try:
-            write_output(job, mask_png(output) if head else npy_bytes(output), record)
+            data = _image_output(session, job, output, options)
+        except (ResfuseError, ValueError) as exc:  # highdicom refuses a source it cannot use
+            results.append((job, str(exc)))
+            continue
+        try:
+            write_output(job, data, record)
             results.append((job, None))
         except OSError as exc:
             results.append((job, f"cannot write {job.output}: {exc}"))
@@ -449,18 +490,21 @@ def predict(
     axis: int | None = None,
     volume_index: int | None = None,
     tiling: dict[str, Any] | None = None,
+    seg_type: str | None = None,
 ) -> Summary:
     """Write every missing or stale output; `on_plan(n)` is told how many inputs are to be
     done, and `progress(k)` after each k of them (written or failed). Volumes: NIfTI files, and
     with `series` every folder of DICOM files; `axis` and `volume_index` as predict_volume and
     read_volume take them. `tiling` (Session.run's tile keywords) runs the images and volume
-    slices the backend cannot take whole as tiles; it is part of each output's record."""
+    slices the backend cannot take whole as tiles; it is part of each output's record.
+    `seg_type` ("binary" or "fractional") writes a DICOM SEG (OUTPUT/<relative path>.seg.dcm)
+    for each DICOM file and series instead (resfuse.runtime.seg)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     manifest = read_manifest(artifact)
     check_batch_size(batch_size, manifest)
     if axis is not None and axis not in (0, 1, 2):
         raise ConfigError(f"--axis {axis} is not a voxel axis of a volume; use 0, 1 or 2")
-    options = Options(axis, volume_index, dict(tiling or {}))
+    options = Options(axis, volume_index, dict(tiling or {}), _check_seg(manifest, seg_type))
     _check_tiling(manifest, options.tiling)
     jobs, total = plan(input_dir, output_dir, manifest, options, series=series)
     if jobs:
@@ -479,6 +523,14 @@ def predict(
             tick(len(results))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_seg(manifest: Manifest, seg_type: str | None) -> str | None:
+    """A SEG type checked once, before any input is read: a known type, a model with a head."""
+    if seg_type is not None:
+        seg.check_seg_type(seg_type)
+        seg.check_head(manifest)
+    return seg_type
 
 
 def _check_tiling(manifest: Manifest, tiling: dict[str, Any]) -> None:

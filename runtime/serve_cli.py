@@ -18,7 +18,9 @@ from resfuse.runtime.options import (
     CONTEXT,
     backend_option,
     device_option,
+    dicomweb_options,
     resolve_backend,
+    seg_options,
     threads_option,
     tile_options,
     tiling_options,
@@ -143,8 +145,8 @@ def serve_main(
 
 @click.command(context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.argument("input_dir", type=click.Path(path_type=Path))
-@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path))
+@click.argument("input_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--output", "output_dir", default=None, type=click.Path(path_type=Path))
 @backend_option(_deployed)
 @device_option()
 @threads_option
@@ -177,10 +179,12 @@ def serve_main(
     help="4-D NIfTI files: the volume (0-based) to run; 3-D files are read whole.",
 )
 @tile_options
+@seg_options
+@dicomweb_options
 def predict_main(
     artifact: Path,
-    input_dir: Path,
-    output_dir: Path,
+    input_dir: Path | None,
+    output_dir: Path | None,
     backend: str,
     device: str,
     threads: int | None,
@@ -194,12 +198,48 @@ def predict_main(
     tile: object,
     overlap: float,
     blend: str,
+    output_format: str,
+    seg_type: str,
+    dicomweb_url: str | None,
+    study: str | None,
+    series_uids: tuple[str, ...],
+    timeout: float,
+    retries: int,
 ) -> None:
     """Run ARTIFACT on every image and volume under INPUT_DIR; write OUTPUT/<relative
     path>.npy (a model with a head: .mask.png), for NIfTI volumes (and with --series DICOM
-    series folders) OUTPUT/<relative path>.nii.gz (.mask.nii.gz). Outputs that exist are
+    series folders) OUTPUT/<relative path>.nii.gz (.mask.nii.gz); with --format seg a DICOM
+    SEG, OUTPUT/<relative path>.seg.dcm, per DICOM file and series. Outputs that exist are
     complete and skipped, so a rerun resumes. Exits 1 when any input failed (each is listed);
-    the others are written."""
+    the others are written.
+
+    With --dicomweb URL --study UID (no INPUT_DIR): each image series of the study is fetched
+    from the PACS, run, and its SEG stored back in the study; series that hold a SEG of this
+    artifact already are skipped."""
+    if dicomweb_url is not None or study is not None:
+        _predict_dicomweb(
+            artifact,
+            input_dir,
+            output_dir,
+            backend,
+            device,
+            threads,
+            batch_size,
+            output_format,
+            seg_type,
+            dicomweb_url,
+            study,
+            series_uids,
+            timeout,
+            retries,
+        )
+        return
+    if input_dir is None or output_dir is None:
+        raise click.UsageError(
+            "give INPUT_DIR and --output OUT_DIR, or --dicomweb URL --study UID to read from a PACS"
+        )
+    if series_uids:
+        raise click.UsageError("--series-uid picks series of a --dicomweb study; add --dicomweb")
     from resfuse.runtime.predict import predict
 
     try:
@@ -222,6 +262,7 @@ def predict_main(
                 axis=axis,
                 volume_index=volume_index,
                 tiling=tiling_options(tile, overlap, blend),
+                seg_type=seg_type if output_format == "seg" else None,
             )
     except ResfuseError as exc:
         fail(str(exc))
@@ -232,3 +273,59 @@ def predict_main(
     out.print(summary.describe(), highlight=False)
     if summary.failures:
         fail(f"{len(summary.failures)} of {summary.total} images failed; see above")
+
+
+def _predict_dicomweb(
+    artifact: Path,
+    input_dir: Path | None,
+    output_dir: Path | None,
+    backend: str,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+    output_format: str,
+    seg_type: str,
+    url: str | None,
+    study: str | None,
+    series_uids: tuple[str, ...],
+    timeout: float,
+    retries: int,
+) -> None:
+    """resfuse-predict against a PACS: every SEG goes back to it, so no folders are taken."""
+    if url is None or study is None:
+        raise click.UsageError("--dicomweb URL and --study UID go together; give both")
+    if input_dir is not None or output_dir is not None:
+        raise click.UsageError(
+            "--dicomweb reads from and stores to the PACS; drop INPUT_DIR and --output"
+        )
+    if output_format == "auto":  # a PACS stores SEG, never .npy or NIfTI: seg is implied
+        output_format = "seg"
+    from resfuse.runtime.dicomweb import Connection, predict_dicomweb
+
+    try:
+        backend = resolve_backend(artifact, backend, device, threads)
+        with _progress() as bar:
+            task = bar.add_task("series", total=None)
+            outcome = predict_dicomweb(
+                artifact,
+                Connection(url, timeout, retries),
+                study,
+                list(series_uids) or None,
+                seg_type=seg_type,
+                backend=backend,
+                device=device,
+                batch_size=batch_size,
+                on_plan=lambda n: bar.update(task, total=n),
+                progress=lambda k: bar.advance(task, k),
+            )
+    except ResfuseError as exc:
+        fail(str(exc))
+    for series, reason in outcome.failures:
+        err.print(
+            f"[red]failed:[/] {escape(f'series {series}: {reason}')}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    out.print(outcome.describe(), highlight=False)
+    if outcome.failures:
+        fail(f"{len(outcome.failures)} series failed; see above")
