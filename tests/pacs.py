@@ -164,6 +164,6 @@ def varied_head(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / "head.safetensors")
     options = ExportOptions(
-        min_size=16, max_size=256, max_batch=4, class_names=("background", "bone", "soft tissue")
+        min_size=16, max_size=256, max_batch=8, class_names=("background", "bone", "soft tissue")
     )
     return export_artifact(config, folder, options, folder / "head.safetensors").manifest_path
