@@ -88,17 +88,7 @@ def dicomweb_client() -> Any:
 def connect(connection: Connection) -> Any:
     """A DICOMwebClient on `connection.url` with the environment's credentials, a timeout on
     every request and retries (refused connections by urllib3, busy answers by the client)."""
-    parts = urlsplit(connection.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"--dicomweb {connection.url!r} is no http(s) URL; pass the DICOMweb root, e.g. "
-            f"http://127.0.0.1:8042/dicom-web"
-        )
-    if parts.username or parts.password:
-        raise ConfigError(
-            f"--dicomweb carries credentials in its URL; pass the URL without them and set "
-            f"{ENV_USER} and {ENV_PASSWORD} (or {ENV_TOKEN}) in the environment"
-        )
+    check_url(connection.url)
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -115,6 +105,21 @@ def connect(connection: Connection) -> Any:
         retry=True, max_attempts=connection.retries + 1, wait_exponential_multiplier=200
     )
     return client
+
+
+def check_url(url: str) -> None:
+    """An http(s) URL without credentials in it (they would show in logs and messages)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        raise ConfigError(
+            f"--dicomweb carries credentials in its URL; pass the URL without them and set "
+            f"{ENV_USER} and {ENV_PASSWORD} (or {ENV_TOKEN}) in the environment"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--dicomweb {url!r} is no http(s) URL; pass the DICOMweb root, e.g. "
+            f"http://127.0.0.1:8042/dicom-web"
+        )
 
 
 def _credentials() -> Any:
@@ -188,6 +193,7 @@ def predict_dicomweb(
     it yet, and store each SEG in the study. Server-wide failures (down, refused credentials, a
     missing study) raise DicomwebError before any work; one series' failure is recorded and the
     others go on."""
+    check_url(connection.url)
     manifest = read_manifest(artifact)
     seg.check_seg_type(seg_type)
     seg.check_head(manifest)
@@ -302,7 +308,24 @@ def _store(client: Any, url: str, study: str, uid: str, data: bytes) -> str | No
     if answer is not None and answer.get("FailedSOPSequence"):
         reason = answer.FailedSOPSequence[0].get("FailureReason", "?")
         return f"{url} refused the SEG of series {uid} (STOW failure reason {reason})"
-    return None
+    return _check_stored(client, url, study, uid, dataset)
+
+
+def _check_stored(client: Any, url: str, study: str, uid: str, dataset: Any) -> str | None:
+    """A STOW answered as a success is checked by a query for the instance: a server's filter
+    (Orthanc's ReceivedInstanceFilter) can drop it and still answer success."""
+    with talking(url, f"the QIDO-RS check of the SEG of series {uid}"):
+        found = client.search_for_instances(
+            study,
+            str(dataset.SeriesInstanceUID),
+            search_filters={"SOPInstanceUID": str(dataset.SOPInstanceUID)},
+        )
+    if found:
+        return None
+    return (
+        f"{url} answered the STOW-RS of the SEG of series {uid} as a success but does not hold "
+        f"it (a filter on the server dropped it?); check the server's log and rules"
+    )
 
 
 def _value(entry: dict, tag: str) -> Any:

@@ -300,9 +300,10 @@ def _predict_dicomweb(
         )
     if output_format == "auto":  # a PACS stores SEG, never .npy or NIfTI: seg is implied
         output_format = "seg"
-    from resfuse.runtime.dicomweb import Connection, predict_dicomweb
+    from resfuse.runtime.dicomweb import Connection, check_url, predict_dicomweb
 
     try:
+        check_url(url)  # first: a URL with credentials in it is never echoed further
         backend = resolve_backend(artifact, backend, device, threads)
         with _progress() as bar:
             task = bar.add_task("series", total=None)
