@@ -1,5 +1,6 @@
-"""GPU latency: PyTorch eager (float32, and float16 under autocast), ONNX Runtime's CUDA EP and
-resfuse's TensorRT engines (float32, float16, int8) at 512x512 and 1024x1024, batch 1 and 8.
+"""GPU latency: PyTorch eager (float32, and float16 under autocast), torch.compile, ONNX
+Runtime's CUDA EP and resfuse's TensorRT engines (float32, float16, int8) at 512x512 and
+1024x1024, batch 1 and 8.
 
     python benchmarks/gpu_latency.py [--methods masked] [--output benchmarks/results]
 
@@ -12,7 +13,9 @@ first call of a block not counted. Ratios are taken round by round: median and r
 Targets it reports on:
 - TensorRT float16 at least 5x faster (p50) than PyTorch eager float32 at 1024x1024, batch 1;
 - resfuse's TensorRT runner (infer_tensor) within 5% of the same engine's bare
-  execute_async_v3 + synchronize loop, timed in the same rounds.
+  execute_async_v3 + stream synchronize loop, timed in the same rounds; the bare context is
+  made as the runner makes its own (TensorRTRunner.context_for) and every TensorRT call's
+  answer is checked.
 
 PyTorch runs with its defaults (TF32 convolutions on Ampere and later, cudnn.benchmark off), as
 recorded in the results. Accuracy (relative L2) is against PyTorch float32 on the GPU with TF32
@@ -218,6 +221,8 @@ def _candidates(
             Candidate(
                 fp32, "fp32", "torch (autocast fp16)", "float16", partial(_autocast, original)
             ),
+            # compiled on its first call at each shape (that call is not timed)
+            Candidate(fp32, "fp32", "torch.compile", "float32", partial(_compiled, original)),
         ]
         backend = "onnxruntime (cuda)"
         where = {"method": method, "variant": "fp32", "backend": backend, "stage": "load"}
@@ -253,6 +258,16 @@ def _repeat(runner: Any, x: torch.Tensor) -> Call:
     return lambda: runner.infer_tensor(x)
 
 
+def _compiled(model: torch.nn.Module, x: torch.Tensor) -> Call:
+    compiled = torch.compile(model)
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return compiled(x)
+
+    return call
+
+
 def _autocast(model: torch.nn.Module, x: torch.Tensor) -> Call:
     def call() -> torch.Tensor:
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
@@ -282,28 +297,53 @@ def _io_bound(session: Any) -> Callable[[torch.Tensor], Call]:
     return bind
 
 
-def _bare(runner: Any) -> Callable[[torch.Tensor], Call]:
-    """The runner's engine with nothing of resfuse around it: its own context and stream, shape
-    and tensor addresses set once, then one execute_async_v3 per call."""
+def _bare(
+    runner: Any, new_stream: Callable[[], Any] | None = None
+) -> Callable[[torch.Tensor], Call]:
+    """The runner's engine with nothing of resfuse around it, its context made as the runner
+    makes its own (runner.context_for: user-managed memory for the profile, TensorRT-RTX's
+    runtime cache), on its own stream: shape and tensor addresses set once, then per call one
+    execute_async_v3 and a wait for that stream, so the output is complete when the call
+    returns. Every TensorRT call's answer is checked: a refused one raises, not a fast no-op."""
 
     def bind(x: torch.Tensor) -> Call:
-        context = runner.engine.create_execution_context()
-        stream = torch.cuda.Stream()
-        context.set_optimization_profile_async(0, stream.cuda_stream)
+        from resfuse.profiles import profile_for
+
+        stream = (new_stream or torch.cuda.Stream)()
+        index = profile_for(runner.record.profiles, tuple(x.shape))
+        context, memory = runner.context_for(index, stream)
         name, output = runner.manifest.input_name, runner.manifest.data["output"]["name"]
-        context.set_input_shape(name, tuple(x.shape))
+        _checked(context.set_input_shape(name, tuple(x.shape)), "set_input_shape", name)
         out = torch.empty(tuple(context.get_tensor_shape(output)), device=x.device)
-        context.set_tensor_address(name, x.data_ptr())
-        context.set_tensor_address(output, out.data_ptr())
+        _checked(context.set_tensor_address(name, x.data_ptr()), "set_tensor_address", name)
+        _checked(context.set_tensor_address(output, out.data_ptr()), "set_tensor_address", output)
         stream.synchronize()
-
-        def call() -> torch.Tensor:
-            context.execute_async_v3(stream.cuda_stream)
-            return out
-
-        return call
+        return BareCall(context, stream, out, memory)
 
     return bind
+
+
+@dataclass
+class BareCall:
+    """One bare engine call; it holds the memory its context was given."""
+
+    context: Any
+    stream: Any
+    out: torch.Tensor
+    memory: Any
+
+    def __call__(self) -> torch.Tensor:
+        _checked(self.context.execute_async_v3(self.stream.cuda_stream), "execute_async_v3", "")
+        self.stream.synchronize()
+        return self.out
+
+
+def _checked(ok: bool, call: str, tensor: str) -> None:
+    from resfuse.errors import EngineError
+
+    if not ok:
+        on = f" for {tensor!r}" if tensor else ""
+        raise EngineError(f"TensorRT refused {call}{on} in the bare baseline (its log says why)")
 
 
 def _timed(call: Call) -> float:
@@ -422,9 +462,15 @@ def _add_speedups(records: list[dict[str, Any]]) -> None:
     from resfuse.runtime.bench import round_ratios
 
     torch_fp32 = next(r for r in records if r["backend"] == "torch")
+    compiled = next((r for r in records if r["backend"] == "torch.compile"), None)
     for r in records:
         r["speedup_rounds"], r["speedup_vs_torch"] = round_ratios(
             torch_fp32["round_p50_ms"], r["round_p50_ms"]
+        )
+        r["speedup_vs_compile"] = (
+            None
+            if compiled is None
+            else round_ratios(compiled["round_p50_ms"], r["round_p50_ms"])[1]
         )
 
 
@@ -514,6 +560,7 @@ def markdown(result: dict[str, Any]) -> str:
                 "first call ms",
                 "images/s",
                 "vs torch fp32",
+                "vs torch.compile",
                 "rel L2",
             ],
             [
@@ -529,6 +576,9 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{r['throughput_ips']:.1f}",
                     f"{r['speedup_vs_torch']:.2f}x ({min(r['speedup_rounds']):.2f}.."
                     f"{max(r['speedup_rounds']):.2f})",
+                    "-"
+                    if r.get("speedup_vs_compile") is None
+                    else f"{r['speedup_vs_compile']:.2f}x",
                     f"{r['rel_l2']:.1e}",
                 ]
                 for r in result["records"]

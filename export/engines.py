@@ -48,7 +48,8 @@ from resfuse.tensorrt_env import (
     resolve,
 )
 
-ENGINE_CACHE_FORMAT = 2  # bump when the same key fields would now build a different plan
+ENGINE_CACHE_FORMAT = 3  # bump when the same key fields would now build a different plan
+# 3: TensorRT-RTX plans require user-allocated context memory (BuilderFlag.REQUIRE_USER_ALLOCATION)
 
 
 def cache_key(

@@ -12,6 +12,7 @@ tensorrt-stubs; the module itself is passed in, since it differs by flavour.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from resfuse.engine_manifest import BuildSettings
@@ -37,6 +38,46 @@ def build_plan(
     """The serialized engine and, where `timing_cache` is given, the timing cache after the
     build (it plus the tactics timed now). `targets`: the compute capabilities a TensorRT-RTX
     plan is built for; empty for TensorRT, which builds for its GPU."""
+    build = prepare_build(lib, onnx, input_name, profiles, settings, targets=targets)
+    if timing_cache is not None:
+        _use_timing_cache(build.config, timing_cache)
+    plan = build.serialize()
+    config = build.config
+    timings = None if timing_cache is None else bytes(config.get_timing_cache().serialize())
+    return plan, timings
+
+
+@dataclass
+class Build:
+    """A network parsed and configured, not yet built: its builder config is what the plan
+    will be built with (tests read the flags back from it). The parser is kept: it owns the
+    weights the network points to until the build."""
+
+    builder: trt.Builder
+    network: trt.INetworkDefinition
+    parser: trt.OnnxParser
+    config: trt.IBuilderConfig
+
+    def serialize(self) -> bytes:
+        plan = self.builder.build_serialized_network(self.network, self.config)
+        if plan is None:
+            raise ExportError(
+                "TensorRT could not build the engine (its log above says why); try a larger "
+                "--workspace or a lower --builder-level, or smaller profiles"
+            )
+        return bytes(plan)
+
+
+def prepare_build(
+    lib: Any,
+    onnx: bytes,
+    input_name: str,
+    profiles: Sequence[Profile],
+    settings: BuildSettings,
+    *,
+    targets: Sequence[str] = (),
+) -> Build:
+    """The strongly typed network parsed from `onnx`, its profiles and settings set."""
     logger = lib.Logger(lib.Logger.WARNING)
     builder: trt.Builder = lib.Builder(logger)
     network = builder.create_network(1 << int(lib.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -58,16 +99,7 @@ def build_plan(
         _add_profile(lib, builder, config, input_name, profile)
     _configure(lib, config, settings)
     _target(lib, config, targets)
-    if timing_cache is not None:
-        _use_timing_cache(config, timing_cache)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ExportError(
-            "TensorRT could not build the engine (its log above says why); try a larger "
-            "--workspace or a lower --builder-level, or smaller profiles"
-        )
-    timings = None if timing_cache is None else bytes(config.get_timing_cache().serialize())
-    return bytes(plan), timings
+    return Build(builder, network, parser, config)
 
 
 def _parser_error(error: trt.ParserError) -> str:
@@ -114,6 +146,13 @@ def _configure(lib: Any, config: trt.IBuilderConfig, settings: BuildSettings) ->
     tf32 = getattr(lib.BuilderFlag, "TF32", None)
     if tf32 is not None:
         config.clear_flag(tf32)
+    # TensorRT-RTX only (TensorRT 10/11 have no such flag): without it, RTX may allocate inside
+    # execute_async_v3 when a shape exceeds its static limits, which a CUDA graph cannot
+    # capture; with it, every context is user-managed (the runner gives each its memory) and
+    # the build fails for a network that cannot be captured, instead of a later capture.
+    user_allocation = getattr(lib.BuilderFlag, "REQUIRE_USER_ALLOCATION", None)
+    if user_allocation is not None:
+        config.set_flag(user_allocation)
 
 
 def _target(lib: Any, config: Any, targets: Sequence[str]) -> None:

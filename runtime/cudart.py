@@ -54,3 +54,17 @@ def expose_cudart(search: Iterable[str | Path] | None = None) -> Path:
     others = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p != folder]
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([folder, *filter(None, others)])
     return lib
+
+
+def cuda_driver_version() -> int:
+    """The CUDA version the installed NVIDIA driver supports, as cuDriverGetVersion gives it
+    (12080 for 12.8), read from the driver's libcuda; 0 where there is none. TensorRT-RTX's
+    runtime caches are tied to it (resfuse.runtime.backends.tensorrt.runtime_cache_name)."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    version = ctypes.c_int(0)
+    return version.value if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else 0

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,6 +135,79 @@ def test_runner_without_its_bare_engine_gets_no_overhead_row(gpu_latency):
     records.append(row | {"backend": "tensorrt (bare)", "round_p50_ms": [1.0, 1.0]})
     (overhead,) = gpu_latency.targets(records)
     assert overhead["rounds"] == pytest.approx([0.0, 0.1])
+
+
+class _Context:
+    """What the bare baseline asks of a TensorRT execution context, with its answers: a real
+    one needs a GPU. `refuse` names the call that returns False; `calls` records them all."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.refuse, self.calls = refuse, []
+
+    def _answer(self, call: str, *args) -> bool:
+        self.calls.append(call)
+        return call != self.refuse
+
+    def set_input_shape(self, name, shape):
+        return self._answer("set_input_shape", name, shape)
+
+    def get_tensor_shape(self, name):
+        return (1, 2, 4, 4)
+
+    def set_tensor_address(self, name, address):
+        return self._answer("set_tensor_address", name, address)
+
+    def execute_async_v3(self, stream):
+        return self._answer("execute_async_v3", stream)
+
+
+class _Stream:
+    cuda_stream = 7
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def synchronize(self) -> None:
+        self.log.append("synchronize")
+
+
+def _bare_runner(context: _Context, made: list) -> SimpleNamespace:
+    from resfuse.profiles import Profile
+
+    profiles = [
+        Profile((1, 3, 4, 4), (1, 3, 4, 4), (1, 3, 4, 4)),
+        Profile((1, 3, 8, 8), (1, 3, 8, 8), (1, 3, 8, 8)),
+    ]
+    return SimpleNamespace(
+        record=SimpleNamespace(profiles=profiles),
+        manifest=SimpleNamespace(input_name="image", data={"output": {"name": "logits"}}),
+        context_for=lambda index, stream: made.append(index) or (context, "memory"),
+    )
+
+
+def test_bare_baseline_checks_every_answer_and_waits_for_its_stream(gpu_latency):
+    """The bare TensorRT loop that the runner is held to (within 5%): its context is the
+    runner's kind (context_for, for the input's profile), every call's answer is checked, and
+    each call waits for its own stream before handing the output over (issue 27, item 7)."""
+    from resfuse.errors import EngineError
+
+    x = torch.zeros(1, 3, 8, 8)
+    context, made, log = _Context(), [], []
+    call = gpu_latency._bare(_bare_runner(context, made), lambda: _Stream(context.calls))(x)
+    assert made == [1]  # the profile that holds 8x8
+    context.calls.clear()
+    out = call()
+    assert context.calls == ["execute_async_v3", "synchronize"] and out.shape == (1, 2, 4, 4)
+    for refused in ("set_input_shape", "set_tensor_address"):
+        bare = gpu_latency._bare(_bare_runner(_Context(refused), []), lambda: _Stream(log))
+        with pytest.raises(EngineError, match=f"refused {refused} for 'image'") as caught:
+            bare(x)
+        assert "\n" not in str(caught.value)
+    failing = gpu_latency._bare(
+        _bare_runner(_Context("execute_async_v3"), []), lambda: _Stream(log)
+    )(x)
+    with pytest.raises(EngineError, match="refused execute_async_v3 in the bare baseline"):
+        failing()
 
 
 # --- gpu_probe.py -------------------------------------------------------------------------------

@@ -273,3 +273,22 @@ def test_an_invalid_engine_is_told_its_real_reason() -> None:
     cc = invalidity_reasons(lib, int(flags.UNSUPPORTED_CC))
     assert "--compute-capability of this GPU" in invalid_engine_message("m", "8.9", cc, 2)
     assert "diagnostics 0x80" in invalid_engine_message("m", "8.9", [], 0x80)
+
+
+def test_rtx_plans_require_user_allocation(exported: dict[str, ExportResult]) -> None:
+    """A real TensorRT-RTX build's own builder config: REQUIRE_USER_ALLOCATION is set (no
+    allocation inside execute_async_v3, so the plan can be captured in a CUDA graph; every
+    context must then be user-managed, as the runner makes them), TF32 is off, and the plan
+    builds with it (issue 27, item 1)."""
+    from resfuse.export.tensorrt_build import prepare_build
+
+    trt = import_flavour(FLAVOURS["tensorrt-rtx"])
+    manifest = read_manifest(exported["masked"].manifest_path)
+    build = prepare_build(
+        trt, manifest.read("onnx"), manifest.input_name, [TWO[0]], FAST, targets=("8.9",)
+    )
+    assert build.config.get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    assert not build.config.get_flag(trt.BuilderFlag.TF32)
+    assert build.config.num_compute_capabilities == 1
+    assert len(build.serialize()) > 1_000_000
+    assert engines.ENGINE_CACHE_FORMAT >= 3  # plans built before the flag are not reused

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +27,14 @@ from resfuse.errors import (
 )
 from resfuse.export import engines
 from resfuse.profiles import default_profiles
-from resfuse.runtime.backends.tensorrt import ALIGNMENT, bindable, engine_artifact
+from resfuse.runtime.backends.tensorrt import (
+    ALIGNMENT,
+    GraphSlots,
+    bindable,
+    engine_artifact,
+    require_user_memory,
+    runtime_cache_name,
+)
 from resfuse.runtime.check import check_artifact
 
 BIN = Path(sys.executable).parent
@@ -82,6 +90,12 @@ def run(*command: str) -> subprocess.CompletedProcess:
         ("tensorrt", {}, "not 'tensorrt'"),
         ("cuda", {"workspace": 4}, r"unknown tensorrt options \['workspace'\]"),
         ("cuda", {"cuda_graphs": "yes"}, "cuda_graphs must be True or False, not 'yes'"),
+        ("cuda", {"cuda_graphs": True, "max_graphs": 0}, "max_graphs must be a whole number"),
+        (
+            "cuda",
+            {"max_graphs": 4},
+            "max_graphs bounds the CUDA graphs kept, and cuda_graphs is off",
+        ),
         ("cuda", {"rebuild": 1}, "rebuild must be True or False"),
         ("cuda", {"cache_dir": 3}, "cache_dir must be a path, not 3"),
         ("cuda", {"builder_level": 7}, "builder-level 7 is outside 0..5"),
@@ -188,6 +202,64 @@ def test_inputs_are_made_bindable_once() -> None:
     assert doubles.dtype == torch.float32 and doubles.is_contiguous()
     strided = bindable(batch.transpose(2, 3), torch.device("cpu"))
     assert strided.is_contiguous() and torch.equal(strided, batch.transpose(2, 3))
+
+
+def test_graph_slots_keep_the_most_recently_used_up_to_the_limit() -> None:
+    """A server that sees a new H x W on every call keeps at most `limit` captured shapes: the
+    least recently used is handed back to be freed, one used again is kept (issue 27, item 2)."""
+    made: list[str] = []
+
+    def make(key: str):
+        return lambda: made.append(key) or f"slot {key} #{len(made)}"
+
+    slots: GraphSlots[str] = GraphSlots(limit=2)
+    assert slots.get("a", make("a")) == ("slot a #1", [])
+    assert slots.get("b", make("b")) == ("slot b #2", [])
+    assert slots.get("a", make("a")) == ("slot a #1", [])  # found: nothing made, now the newest
+    assert slots.get("c", make("c")) == ("slot c #3", ["slot b #2"])  # b was the oldest
+    assert slots.keys() == ["a", "c"]
+    for k in range(100):  # every call a new shape: the bound holds
+        _, evicted = slots.get(f"shape {k}", make(f"shape {k}"))
+        assert len(evicted) == 1 and len(slots.keys()) == 2
+    assert slots.get("b", make("b"))[0] == "slot b #104"  # freed before: made again
+    assert len(made) == 104 and len(slots.pop_all()) == 2 and slots.keys() == []
+
+
+def test_runtime_caches_are_kept_per_gpu_driver_and_version() -> None:
+    """IRuntimeCache.deserialize refuses a cache from another GPU SKU, driver or TensorRT-RTX
+    version: two GPUs of one compute capability must not share (and overwrite) one file."""
+    rtx4090 = tensorrt_env.BuildEnvironment(
+        "tensorrt-rtx", "1.7.1.116", "12", "linux-x86_64", "NVIDIA GeForce RTX 4090", "8.9"
+    )
+    rtx4060 = replace(rtx4090, gpu_name="NVIDIA GeForce RTX 4060")
+    name = runtime_cache_name("masked.0123456789abcdef", rtx4090, 12080)
+    assert name.startswith("masked.0123456789abcdef.sm89.") and name.endswith(".runtime-cache")
+    assert name == runtime_cache_name("masked.0123456789abcdef", rtx4090, 12080)
+    others = {
+        runtime_cache_name("masked.0123456789abcdef", rtx4060, 12080),
+        runtime_cache_name("masked.0123456789abcdef", rtx4090, 12090),  # a driver update
+        runtime_cache_name(
+            "masked.0123456789abcdef", replace(rtx4090, tensorrt_version="1.8"), 12080
+        ),
+    }
+    assert name not in others and len(others) == 3
+
+
+def test_tensorrt_without_set_device_memory_is_refused_in_one_line() -> None:
+    """set_device_memory(memory, size) exists from TensorRT 10.1, and the runner gives every
+    context its memory with it: 10.0 is refused as an EngineError, not an AttributeError."""
+
+    class IExecutionContext:  # TensorRT 10.0's: a device_memory property, no setter method
+        device_memory = 0
+
+    old = SimpleNamespace(__version__="10.0.1", IExecutionContext=IExecutionContext)
+    with pytest.raises(
+        EngineError, match=r"^TensorRT 10\.0\.1 has no .*'tensorrt>=10\.1'$"
+    ) as caught:
+        require_user_memory(old)
+    assert "\n" not in str(caught.value)
+    rtx = tensorrt_env.import_flavour(tensorrt_env.FLAVOURS["tensorrt-rtx"])
+    require_user_memory(rtx)  # the real bindings installed here have it
 
 
 @pytest.fixture
@@ -457,8 +529,8 @@ def test_graph_slots_of_one_profile_run_one_at_a_time(trt_exports, cache, masked
             t.start()
         for t in threads:
             t.join()
-        locks = {id(slot.lock) for slot in graphs.runner._slots.values()}
-        assert len(graphs.runner._slots) == 2 and len(locks) == 1
+        slots = graphs.runner._graphs.values()
+        assert len(slots) == 2 and len({id(slot.lock) for slot in slots}) == 1
     for k in range(8):
         torch.testing.assert_close(results[k], expected[k], atol=1e-5, rtol=1e-5)
 
@@ -496,3 +568,57 @@ def test_polygraphy_runs_the_verified_plan_to_the_same_output(masked_engine) -> 
     with TrtRunner(EngineFromBytes(plan)) as runner:
         [theirs] = runner.infer({"image": x}).values()
     np.testing.assert_allclose(masked_engine.run(x), np.asarray(theirs), atol=1e-6, rtol=1e-6)
+
+
+@on_gpu
+def test_graph_slots_stay_within_max_graphs(trt_exports, cache, masked_engine) -> None:
+    """Three shapes through max_graphs=2: the least recently used is freed and made again
+    when it comes back, with the same output (issue 27, item 2)."""
+    path = trt_exports[("masked", "fp32")]
+    shapes = [(1, 3, 64, 64), (1, 3, 96, 96), (1, 3, 64, 64), (1, 3, 128, 128), (1, 3, 96, 96)]
+    with runtime.load(
+        path, "tensorrt", "cuda", cache_dir=cache, cuda_graphs=True, max_graphs=2, **FAST_BUILD
+    ) as graphs:
+        for shape in shapes:
+            x = torch.randn(shape, device="cuda")
+            torch.testing.assert_close(graphs.run(x), masked_engine.run(x), atol=1e-5, rtol=1e-5)
+            assert len(graphs.runner._graphs.keys()) <= 2
+        assert [key[1] for key in graphs.runner._graphs.keys()] == [shapes[3], shapes[4]]
+
+
+@on_gpu
+def test_first_capture_waits_for_the_callers_stream(trt_exports, cache, masked_engine) -> None:
+    """The input is written on a busy side stream and the first call (set-up, warm call and
+    capture) is made from that stream: the slot's stream must wait for it (issue 27, item 5)."""
+    path = trt_exports[("masked", "fp32")]
+    x = torch.randn(1, 3, 97, 131, device="cuda")
+    expected = masked_engine.run(x)
+    side = torch.cuda.Stream()
+    with runtime.load(
+        path, "tensorrt", "cuda", cache_dir=cache, cuda_graphs=True, **FAST_BUILD
+    ) as graphs:
+        with torch.cuda.stream(side):
+            late = torch.zeros_like(x)
+            torch.cuda._sleep(50_000_000)  # cycles: the copy below lands well after the call
+            late.copy_(x)
+            out = graphs.run(late)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@on_gpu
+def test_rtx_runtime_cache_is_saved_under_this_gpus_key(trt_exports, cache) -> None:
+    """TensorRT-RTX keeps the kernels it compiled here in a cache named for this GPU, driver
+    and version, written when the session closes (issue 27, item 6)."""
+    from resfuse.runtime.backends.tensorrt import runtime_cache_name
+    from resfuse.runtime.cudart import cuda_driver_version
+
+    if tensorrt_env.default_flavour().name != "tensorrt-rtx":
+        pytest.skip("the runtime cache is TensorRT-RTX's")
+    path = trt_exports[("masked", "fp32")]
+    with runtime.load(path, "tensorrt", "cuda", cache_dir=cache, **FAST_BUILD) as s:
+        s.run(torch.randn(1, 3, 64, 64, device="cuda"))
+        record = s.runner.record
+    here = tensorrt_env.current_environment("tensorrt-rtx")
+    name = runtime_cache_name(record.path.stem, here, cuda_driver_version())
+    assert (record.path.parent / name).stat().st_size > 0

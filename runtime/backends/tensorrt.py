@@ -7,19 +7,26 @@ were verified against their sidecar are deserialised, and a plan with host code 
 trusted; a TensorRT-RTX plan is first asked whether it can run on this GPU
 (Runtime.get_engine_validity). Each call picks the first profile
 whose range holds the input; each profile has its own execution context and CUDA stream, made
-on first use, and one lock: TensorRT runs one context per profile at a time. Contexts allocate
-activation memory for their own profile (ON_PROFILE_CHANGE), not for the largest shape of
-every profile. torch CUDA tensors go in and come out without a copy when they are contiguous
-float32 at a 256-byte aligned address (else they are copied once): their addresses are bound
-and execute_async_v3 runs on the context's stream after the work queued on the caller's stream,
-which then waits for it (no host synchronisation). torch does the CUDA work (memory, streams,
-graphs): no pycuda or cuda-python.
+on first use, and one lock: TensorRT runs one context per profile at a time, and everything
+done on a context (its set-up, a graph's warm call and capture) runs under that lock. Every
+context is user-managed: it is given the activation memory of its own profile
+(get_device_memory_size_for_profile_v2), not the largest shape of every profile, and not
+profile 0's first (a new context starts on profile 0; see docs/tensorrt.md). torch CUDA tensors
+go in and come out without a copy when they are contiguous float32 at a 256-byte aligned
+address (else they are copied once): their addresses are bound and execute_async_v3 runs on the
+context's stream after the work queued on the caller's stream, which then waits for it (no host
+synchronisation). torch does the CUDA work (memory, streams, graphs): no pycuda or cuda-python.
 
-With cuda_graphs=True every input shape gets its own context, with memory it owns (TensorRT-RTX
-captures only then), and a CUDA graph captured after one warm call and replayed; the input is
-copied into the graph's fixed buffer and the output out of it (two device copies). A
-TensorRT-RTX engine compiles its kernels on first use on this GPU and keeps them in a runtime
-cache beside the engine, written when the runner is deactivated.
+With cuda_graphs=True every input shape gets its own context, with memory sized for that shape,
+and a CUDA graph captured after one warm call and replayed; the input is copied into the
+graph's fixed buffer and the output out of it (two device copies). At most max_graphs shapes
+stay captured; the least recently used is freed once its queued work is done. TensorRT-RTX
+plans are built with REQUIRE_USER_ALLOCATION (no allocation inside execute_async_v3, so they can
+be captured); their graph contexts compile each shape's kernels EAGERly in the warm call (RTX's
+LAZY default would leave a generic fallback kernel captured) and are asked is_stream_capturable
+before capture. A TensorRT-RTX engine compiles its kernels on first use on this GPU and keeps
+them in a runtime cache beside the engine, one per GPU, driver and version (runtime_cache_name),
+written when the runner is deactivated.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
@@ -52,6 +60,7 @@ from resfuse.runtime.backends.base import (
     Option,
     Phases,
     Runner,
+    check_count,
     check_flag,
     check_path,
     validate_options,
@@ -64,6 +73,7 @@ if TYPE_CHECKING:
 else:  # torch holds the CUDA memory; the base install lists this backend without torch
     torch = LazyTorch("the tensorrt backend (torch holds its CUDA memory)")
 
+MAX_GRAPHS = 8  # captured shapes kept: each holds a context, activation memory and buffers
 OPTIONS = MappingProxyType(
     {
         "flavour": Option("tensorrt or tensorrt-rtx (default: the one installed; both: tensorrt)"),
@@ -82,6 +92,11 @@ OPTIONS = MappingProxyType(
         "cuda_graphs": Option(
             "capture a CUDA graph per input shape and replay it (default False)", check_flag
         ),
+        "max_graphs": Option(
+            f"with cuda_graphs: most input shapes kept captured, the least recently used freed "
+            f"(default {MAX_GRAPHS})",
+            check_count,
+        ),
         "trust_host_code": Option(
             "build and run version-compatible plans, with host code (default False)", check_flag
         ),
@@ -98,16 +113,58 @@ ALIGNMENT = 256  # bytes: TensorRT refuses tensor addresses that are not aligned
 
 @dataclass
 class _Slot:
-    """An execution context, its stream and its profile's lock; with `graph`, also its fixed
-    input, output and the activation memory it owns."""
+    """One execution context of profile `index` (with `shape`: of that shape only, replayed
+    from a CUDA graph), its stream and its profile's lock. The context, the activation memory
+    it owns and, for a graph, the fixed input, output and graph are made on first use under
+    `lock`; `closed` once freed (evicted or deactivated): a caller that fetched the slot before
+    must fetch it again."""
 
-    context: trt.IExecutionContext
+    index: int
+    shape: tuple[int, ...] | None
     stream: torch.cuda.Stream
     lock: threading.Lock
+    context: Any = None
+    memory: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
     input: torch.Tensor | None = None
     output: torch.Tensor | None = None
-    memory: torch.Tensor | None = None
+    closed: bool = False
+
+
+T = TypeVar("T")
+
+
+class GraphSlots(Generic[T]):
+    """At most `limit` slots by key, the least recently used evicted first: a server that sees
+    every H x W would otherwise keep a context, its memory, fixed buffers and a graph for each
+    one until it runs out of GPU memory. Not thread-safe: the runner holds its lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots: OrderedDict[Any, T] = OrderedDict()
+
+    def get(self, key: Any, make: Callable[[], T]) -> tuple[T, list[T]]:
+        """The slot of `key` (made by make() if absent), now the most recently used, and the
+        slots evicted to stay within the limit (the caller frees them)."""
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = make()
+        self._slots.move_to_end(key)
+        evicted = []
+        while len(self._slots) > self.limit:
+            evicted.append(self._slots.popitem(last=False)[1])
+        return slot, evicted
+
+    def keys(self) -> list[Any]:
+        return list(self._slots)
+
+    def values(self) -> list[T]:
+        return list(self._slots.values())
+
+    def pop_all(self) -> list[T]:
+        slots = list(self._slots.values())
+        self._slots.clear()
+        return slots
 
 
 class TensorRTRunner(Runner):
@@ -149,7 +206,8 @@ class TensorRTRunner(Runner):
         self._runtime: trt.Runtime | None = None
         self._runtime_cache: Any = None  # TensorRT-RTX: kernels compiled on this GPU
         self._lib: Any = None
-        self._slots: dict[tuple[int, tuple[int, ...] | None], _Slot] = {}
+        self._slots: dict[int, _Slot] = {}  # one per profile, without CUDA graphs
+        self._graphs: GraphSlots[_Slot] = GraphSlots(_max_graphs(options.get("max_graphs")))
         self._locks: dict[int, threading.Lock] = {}
         self._slots_lock = threading.Lock()
         self._device = torch.device(DEVICE)
@@ -164,6 +222,7 @@ class TensorRTRunner(Runner):
             else self.flavour or tensorrt_env.default_flavour()
         )
         lib = tensorrt_env.import_flavour(entry)
+        require_user_memory(lib)
         if not torch.cuda.is_available():
             raise BackendUnavailableError(
                 f"the tensorrt backend needs a CUDA GPU, and torch {torch.__version__} sees none; "
@@ -189,7 +248,7 @@ class TensorRTRunner(Runner):
         self.record, self.engine, self._runtime = record, deserialised, runtime
         self._lib = lib
         if entry.targets:
-            self._runtime_cache = _load_runtime_cache(deserialised, self._cache_path(here))
+            self._runtime_cache = _load_runtime_cache(deserialised, self._cache_path())
 
     def _engine(
         self,
@@ -217,10 +276,13 @@ class TensorRTRunner(Runner):
         engine_manifest.require_runs_here(built.record, here, allow_host_code=trusted)
         return built  # its plan bytes were checked as it was found or built
 
-    def _cache_path(self, here: tensorrt_env.BuildEnvironment) -> Path:
+    def _cache_path(self) -> Path:
         assert self.record is not None
-        sm = here.compute_capability.replace(".", "")
-        return self.record.path.with_name(f"{self.record.path.stem}.sm{sm}.runtime-cache")
+        from resfuse.runtime.cudart import cuda_driver_version
+
+        here = tensorrt_env.current_environment(self.record.environment.flavour)
+        name = runtime_cache_name(self.record.path.stem, here, cuda_driver_version())
+        return self.record.path.with_name(name)
 
     def _io_names(self, lib: Any, engine: trt.ICudaEngine, record: EngineRecord) -> tuple[str, str]:
         """(input, output): one float32 input named as in the manifest (the profiles were set
@@ -273,80 +335,129 @@ class TensorRTRunner(Runner):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """x: bindable (see `bindable`) on the engine's GPU. The work is queued after what the
         caller's stream has queued, and the caller's stream waits for it: no host
-        synchronisation."""
+        synchronisation. Everything done on a context, its first-use set-up and a graph's
+        warm call and capture included, runs under its profile's lock."""
         if self.record is None:
             raise RuntimeError("runner used before activate()")
         shape = tuple(x.shape)
         index = profile_for(self.record.profiles, shape)
         graphs = self.options.get("cuda_graphs", False)
-        slot = self._slot(index, shape if graphs else None)
         caller = torch.cuda.current_stream(self._device)
-        with slot.lock:
-            out = self._output(slot, shape)  # allocated in the caller's stream order
-            slot.stream.wait_stream(caller)
-            with torch.cuda.stream(slot.stream):
-                if slot.graph is not None:
-                    slot.input.copy_(x)  # type: ignore[union-attr]
-                    slot.graph.replay()
-                    out.copy_(slot.output)  # type: ignore[arg-type]
-                else:
-                    self._execute(slot, x, out)
-            # x and out were allocated in the caller's stream order, and that order now waits for
-            # the engine: the caching allocator cannot hand their blocks out too early.
-            caller.wait_stream(slot.stream)
-        return out
+        while True:
+            slot = self._slot(index, shape if graphs else None)
+            with slot.lock:
+                if slot.closed:
+                    continue  # evicted between the lookup and the lock: fetch its successor
+                slot.stream.wait_stream(caller)  # the set-up reads nothing the caller wrote
+                if slot.context is None:
+                    self._prepare(slot)
+                out = self._output(slot, shape)  # allocated in the caller's stream order
+                slot.stream.wait_stream(caller)
+                with torch.cuda.stream(slot.stream):
+                    if slot.graph is not None:
+                        slot.input.copy_(x)  # type: ignore[union-attr]
+                        slot.graph.replay()
+                        out.copy_(slot.output)  # type: ignore[arg-type]
+                    else:
+                        self._execute(slot.context, slot.stream, x, out)
+                # x and out were allocated in the caller's stream order, and that order now
+                # waits for the engine: the caching allocator cannot hand their blocks out early.
+                caller.wait_stream(slot.stream)
+                return out
 
     def _output(self, slot: _Slot, shape: tuple[int, ...]) -> torch.Tensor:
         if slot.output is not None:
             return torch.empty_like(slot.output)
-        if not slot.context.set_input_shape(self._io[0], shape):
+        return self._shaped_output(slot.context, shape)
+
+    def _shaped_output(self, context: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        """The context set to input `shape`, and an empty output of the shape that gives."""
+        if not context.set_input_shape(self._io[0], shape):
             raise EngineError(f"TensorRT refused input shape {shape} (its log above says why)")
-        dims = slot.context.get_tensor_shape(self._io[1])
+        dims = context.get_tensor_shape(self._io[1])
         out_shape = tuple(dims[i] for i in range(len(dims)))
         return torch.empty(out_shape, dtype=torch.float32, device=self._device)
 
-    def _execute(self, slot: _Slot, x: torch.Tensor, out: torch.Tensor) -> None:
-        context = slot.context
+    def _execute(
+        self, context: Any, stream: torch.cuda.Stream, x: torch.Tensor, out: torch.Tensor
+    ) -> None:
         bind(context, self._io[0], x)
         bind(context, self._io[1], out)
-        if not context.execute_async_v3(slot.stream.cuda_stream):
+        if not context.execute_async_v3(stream.cuda_stream):
             raise EngineError(
                 f"TensorRT failed to run {self.record.path.name if self.record else 'the engine'} "
                 f"on shape {tuple(x.shape)} (its log above says why)"
             )
 
     def _slot(self, index: int, shape: tuple[int, ...] | None) -> _Slot:
-        """The context for profile `index` (and, with CUDA graphs, for `shape`), made once."""
-        key = (index, shape)
-        slot = self._slots.get(key)
-        if slot is None:
-            with self._slots_lock:
-                slot = self._slots.get(key) or self._new_slot(index, shape)
-                self._slots[key] = slot
+        """The slot of profile `index` (and, with CUDA graphs, of `shape`); graph slots are
+        bounded by max_graphs, the least recently used freed once its queued work is done."""
+        lock = self._locks.setdefault(index, threading.Lock())  # dict.setdefault is atomic
+
+        def make() -> _Slot:
+            return _Slot(index, shape, torch.cuda.Stream(self._device), lock)
+
+        evicted: list[_Slot] = []
+        with self._slots_lock:
+            if shape is None:
+                slot = self._slots.get(index) or make()
+                self._slots[index] = slot
+            else:
+                slot, evicted = self._graphs.get((index, shape), make)
+        for old in evicted:
+            _close(old)  # outside _slots_lock: it waits for the old slot's profile lock
         return slot
 
-    def _new_slot(self, index: int, shape: tuple[int, ...] | None) -> _Slot:
-        """Called under _slots_lock. Graph slots own their activation memory (user-managed:
-        TensorRT-RTX captures only so); the others allocate it per profile when they run."""
-        if self.engine is None or self._runtime is None:
-            raise RuntimeError("runner used before activate()")
-        strategy = self._lib.ExecutionContextAllocationStrategy
-        context = self._context(strategy.USER_MANAGED if shape else strategy.ON_PROFILE_CHANGE)
-        stream = torch.cuda.Stream(self._device)
-        _select_profile(context, index, stream)
-        slot = _Slot(context, stream, self._locks.setdefault(index, threading.Lock()))
-        if shape is not None:
-            self._capture(slot, shape)
-        return slot
-
-    def _context(self, strategy: Any) -> trt.IExecutionContext:
+    def _prepare(self, slot: _Slot) -> None:
+        """Called under slot.lock, once: the context on the slot's profile and the activation
+        memory it owns (user-managed: TensorRT-RTX plans require it, and a context made
+        ON_PROFILE_CHANGE starts on profile 0, whose memory it may allocate before it is
+        switched: see docs/tensorrt.md); for a graph slot, its fixed buffers and the graph,
+        captured after one warm call. Everything is queued on the slot's stream."""
         assert self.engine is not None
+        context = self._context(graph=slot.shape is not None)
+        _select_profile(context, slot.index, slot.stream)
+        with torch.cuda.stream(slot.stream):
+            if slot.shape is None:
+                size = self.engine.get_device_memory_size_for_profile_v2(slot.index)
+                slot.memory = _give_memory(context, max(size, 1), self._device)
+            else:
+                self._prepare_graph(slot, context, slot.shape)
+        slot.context = context
+
+    def _prepare_graph(self, slot: _Slot, context: Any, shape: tuple[int, ...]) -> None:
+        out = self._shaped_output(context, shape)
+        size = context.update_device_memory_size_for_shapes()
+        if size <= 0:  # NvInferRuntime.h: 0 on error
+            raise EngineError(
+                f"TensorRT could not size the activation memory for shape {shape} "
+                f"(update_device_memory_size_for_shapes returned {size}; its log above says "
+                f"why); load the engine with cuda_graphs=False"
+            )
+        memory = _give_memory(context, size, self._device)
+        x = torch.zeros(shape, dtype=torch.float32, device=self._device)
+        slot.graph = self._capture(context, slot.stream, x, out)
+        slot.memory, slot.input, slot.output = memory, x, out
+
+    def _context(self, graph: bool) -> trt.IExecutionContext:
+        assert self.engine is not None
+        strategy = self._lib.ExecutionContextAllocationStrategy.USER_MANAGED
         if self._runtime_cache is None:
             context = self.engine.create_execution_context(strategy)
         else:  # TensorRT-RTX: contexts share the runtime cache through their runtime config
             config: Any = self.engine.create_runtime_config()  # RTX API: not in tensorrt-stubs
             config.set_execution_context_allocation_strategy(strategy)
-            config.set_runtime_cache(self._runtime_cache)
+            if not config.set_runtime_cache(self._runtime_cache):
+                raise EngineError(
+                    "TensorRT-RTX refused its runtime cache for a new execution context (its log "
+                    "above says why); delete the engine's .runtime-cache files beside it"
+                )
+            if graph:
+                # LAZY, RTX's default, runs a generic fallback kernel until the shape's own is
+                # compiled: the warm call before capture would leave the fallback captured for
+                # good. EAGER compiles the shape's kernels in that warm call.
+                strategies = self._lib.DynamicShapesKernelSpecializationStrategy
+                config.dynamic_shapes_kernel_specialization_strategy = strategies.EAGER
             context = self.engine.create_execution_context(config)
         if context is None:
             raise EngineError(
@@ -355,41 +466,63 @@ class TensorRTRunner(Runner):
             )
         return context
 
-    def _capture(self, slot: _Slot, shape: tuple[int, ...]) -> None:
-        """Fixed buffers and memory, one warm call (TensorRT finishes its set-up for a new shape
-        in the first enqueue, which must not be captured), then the captured call."""
-        x = torch.zeros(shape, dtype=torch.float32, device=self._device)
-        out = self._output(slot, shape)
-        size = slot.context.update_device_memory_size_for_shapes()
-        slot.memory = torch.empty(max(size, 1), dtype=torch.uint8, device=self._device)
-        slot.context.set_device_memory(slot.memory.data_ptr(), size)
-        with torch.cuda.stream(slot.stream):
-            self._execute(slot, x, out)
-        slot.stream.synchronize()
+    def _capture(
+        self, context: Any, stream: torch.cuda.Stream, x: torch.Tensor, out: torch.Tensor
+    ) -> torch.cuda.CUDAGraph:
+        """One warm call (TensorRT finishes its set-up for a new shape in the first enqueue,
+        which must not be captured), then the captured call. capture_begin on the slot's
+        stream, not torch.cuda.graph(), which synchronises the whole device and empties
+        torch's cache for every capture."""
+        self._execute(context, stream, x, out)
+        stream.synchronize()
+        capturable = getattr(context, "is_stream_capturable", None)  # TensorRT-RTX only
+        if capturable is not None and not capturable(stream.cuda_stream):
+            raise EngineError(
+                "TensorRT-RTX says this engine cannot be captured in a CUDA graph "
+                "(is_stream_capturable is False); load it with cuda_graphs=False"
+            )
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=slot.stream, capture_error_mode="thread_local"):
-                self._execute(slot, x, out)
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self._execute(context, stream, x, out)
+            finally:
+                graph.capture_end()
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())[:200]
             raise EngineError(
                 f"this engine cannot be captured in a CUDA graph ({detail}); load it with "
                 f"cuda_graphs=False"
             ) from exc
-        slot.graph, slot.input, slot.output = graph, x, out
+        return graph
+
+    def context_for(self, index: int, stream: torch.cuda.Stream) -> tuple[Any, torch.Tensor]:
+        """A new context on profile `index`, made as the runner makes its own (user-managed
+        memory for the profile, TensorRT-RTX's runtime cache), and the memory it was given:
+        for a baseline that times the engine without the runner (benchmarks/gpu_latency.py)."""
+        if self.engine is None:
+            raise RuntimeError("runner used before activate()")
+        context = self._context(graph=False)
+        _select_profile(context, index, stream)
+        size = self.engine.get_device_memory_size_for_profile_v2(index)
+        with torch.cuda.stream(stream):
+            return context, _give_memory(context, max(size, 1), self._device)
 
     def deactivate(self) -> None:
         """Waits for the work queued on every context, then drops contexts and graphs before
-        the engine they belong to; a TensorRT-RTX runtime cache is saved first."""
-        with self._slots_lock:
-            for slot in self._slots.values():
-                slot.stream.synchronize()
-            self._slots = {}
-        if self._runtime_cache is not None and self.record is not None:
-            here = tensorrt_env.current_environment(self.record.environment.flavour)
-            _save_runtime_cache(self._runtime_cache, self._cache_path(here))
-        self._runtime_cache = None
-        self.record = self.engine = self._runtime = None
+        the engine they belong to; a TensorRT-RTX runtime cache is saved, and the runner is
+        left inactive even when that save fails."""
+        try:
+            with self._slots_lock:
+                slots = [*self._slots.values(), *self._graphs.pop_all()]
+                self._slots = {}
+            for slot in slots:
+                _close(slot)
+            if self._runtime_cache is not None and self.record is not None:
+                _save_runtime_cache(self._runtime_cache, self._cache_path())
+        finally:
+            self._runtime_cache = None
+            self.record = self.engine = self._runtime = None
 
     def accepts(self, height: int, width: int) -> bool:
         """Whether some profile of the engine holds this H x W (at its smallest batch)."""
@@ -446,6 +579,52 @@ def bind(context: trt.IExecutionContext, name: str, tensor: torch.Tensor) -> Non
             f"{tuple(tensor.shape)}): it needs contiguous float32 memory aligned to {ALIGNMENT} "
             f"bytes on the engine's GPU"
         )
+
+
+def _close(slot: _Slot) -> None:
+    """Free a slot once the work queued on it is done: its graph before the context it
+    replays, the context before the memory it was given."""
+    with slot.lock:
+        slot.stream.synchronize()
+        slot.closed = True
+        slot.graph = slot.input = slot.output = None
+        slot.context = None
+        slot.memory = None
+
+
+def _give_memory(context: Any, size: int, device: torch.device) -> torch.Tensor:
+    """`size` bytes of activation memory for a user-managed context, allocated on the current
+    stream; torch's CUDA blocks start 512-byte aligned, TensorRT wants 256."""
+    memory = torch.empty(size, dtype=torch.uint8, device=device)
+    context.set_device_memory(memory.data_ptr(), size)
+    return memory
+
+
+def require_user_memory(lib: Any) -> None:
+    """Every context resfuse makes is given its memory with set_device_memory(memory, size),
+    which TensorRT has from 10.1 (10.0 has only the device_memory property)."""
+    if not hasattr(lib.IExecutionContext, "set_device_memory"):
+        raise EngineError(
+            f"TensorRT {lib.__version__} has no IExecutionContext.set_device_memory(memory, "
+            f"size), which resfuse gives each execution context its memory with (TensorRT 10.1 "
+            f"and later); pip install 'tensorrt>=10.1'"
+        )
+
+
+def runtime_cache_name(stem: str, here: tensorrt_env.BuildEnvironment, driver: int) -> str:
+    """The runtime cache file of an engine on this machine. TensorRT-RTX's
+    IRuntimeCache.deserialize rejects a cache from another GPU SKU, TensorRT-RTX version, OS or
+    (older) CUDA driver: keyed by all of them, an RTX 4090 and an RTX 4060 of the same compute
+    capability keep a cache each instead of overwriting each other's on every start."""
+    key = {
+        "gpu": here.gpu_name,
+        "compute_capability": here.compute_capability,
+        "cuda_driver": driver,
+        "tensorrt": here.tensorrt_version,
+        "platform": here.platform,
+    }
+    sm = here.compute_capability.replace(".", "")
+    return f"{stem}.sm{sm}.{engine_manifest.digest(key)[:12]}.runtime-cache"
 
 
 def _select_profile(context: trt.IExecutionContext, index: int, stream: torch.cuda.Stream) -> None:
@@ -544,12 +723,21 @@ def _check_options(options: dict[str, Any], device: str) -> None:
             f"the GPU with CUDA_VISIBLE_DEVICES), not {device!r}; pass device='cuda' (--device "
             f"cuda)"
         )
+    if options.get("max_graphs") is not None and not options.get("cuda_graphs", False):
+        raise ConfigError(
+            "tensorrt option max_graphs bounds the CUDA graphs kept, and cuda_graphs is off; "
+            "pass cuda_graphs=True with it, or leave it out"
+        )
     given = sorted(k for k in _BUILD_OPTIONS if k in options)
     if options.get("engine") is not None and given:
         raise ConfigError(
             f"tensorrt options {given} choose how an engine is built, but a built engine was "
             f"given ({options['engine']}); load the artifact to build with them, or leave them out"
         )
+
+
+def _max_graphs(value: object) -> int:
+    return MAX_GRAPHS if value is None else int(value)  # type: ignore[call-overload]
 
 
 def _targets(value: object) -> tuple[str, ...] | None:
