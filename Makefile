@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean edge-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,22 @@ demo: $(STAMP)
 	$(BIN)/python benchmarks/demo_images.py artifacts/demo-images
 	$(BIN)/resfuse-optimize artifacts/masked-resnet18.json --images artifacts/demo-images \
 		--shapes 1x3x512x512 --output artifacts/optimized
+
+# The artifacts on an emulated aarch64 CPU against x86 (benchmarks/edge_check.py, docs/edge.md):
+# the demo's float32, its fp16 variant and resfuse-optimize's INT8 by default
+EDGE_DEMO := artifacts/masked-resnet18.json artifacts/masked-resnet18-fp16.json \
+	artifacts/optimized/artifacts/masked-resnet18-int8.json
+ARTIFACTS ?= $(EDGE_DEMO)
+
+edge-check: $(STAMP) $(filter $(EDGE_DEMO),$(ARTIFACTS))
+	$(BIN)/python benchmarks/edge_check.py $(ARTIFACTS)
+
+artifacts/masked-resnet18.json artifacts/optimized/artifacts/masked-resnet18-int8.json:
+	$(MAKE) demo
+
+artifacts/masked-resnet18-fp16.json: | artifacts/masked-resnet18.json
+	$(BIN)/resfuse-export --method masked --precision fp16 -o artifacts \
+		--weights $$($(BIN)/python -c "import json; print('artifacts/' + json.load(open('$|'))['files']['weights']['path'])")
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
