@@ -403,10 +403,11 @@ def _series_seg(
 def _image_output(session: Session, job: Job, output: np.ndarray, options: Options) -> bytes:
     """One image's output bytes: a SEG, a class mask PNG (a model with a head) or .npy, each
     on the file's own pixels."""
-    if options.seg is not None:
-        sources, frames = seg.image_frames(job.source, output, options.seg)
-        return seg.seg_bytes(session.manifest, sources, frames, options.seg)
     output = output_plane(job.source).to_stored(output)  # onto the file's own pixels
+    if options.seg is not None:
+        source = seg.dicom_source(job.source)
+        frames = seg.image_frames(output, options.seg)
+        return seg.seg_bytes(session.manifest, [source], frames, options.seg)
     return mask_png(output) if has_head(session) else npy_bytes(output)
 
 

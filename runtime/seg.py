@@ -29,7 +29,7 @@ import numpy as np
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import ConfigError, InputContractError
-from resfuse.images import _is_dicom, output_plane, pydicom
+from resfuse.images import _is_dicom, pydicom
 from resfuse.runtime.session import Session
 from resfuse.runtime.volumes import (
     _batches,
@@ -133,19 +133,22 @@ def _volume_probabilities(
     return np.concatenate(parts).transpose(0, 2, 3, 1)
 
 
-def image_frames(source: Path, logits: np.ndarray, seg_type: str) -> tuple[list[Any], np.ndarray]:
-    """A single DICOM image's dataset and its one frame, from the (1, classes, H, W) output the
-    PNG mask is made of, turned back onto the file's own pixels the same way."""
+def dicom_source(source: Path) -> Any:
+    """A single DICOM image to reference; any other file is refused in one line."""
     if not _is_dicom(source):
         raise InputContractError(
             f"{source} is not DICOM, and a DICOM SEG must reference DICOM images; pass DICOM "
             f"files or series, or drop --format seg"
         )
-    stored = output_plane(source).to_stored(logits)
-    frames = (
-        stored.argmax(axis=1) if seg_type == "binary" else softmax(stored).transpose(0, 2, 3, 1)
-    )
-    return [pydicom().dcmread(source)], frames
+    return pydicom().dcmread(source)
+
+
+def image_frames(stored: np.ndarray, seg_type: str) -> np.ndarray:
+    """The one frame of a single image from its (1, classes, H, W) output already turned back
+    onto the image's own pixels (the PNG mask's path): classes, or probabilities per class."""
+    if seg_type == "binary":
+        return stored.argmax(axis=1)
+    return softmax(stored).transpose(0, 2, 3, 1)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ HTTP API (the deployment answers at the route prefix "/"):
   tensor as .npy bytes (Content-Type application/octet-stream; a DICOM or NIfTI file sent as
   octet-stream is known by its own header). The answer is the output as .npy bytes, or with
   ?format=png, for a model with a segmentation head and one image, the argmax class mask as a
-  PNG. A NIfTI volume (application/x-nifti, .nii or .nii.gz bytes) runs slice by slice and is
+  PNG; with ?format=seg (&seg_type=binary|fractional), for a DICOM image, its DICOM
+  Segmentation (application/dicom; resfuse.runtime.seg). A NIfTI volume (application/x-nifti,
+  .nii or .nii.gz bytes) runs slice by slice and is
   answered as .nii.gz bytes (application/gzip) with the input's affine.
   ?tile=auto|N|HxW (&overlap=, &blend=; default: resfuse-serve --tile) runs an image outside
   the artifact's H x W range as overlapping tiles, stitched back to its full size.
@@ -176,21 +178,26 @@ class ResfuseDeployment:
 
     async def _predict(self, request: Any) -> Answer:
         fmt = request.query_params.get("format", "npy")
-        if fmt not in ("npy", "png"):
-            raise HTTPError(400, f"format={fmt!r} is unknown; use format=npy or format=png")
-        if fmt == "png" and not has_head(self.session):
+        if fmt not in ("npy", "png", "seg"):
+            raise HTTPError(
+                400, f"format={fmt!r} is unknown; use format=npy, format=png or format=seg"
+            )
+        if fmt in ("png", "seg") and not has_head(self.session):
             raise HTTPError(
                 400,
-                "format=png gives a class mask, and this model has no segmentation head "
+                f"format={fmt} gives a class mask, and this model has no segmentation head "
                 "(num_classes); ask for format=npy",
             )
+        seg_type = _seg_type(request.query_params, fmt)
         tiling = self.tiling(request.query_params)
         axis, index = (_count(request.query_params, key) for key in ("axis", "volume_index"))
         if axis is not None and axis > 2:
             raise HTTPError(400, f"axis={axis} is not a voxel axis of a volume; use 0, 1 or 2")
         body = await read_body(request, self.options.max_body_bytes)
         notes: list[str] = []  # what the intensity rule clipped: told in a response header
+        source = self.seg_source(body) if seg_type is not None else None
         x, plane = self.decode(body, request.headers.get("content-type", ""), notes, index)
+        answer = partial(self._answer, fmt=fmt, notes=notes, source=source, seg_type=seg_type)
         if not isinstance(x, np.ndarray):
             return await self._predict_volume(x, fmt, tiling, axis)
         tiled = bool(tiling) and x.ndim == 4 and not self.session.runner.accepts(*x.shape[2:])
@@ -203,7 +210,7 @@ class ResfuseDeployment:
                 output = await asyncio.to_thread(self.session.run, x, **tiling)
             except ConfigError as exc:  # a tile count past the limit
                 raise HTTPError(422, str(exc)) from exc
-            return self._answer(plane.to_stored(np.asarray(output)), fmt, notes)
+            return answer(plane.to_stored(np.asarray(output)))
         if x.shape[0] > self.options.max_batch:  # serve.batch would refuse it with a 500
             raise HTTPError(
                 422,
@@ -212,12 +219,45 @@ class ResfuseDeployment:
             )
         if fmt == "png" and x.shape[0] != 1:
             raise HTTPError(400, f"format=png takes one image, got a batch of {x.shape[0]}")
-        return self._answer(plane.to_stored(await self._batched(x)), fmt, notes)
+        return answer(plane.to_stored(await self._batched(x)))
 
-    def _answer(self, output: np.ndarray, fmt: str, notes: list[str]) -> Answer:
+    def _answer(
+        self,
+        output: np.ndarray,
+        fmt: str,
+        notes: list[str],
+        source: Any = None,
+        seg_type: str | None = None,
+    ) -> Answer:
+        """`output` (on the body's own pixels) as the format asked for."""
         if fmt == "png":
             return Answer(mask_png(output), "image/png", notes)
+        if source is not None and seg_type is not None:
+            from resfuse.runtime import seg
+
+            try:
+                data = seg.seg_bytes(
+                    self.session.manifest, [source], seg.image_frames(output, seg_type), seg_type
+                )
+            except (ResfuseError, ValueError) as exc:  # a source highdicom cannot reference
+                raise HTTPError(422, str(exc)) from exc
+            return Answer(data, DICOM_TYPE, notes)
         return Answer(npy_bytes(output), NPY_TYPE, notes)
+
+    def seg_source(self, body: bytes) -> Any:
+        """The DICOM image a format=seg answer references: only a DICOM body has one."""
+        from resfuse.images import pydicom
+
+        if not is_dicom(body):
+            raise HTTPError(
+                415,
+                f"format=seg answers a DICOM image with its SEG, which references it; send "
+                f"the image as {DICOM_TYPE}, or ask for format=png",
+            )
+        try:
+            return pydicom().dcmread(io.BytesIO(body))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad bytes
+            raise HTTPError(400, f"the body is not a readable DICOM file: {exc}") from exc
 
     def tiling(self, query: Any) -> dict[str, Any]:
         """Session.run's tiling keywords: the query's ?tile (&overlap, &blend), else the
@@ -277,7 +317,7 @@ class ResfuseDeployment:
         from resfuse.runtime.volumes import nifti_bytes, predict_volume, slice_axis, slice_size
 
         if fmt != "npy":
-            raise HTTPError(400, "a NIfTI volume is answered as NIfTI; drop ?format=png")
+            raise HTTPError(400, f"a NIfTI volume is answered as NIfTI; drop ?format={fmt}")
         # its geometry's notes, then what the intensity rule clipped: told in a response header
         notes: list[str] = list(volume.notes)
         axis = slice_axis(volume) if axis is None else axis
@@ -338,6 +378,18 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: some cluster's node, never one resfuse started
         return False
+
+
+def _seg_type(query: Any, fmt: str) -> str | None:
+    """?seg_type= of a format=seg request (binary by default); None for other formats."""
+    seg_type = query.get("seg_type", None)
+    if fmt != "seg":
+        if seg_type is not None:
+            raise HTTPError(400, "seg_type= shapes a format=seg answer; add format=seg")
+        return None
+    if (seg_type or "binary") not in ("binary", "fractional"):
+        raise HTTPError(400, f"seg_type={seg_type!r} is unknown; use binary or fractional")
+    return seg_type or "binary"
 
 
 def is_dicom(body: bytes) -> bool:

@@ -234,3 +234,41 @@ def test_class_names_must_name_each_class_once(tmp_path: Path) -> None:
         proc.stderr.split()
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_the_server_answers_format_seg_with_the_same_seg(artifact: Path, tmp_path: Path) -> None:
+    """resfuse-serve on Ray Serve: ?format=seg answers a DICOM body with its SEG
+    (application/dicom), holding the mask resfuse-predict writes for the same file."""
+    ray = pytest.importorskip("ray", reason="needs Ray Serve: pip install 'resfuse[serve]'")
+    from test_serve import free_port, request, wait_healthy
+
+    from resfuse.runtime.serve import ServeOptions, start, stop
+
+    series = pacs.ct_series(tmp_path / "ct", 1)
+    (path,) = series.iterdir()
+    source = path.rename(path.with_suffix(".dcm"))
+    proc = invoke(predict_main, str(artifact), str(series), "--output", str(tmp_path / "out"),
+                  "--format", "seg")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    _, expected = frames_by_hand(tmp_path / "out" / f"{source.name}.seg.dcm")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        options = ServeOptions(artifact, port=free_port())
+        started = start(options)
+        try:
+            wait_healthy(options.url, 120)
+            url = f"{options.url}/predict?format=seg"
+            status, body = request(url, source.read_bytes(), "application/dicom")
+            assert status == 200, body
+            (tmp_path / "answer.dcm").write_bytes(body)
+            seg, frames = frames_by_hand(tmp_path / "answer.dcm")
+            assert seg.SegmentationType == "BINARY"
+            assert [(n, u) for n, u, _, _ in frames] == [(n, u) for n, u, _, _ in expected]
+            for (*_, ours), (*_, theirs) in zip(frames, expected, strict=True):
+                np.testing.assert_array_equal(ours, theirs)
+            status, body = request(url, b"\x89PNG\r\n\x1a\n" + b"x" * 64, "image/png")
+            assert status == 415 and b"format=seg answers a DICOM image" in body
+        finally:
+            stop(started)
+    finally:
+        ray.shutdown()
