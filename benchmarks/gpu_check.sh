@@ -23,12 +23,20 @@
 #   cudart      the CUDA runtime of the nvidia wheels, put on LD_LIBRARY_PATH for Polygraphy
 #   export-*    masked-resnet18 float16 and float32 at 512 px at most (resfuse-export)
 #   rtx-probe   TensorRT-RTX, 60 s: build (builder level 0), validity, one run (gpu_probe.py);
-#               on a GPU it does not support (an H100 is 9.0) a refusal is the expected result
-#   gpu-tests   pytest -m "gpu or tensorrt"
-#   gpu-latency gpu_latency.py --methods masked, in the time left
-# Writes every log to LOG_DIR (default benchmarks/results/gpu-check-DATE), a table of step,
-# status and seconds to LOG_DIR/summary.md. Exits 0 when it ran to the end, 1 when it could not
-# start (no wheels folder, no CUDA device), having written nothing.
+#               on a GPU it does not support (an H100 or H200 is 9.0) plans are built for 8.9
+#               and the one expected result is INVALID with UNSUPPORTED_CC (anything else fails)
+#   gpu-tests   pytest -m "gpu or tensorrt": among them tests/test_gpu_paths.py, what a
+#               data-centre GPU runs without TensorRT (ONNX Runtime's CUDA EP against PyTorch on
+#               the GPU, whole and tiled; an RTX plan for 8.9 refused on 9.0)
+#   gpu-latency gpu_latency.py --methods masked --variants fp32 fp16, in the time left: torch
+#               eager and torch.compile, ONNX Runtime's CUDA EP and whatever TensorRT runs here
+# Then the verdict (gpu_verdict.py, from the JUnit report and the JSON the steps wrote): per
+# path (ORT CUDA EP, ORT TensorRT EP, resfuse TensorRT runner, TensorRT-RTX) run or not run and
+# why. Writes every log to LOG_DIR (default benchmarks/results/gpu-check-DATE), and the step
+# table, the path table and the verdict line to LOG_DIR/summary.md (format: docs/gpu.md).
+# Exit status: 0 only when some GPU test ran, none failed and no step failed or timed out; 1
+# when nothing ran on a GPU (every GPU test skipped: the verdict line says so), when anything
+# failed, or when it could not start (no wheels folder, no CUDA device; then nothing is written).
 # PYTHON: the interpreter with the machine's torch (default python3). GPU_CHECK_WORK: the venv,
 # artifacts and engines (default benchmarks/artifacts/gpu-check).
 set -uo pipefail
@@ -171,8 +179,13 @@ else
 fi
 step gpu-tests 240 "$PY" -m pytest -m "gpu or tensorrt" -rA -p no:cacheprovider \
     --continue-on-collection-errors --junitxml "$LOGS/gpu-tests.xml"
-step gpu-latency 180 "$PY" benchmarks/gpu_latency.py --methods masked --rounds 3 --iters 5 \
-    --output "$LOGS/gpu-latency" --work "$WORK/gpu-latency"
+step gpu-latency 180 "$PY" benchmarks/gpu_latency.py --methods masked --variants fp32 fp16 \
+    --rounds 3 --iters 5 --output "$LOGS/gpu-latency" --work "$WORK/gpu-latency"
+
+# The verdict needs only the standard library: PYTHON runs it even where the venv failed.
+verdict=0
+timeout 60 "$PYTHON" benchmarks/gpu_verdict.py "$LOGS" >"$LOGS/verdict.md" 2>&1 || verdict=1
+failed_steps="$(printf '%s\n' "${ROWS[@]}" | grep -c -E '\| (FAILED|TIMED OUT)')"
 
 gpu="$(timeout 10 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
 {
@@ -183,6 +196,10 @@ gpu="$(timeout 10 nvidia-smi --query-gpu=name,compute_cap,driver_version --forma
     echo "| step | status | seconds | last line of its log |"
     echo "| --- | --- | --- | --- |"
     printf '%s\n' "${ROWS[@]}"
+    echo
+    cat "$LOGS/verdict.md"
+    [ "$failed_steps" -eq 0 ] || echo "gpu_check.sh: FAILED: $failed_steps steps failed or timed out (table above)"
 } >"$LOGS/summary.md"
 echo
 cat "$LOGS/summary.md"
+[ "$verdict" -eq 0 ] && [ "$failed_steps" -eq 0 ]

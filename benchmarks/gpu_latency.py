@@ -54,6 +54,7 @@ VARIANTS = {  # artifact variant -> (name suffix, resfuse-export options)
         ["--precision", "int8", "--target", "tensorrt", "--calib-random", "--max-rel-l2", "0.2"],
     ),
 }
+ALL = frozenset(VARIANTS)
 # One profile over the timed shapes, its kernels tuned for the target's shape.
 PROFILE = "1x3x512x512:1x3x1024x1024:8x3x1024x1024"
 TARGET_SHAPE = [1, 3, 1024, 1024]
@@ -120,7 +121,9 @@ def main() -> int:
     outcomes = Outcomes()
     records: list[dict[str, Any]] = []
     for method in args.methods:
-        artifacts = _export(method, args.work, args.reuse, outcomes)
+        artifacts = _export(
+            method, args.work, args.reuse, outcomes, frozenset(["fp32", *args.variants])
+        )
         if "fp32" not in artifacts:
             continue  # torch eager, the reference of every row, runs the float32 artifact
         with _candidates(method, artifacts, args.work / "engines", outcomes) as candidates:
@@ -152,6 +155,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=HERE / "results")
     parser.add_argument("--work", type=Path, default=HERE / "artifacts" / "gpu")
     parser.add_argument("--reuse", action="store_true", help="keep artifacts already exported")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="artifact variants to export and time (fp32 is always one: torch's reference)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
@@ -169,11 +176,13 @@ def _gpu_info() -> dict[str, Any]:
     }
 
 
-def _export(method: str, work: Path, reuse: bool, outcomes: Outcomes) -> dict[str, Path]:
-    """The float32, float16 and int8-for-TensorRT artifacts of one method, by resfuse-export;
+def _export(
+    method: str, work: Path, reuse: bool, outcomes: Outcomes, variants: frozenset[str] = ALL
+) -> dict[str, Path]:
+    """The `variants` (float32, float16, int8-for-TensorRT) of one method, by resfuse-export;
     a variant whose export fails is recorded in `outcomes` and left out."""
     found = {}
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if v in variants):
         where = {"method": method, "variant": variant, "backend": None, "stage": "export"}
         step = partial(export_variant, method, variant, work, reuse)
         path = outcomes.attempt(step, **where, shape=None)

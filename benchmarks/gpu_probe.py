@@ -7,9 +7,12 @@ against the PyTorch original. benchmarks/gpu_check.sh runs it under `timeout 60`
 
 Every stage is recorded (ok, seconds, one line of detail or error) and OUTPUT is rewritten after
 each, so a probe that is killed still leaves what it saw. TensorRT-RTX runs only on the GPU
-generations its ComputeCapability enum names (1.7: 7.5, 8.0, 8.6, 8.9, 12.0, 12.1): on another
-GPU (an H100 is 9.0) a refusal is the expected answer. Exit status: 0 when every stage passed,
-3 when a stage failed on a GPU that TensorRT-RTX does not support (expected), 1 otherwise.
+generations its ComputeCapability enum names (1.7: 7.5, 8.0, 8.6, 8.9, 12.0, 12.1). On another
+GPU (an H100 or H200 is 9.0) each plan is built for 8.9 instead, nothing is run, and the one
+expected answer is get_engine_validity's INVALID with UNSUPPORTED_CC among its diagnostics.
+Exit status: 0 when every stage passed on a supported GPU; 3 when, on an unsupported one, every
+plan built and was refused for its compute capability (expected); 1 otherwise (a failed build,
+another refusal, or a plan for 8.9 said to be valid on 9.0).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 PROFILE = "1x3x64x64:1x3x128x128:2x3x256x256"
 SHAPE = (1, 3, 128, 128)
 EXPECTED_REFUSAL = 3
+OTHER_GENERATION = "8.9"  # what a plan is built for on a GPU TensorRT-RTX does not support
 
 
 def main() -> int:
@@ -40,12 +44,15 @@ def main() -> int:
         "stages": [],
     }
     stage = partial(_stage, report, args.output)
-    report["supported"] = stage("import", _import) is not None and _targets(major, minor)
+    supported = stage("import", _import) is not None and _targets(major, minor)
+    report["supported"] = supported
+    targets = [] if supported else ["--compute-capability", OTHER_GENERATION]
     for artifact in args.artifacts:
-        sidecar = stage(f"build {artifact.stem}", partial(_build, artifact, args.cache))
+        sidecar = stage(f"build {artifact.stem}", partial(_build, artifact, args.cache, targets))
         if sidecar is not None:
             stage(f"validity {artifact.stem}", partial(_validity, Path(sidecar)))
-        stage(f"run {artifact.stem}", partial(_run, artifact, args.cache))
+        if supported:
+            stage(f"run {artifact.stem}", partial(_run, artifact, args.cache))
     return _verdict(report)
 
 
@@ -86,11 +93,12 @@ def _targets(major: int, minor: int) -> bool:
     return f"SM{major}{minor}" in tensorrt_rtx.ComputeCapability.__members__
 
 
-def _build(artifact: Path, cache: Path) -> str:
+def _build(artifact: Path, cache: Path, targets: list[str]) -> str:
     """The engine's sidecar path, the first line resfuse-build prints."""
     low, opt, high = PROFILE.split(":")
     exe = Path(sys.executable).with_name("resfuse-build")
     command = [str(exe), str(artifact), "--engine", "tensorrt-rtx", "--builder-level", "0"]
+    command += targets
     command += ["--cache-dir", str(cache), "--min", low, "--opt", opt, "--max", high]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=45)
     if proc.returncode != 0:
@@ -132,17 +140,30 @@ def _run(artifact: Path, cache: Path) -> str:
 
 
 def _verdict(report: dict[str, Any]) -> int:
-    failed = [s["stage"] for s in report["stages"] if not s["ok"]]
-    if not failed:
-        print("TensorRT-RTX: every stage passed on this GPU")
-        return 0
-    if not report["supported"] and "import" not in failed:  # TensorRT-RTX is there, the GPU not
+    stages = report["stages"]
+    failed = [s for s in stages if not s["ok"]]
+    names = ", ".join(s["stage"] for s in failed)
+    if report["supported"]:
+        if not failed:
+            print("TensorRT-RTX: every stage passed on this GPU")
+            return 0
+        print(f"TensorRT-RTX: {names} failed on a GPU it supports")
+        return 1
+    refused = [
+        s for s in failed if s["stage"].startswith("validity ") and "UNSUPPORTED_CC" in s["detail"]
+    ]
+    validities = [s for s in stages if s["stage"].startswith("validity ")]
+    if validities and refused == failed == validities:
         print(
-            f"TensorRT-RTX: {', '.join(failed)} refused on compute capability "
-            f"{report['compute_capability']}, which it does not support: expected"
+            f"TensorRT-RTX: plans for {OTHER_GENERATION} refused on compute capability "
+            f"{report['compute_capability']} (UNSUPPORTED_CC), which it does not support: expected"
         )
         return EXPECTED_REFUSAL
-    print(f"TensorRT-RTX: {', '.join(failed)} failed on a GPU it supports")
+    other = names or f"no stage (a plan for {OTHER_GENERATION} was said to run here)"
+    print(
+        f"TensorRT-RTX on compute capability {report['compute_capability']}: {other} failed "
+        f"otherwise than expected"
+    )
     return 1
 
 
