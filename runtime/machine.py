@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from resfuse.environment import library_versions
+from resfuse.torch_extra import has_torch
 
 ROOT = Path("/")
 # Instruction sets that decide which kernels ONNX Runtime and PyTorch pick for inference:
@@ -171,8 +172,6 @@ def cpu_model(root: Path = ROOT) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
-
     quota = cpu_quota()
     return {
         "cpu": cpu_model(),
@@ -185,5 +184,14 @@ def machine_info() -> dict[str, Any]:
         "physical_cores": physical_cores(),
         "os": f"{platform.system()} {platform.release()}",
         "versions": library_versions(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": _gpu(),
     }
+
+
+def _gpu() -> str | None:
+    """The CUDA GPU torch sees; None without one, or without torch (the base install)."""
+    if not has_torch():
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -29,6 +29,27 @@ def test_runtime_imports_nothing_from_export() -> None:
     assert proc.stdout.split() == []
 
 
+# The base install has no torch (issue 29): the runtime, the package and its model declarations
+# import none of the export extra's libraries, here where they are installed but not imported.
+_IMPORT_BASE = """
+import importlib, pkgutil, sys
+import resfuse, resfuse.artifacts, resfuse.models, resfuse.schema
+import resfuse.runtime as runtime
+for module in pkgutil.walk_packages(runtime.__path__, "resfuse.runtime."):
+    importlib.import_module(module.name)
+extra = {"torch", "torchvision", "onnxscript", "onnxslim", "onnxconverter_common", "safetensors"}
+print("\\n".join(sorted(m for m in sys.modules if m.partition(".")[0] in extra)))
+"""
+
+
+def test_the_runtime_imports_nothing_of_the_export_extra() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_BASE], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == []
+
+
 def _sources() -> dict[str, Path]:
     """Module name -> file for every module of the installed packages (export and runtime live
     in folders of their own, so each package's folder is asked of the import system)."""
