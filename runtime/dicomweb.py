@@ -138,7 +138,7 @@ def _credentials() -> Any:
     user, password = os.environ.get(ENV_USER), os.environ.get(ENV_PASSWORD)
     if bool(user) != bool(password):
         raise ConfigError(f"set both {ENV_USER} and {ENV_PASSWORD} (or {ENV_TOKEN}), not one")
-    return requests.auth.HTTPBasicAuth(user, password) if user else None
+    return requests.auth.HTTPBasicAuth(user, str(password)) if user else None
 
 
 @contextmanager

@@ -41,8 +41,6 @@ from resfuse.runtime.volumes import (
 )
 
 SEG_TYPES = ("binary", "fractional")
-# the Patient module's de-identification record, which highdicom leaves behind
-_COPIED_PATIENT = ("DeidentificationMethod", "DeidentificationMethodCodeSequence")
 SEG_SUFFIX = ".seg.dcm"
 SEG_MODALITY = "SEG"
 _SERIES_NUMBER = 9901  # a SEG's series number: far above the scanner's own series
@@ -193,9 +191,6 @@ def seg_bytes(
             series_description=identity(manifest, seg_type),
             omit_empty_frames=True,
         )
-    for keyword in _COPIED_PATIENT:  # highdicom copies PatientIdentityRemoved but not the method
-        if keyword in sources[0]:
-            setattr(seg, keyword, sources[0][keyword].value)
     buffer = io.BytesIO()
     seg.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

@@ -240,6 +240,8 @@ def predict_main(
         )
     if series_uids:
         raise click.UsageError("--series-uid picks series of a --dicomweb study; add --dicomweb")
+    if output_format != "seg" and _given("seg_type"):
+        raise click.UsageError("--seg-type shapes a DICOM SEG; add --format seg, or drop it")
     from resfuse.runtime.predict import predict
 
     try:
@@ -330,3 +332,10 @@ def _predict_dicomweb(
     out.print(outcome.describe(), highlight=False)
     if outcome.failures:
         fail(f"{len(outcome.failures)} series failed; see above")
+
+
+def _given(name: str) -> bool:
+    """Whether the option `name` was typed on the command line (not its default)."""
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is click.core.ParameterSource.COMMANDLINE

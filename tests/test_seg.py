@@ -188,7 +188,8 @@ def test_single_dicom_file_seg_matches_its_png_mask(artifact: Path, tmp_path: Pa
     (path,) = series.iterdir()
     source = path.rename(path.with_suffix(".dcm"))  # a file, not a series: found by its suffix
     made = {}
-    for kind, args in {"seg": ["--format", "seg"], "png": []}.items():
+    fractional = ["--format", "seg", "--seg-type", "fractional"]
+    for kind, args in {"seg": ["--format", "seg"], "fractional": fractional, "png": []}.items():
         proc = invoke(predict_main, str(artifact), str(series), "--output", str(tmp_path / kind),
                       *args)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -200,6 +201,12 @@ def test_single_dicom_file_seg_matches_its_png_mask(artifact: Path, tmp_path: Pa
     expected = np.asarray(Image.open(made["png"]))
     assert len(np.unique(expected)) >= 2
     np.testing.assert_array_equal(ours, expected)
+    seg, frames = frames_by_hand(made["fractional"])
+    p = np.zeros((3, *expected.shape))
+    for number, _, _, pixels in frames:
+        p[number] = pixels / float(seg.MaximumFractionalValue)
+    p[0] = 1 - p[1:].sum(axis=0)
+    assert (p.argmax(axis=0) == expected).mean() > 0.99
 
 
 def test_what_cannot_become_a_seg_fails_in_one_line(artifact: Path, tmp_path: Path) -> None:
@@ -224,6 +231,19 @@ def test_what_cannot_become_a_seg_fails_in_one_line(artifact: Path, tmp_path: Pa
     assert "head.nii is NIfTI, and a DICOM SEG must reference DICOM images" in text
     assert "has no FrameOfReferenceUID" in text
     assert "Traceback" not in proc.stderr
+
+
+def test_predict_options_that_do_not_fit_are_usage_errors(artifact: Path) -> None:
+    cases = {
+        ("in", "--output", "o", "--seg-type", "fractional"): "--seg-type shapes a DICOM SEG",
+        (): "give INPUT_DIR and --output OUT_DIR, or --dicomweb URL --study UID",
+        ("--study", "1.2"): "--dicomweb URL and --study UID go together",
+        ("--dicomweb", "http://x/", "--study", "1.2", "in"): "drop INPUT_DIR and --output",
+        ("in", "--output", "o", "--series-uid", "1.2"): "--series-uid picks series",
+    }
+    for args, message in cases.items():
+        proc = invoke(predict_main, str(artifact), *args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
 
 
 def test_class_names_must_name_each_class_once(tmp_path: Path) -> None:
