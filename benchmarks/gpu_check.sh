@@ -38,7 +38,9 @@
 # when nothing ran on a GPU (every GPU test skipped: the verdict line says so), when anything
 # failed, or when it could not start (no wheels folder, no CUDA device; then nothing is written).
 # PYTHON: the interpreter with the machine's torch (default python3). GPU_CHECK_WORK: the venv,
-# artifacts and engines (default benchmarks/artifacts/gpu-check).
+# artifacts and engines (default benchmarks/artifacts/gpu-check). GPU_CHECK_WITHOUT_GPU=1 runs
+# it on a machine with no CUDA device, to check the check: every GPU step then skips or fails,
+# and the verdict must say that nothing ran on a GPU.
 set -uo pipefail
 
 BUDGET=440  # seconds from the start; with the last step's kill grace and nvidia-smi, < 8 min
@@ -53,7 +55,7 @@ fi
 [ -d "$1" ] || refuse "wheels folder '$1' not found; make it on a machine with a network (the pip commands in this script's header) and pass its path"
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || refuse "no '$PYTHON' here; set PYTHON to the interpreter that has the machine's torch"
-cuda="$(timeout 60 "$PYTHON" - 2>/dev/null <<'EOF'
+[ "${GPU_CHECK_WITHOUT_GPU:-0}" = 1 ] || cuda="$(timeout 60 "$PYTHON" - 2>/dev/null <<'EOF'
 try:
     import torch
 except Exception as exc:  # ImportError, or OSError from its CUDA libraries
@@ -167,9 +169,10 @@ fi
 artifacts=()
 for precision in fp16 fp32; do
     name="masked-$precision"
+    # the manifest's path as resfuse-export prints it: it may add a suffix (masked-fp16-fp16)
     step "export-$precision" 120 "$VENV/bin/resfuse-export" --method masked --name "$name" \
         --output "$WORK/artifacts" --max-size 512 --max-batch 2 --precision "$precision" &&
-        artifacts+=("$WORK/artifacts/$name.json")
+        artifacts+=("$(sed -n 's/^manifest: //p' "$LOGS/export-$precision.log" | tail -n 1)")
 done
 if [ ${#artifacts[@]} -gt 0 ]; then
     step --expected-rc 3 rtx-probe 60 "$PY" benchmarks/gpu_probe.py "${artifacts[@]}" \

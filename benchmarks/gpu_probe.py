@@ -37,6 +37,9 @@ OTHER_GENERATION = "8.9"  # what a plan is built for on a GPU TensorRT-RTX does 
 
 def main() -> int:
     args = _arguments()
+    if not torch.cuda.is_available():
+        print(f"gpu_probe.py: torch {torch.__version__} sees no CUDA device; nothing was probed")
+        return 1
     major, minor = torch.cuda.get_device_capability()
     report: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(),

@@ -49,7 +49,7 @@ FLAVOURS = {
         name="tensorrt",
         module="tensorrt",
         label="TensorRT",
-        install="pip install 'resfuse[gpu]' (tensorrt>=10) on a machine with an NVIDIA GPU",
+        install="pip install 'resfuse[gpu]' (tensorrt>=10.1) on a machine with an NVIDIA GPU",
         min_major=10,
         needs_gpu_to_build=True,
         timing_cache=True,
@@ -120,7 +120,7 @@ def default_flavour() -> Flavour:
     if not found:
         raise BackendUnavailableError(
             "neither TensorRT nor TensorRT-RTX is installed; pip install 'resfuse[rtx]' builds "
-            "engines for RTX GPUs on any machine, pip install 'resfuse[gpu]' (tensorrt>=10) "
+            "engines for RTX GPUs on any machine, pip install 'resfuse[gpu]' (tensorrt>=10.1) "
             "builds on the NVIDIA GPU that will run them"
         )
     return FLAVOURS[found[0]]

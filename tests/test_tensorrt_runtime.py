@@ -262,6 +262,24 @@ def test_tensorrt_without_set_device_memory_is_refused_in_one_line() -> None:
     require_user_memory(rtx)  # the real bindings installed here have it
 
 
+def test_zero_memory_for_a_graph_shape_is_an_error(exported) -> None:
+    """update_device_memory_size_for_shapes returns 0 on error (NvInferRuntime.h): the graph
+    slot stops there in one line, before any memory is allocated or given to the context."""
+    from resfuse.artifacts import read_manifest as read
+    from resfuse.runtime.backends.tensorrt import TensorRTRunner
+
+    calls: list[str] = []
+    context = SimpleNamespace(
+        set_input_shape=lambda name, shape: calls.append("set_input_shape") or True,
+        update_device_memory_size_for_shapes=lambda: calls.append("size") or 0,
+        set_device_memory=lambda memory, size: calls.append("set_device_memory"),
+    )
+    runner = TensorRTRunner(read(exported["masked"].manifest_path), "cuda", cuda_graphs=True)
+    with pytest.raises(EngineError, match=r"returned 0; .*cuda_graphs=False$") as caught:
+        runner._prepare_graph(SimpleNamespace(), context, (1, 3, 64, 64))
+    assert "\n" not in str(caught.value) and calls == ["set_input_shape", "size"]
+
+
 @pytest.fixture
 def artifact_copy(exported, tmp_path: Path) -> Path:
     """The masked artifact copied into tmp_path (its manifest there)."""

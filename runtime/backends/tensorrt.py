@@ -348,7 +348,7 @@ class TensorRTRunner(Runner):
             with slot.lock:
                 if slot.closed:
                     continue  # evicted between the lookup and the lock: fetch its successor
-                slot.stream.wait_stream(caller)  # the set-up reads nothing the caller wrote
+                slot.stream.wait_stream(caller)  # set-up and run queue after the caller's work
                 if slot.context is None:
                     self._prepare(slot)
                 out = self._output(slot, shape)  # allocated in the caller's stream order
@@ -372,8 +372,14 @@ class TensorRTRunner(Runner):
 
     def _shaped_output(self, context: Any, shape: tuple[int, ...]) -> torch.Tensor:
         """The context set to input `shape`, and an empty output of the shape that gives."""
+        self._set_shape(context, shape)
+        return self._empty_output(context)
+
+    def _set_shape(self, context: Any, shape: tuple[int, ...]) -> None:
         if not context.set_input_shape(self._io[0], shape):
             raise EngineError(f"TensorRT refused input shape {shape} (its log above says why)")
+
+    def _empty_output(self, context: Any) -> torch.Tensor:
         dims = context.get_tensor_shape(self._io[1])
         out_shape = tuple(dims[i] for i in range(len(dims)))
         return torch.empty(out_shape, dtype=torch.float32, device=self._device)
@@ -426,7 +432,7 @@ class TensorRTRunner(Runner):
         slot.context = context
 
     def _prepare_graph(self, slot: _Slot, context: Any, shape: tuple[int, ...]) -> None:
-        out = self._shaped_output(context, shape)
+        self._set_shape(context, shape)
         size = context.update_device_memory_size_for_shapes()
         if size <= 0:  # NvInferRuntime.h: 0 on error
             raise EngineError(
@@ -434,6 +440,7 @@ class TensorRTRunner(Runner):
                 f"(update_device_memory_size_for_shapes returned {size}; its log above says "
                 f"why); load the engine with cuda_graphs=False"
             )
+        out = self._empty_output(context)
         memory = _give_memory(context, size, self._device)
         x = torch.zeros(shape, dtype=torch.float32, device=self._device)
         slot.graph = self._capture(context, slot.stream, x, out)
