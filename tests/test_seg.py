@@ -233,6 +233,21 @@ def test_what_cannot_become_a_seg_fails_in_one_line(artifact: Path, tmp_path: Pa
     assert "Traceback" not in proc.stderr
 
 
+def test_a_rerun_skips_a_seg_and_redoes_it_for_another_type(artifact: Path, tmp_path: Path) -> None:
+    pacs.ct_series(tmp_path / "in" / "ct", 2)
+    out = tmp_path / "out"
+    said = []
+    for args in ([], [], ["--seg-type", "fractional"]):
+        proc = invoke(predict_main, str(artifact), str(tmp_path / "in"), "--output", str(out),
+                      "--series", "--format", "seg", *args)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        said.append(" ".join(proc.stdout.split()))
+    assert said[0].startswith("1 written, 0 already done")
+    assert said[1].startswith("0 written, 1 already done")
+    assert said[2].startswith("1 written (1 stale redone), 0 already done")
+    assert pydicom.dcmread(out / "ct.seg.dcm").SegmentationType == "FRACTIONAL"
+
+
 def test_predict_options_that_do_not_fit_are_usage_errors(artifact: Path) -> None:
     cases = {
         ("in", "--output", "o", "--seg-type", "fractional"): "--seg-type shapes a DICOM SEG",
