@@ -37,7 +37,9 @@ import resfuse, resfuse.artifacts, resfuse.models, resfuse.schema
 import resfuse.runtime as runtime
 for module in pkgutil.walk_packages(runtime.__path__, "resfuse.runtime."):
     importlib.import_module(module.name)
-extra = {"torch", "torchvision", "onnxscript", "onnxslim", "onnxconverter_common", "safetensors"}
+extra = {
+    "torch", "torchvision", "onnx", "onnxscript", "onnxslim", "onnxconverter_common", "safetensors"
+}
 print("\\n".join(sorted(m for m in sys.modules if m.partition(".")[0] in extra)))
 """
 

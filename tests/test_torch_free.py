@@ -10,16 +10,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import onnx
 import pytest
 from clirun import invoke
 from nibabel.testing import data_path
 from PIL import Image
 from runtime_venv import make_runtime_venv
 
+from resfuse.onnx_wire import WireError, external_tensors
 from resfuse.runtime import load
 from resfuse.runtime.serve_cli import predict_main
 
-pytestmark = pytest.mark.slow  # a venv built with pip (about 30 s), subprocesses
+# The venv's tests are slow: a venv built with pip (about 30 s), subprocesses.
 
 EXTRA = "pip install 'resfuse[export]'"
 
@@ -49,10 +51,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_base_install_has_no_torch_and_the_runtime_imports(runtime_bin: Path) -> None:
     script = (
         "import importlib.util, sys\n"
         "assert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
+        "assert importlib.util.find_spec('onnx') is None, 'onnx is installed'\n"
         "import resfuse, resfuse.runtime, resfuse.runtime.serve_cli, resfuse.runtime.cli\n"
         "assert 'torch' not in sys.modules\n"
         "print(resfuse.ModelConfig('spp').stride)\n"
@@ -76,6 +80,7 @@ def _outputs(folder: Path) -> dict[str, np.ndarray]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fused", "head"])
 def test_predict_writes_what_the_full_install_writes(
     runtime_bin: Path, exported, head_artifact: Path, inputs: Path, tmp_path: Path, which: str
@@ -94,6 +99,7 @@ def test_predict_writes_what_the_full_install_writes(
         np.testing.assert_array_equal(got[name], array, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_tiled_session_run_gives_the_full_installs_output(
     runtime_bin: Path, exported, tmp_path: Path
 ) -> None:
@@ -115,6 +121,7 @@ def test_a_tiled_session_run_gives_the_full_installs_output(
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "needs"),
     [
@@ -136,6 +143,7 @@ def test_a_command_that_needs_torch_names_the_extra_in_one_line(
     assert len(lines) == 1 and needs in lines[0] and EXTRA in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_the_python_api_that_needs_torch_names_the_extra(runtime_bin: Path, exported) -> None:
     script = (
         "import resfuse\n"
@@ -150,3 +158,64 @@ def test_the_python_api_that_needs_torch_names_the_extra(runtime_bin: Path, expo
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(EXTRA in line for line in lines), proc.stdout
+
+
+def _reference(graph: onnx.GraphProto) -> list[str]:
+    """onnx's own walk over every tensor a graph holds: the external ones' names."""
+    tensors = [
+        *graph.initializer,
+        *(t for s in graph.sparse_initializer for t in (s.values, s.indices)),
+    ]
+    found = [t.name for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+    for node in graph.node:
+        for attr in node.attribute:
+            held = [attr.t] * attr.HasField("t") + list(attr.tensors)
+            found += [t.name for t in held if t.data_location == onnx.TensorProto.EXTERNAL]
+            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
+                found += _reference(sub)
+    return found
+
+
+def _external(name: str) -> onnx.TensorProto:
+    tensor = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="weights.bin")
+    return tensor
+
+
+def test_external_data_is_found_without_onnx_where_onnx_finds_it(exported, tmp_path: Path):
+    """The wire-format reader (the base install's) against onnx's parse, on an artifact, on the
+    same artifact saved with external data, and on tensors hidden in a subgraph's node attribute
+    and a sparse initializer."""
+    path = exported["masked"].onnx_path
+    model = onnx.load(path)
+    assert external_tensors(path.read_bytes()) == [] == _reference(model.graph)
+    onnx.save_model(model, tmp_path / "x.onnx", save_as_external_data=True, size_threshold=0)
+    saved = (tmp_path / "x.onnx").read_bytes()
+    names = _reference(onnx.load_model_from_string(saved).graph)
+    assert len(names) == len(model.graph.initializer) and external_tensors(saved) == names
+
+    constant = onnx.helper.make_node("Constant", [], ["c"], value=_external("deep"))
+    branch = onnx.helper.make_graph(
+        [constant], "branch", [], [onnx.helper.make_tensor_value_info("c", 1, [2])]
+    )
+    cond = onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])
+    out = onnx.helper.make_tensor_value_info("y", 1, [2])
+    node = onnx.helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+    sparse = onnx.helper.make_sparse_tensor(
+        _external("values"), onnx.helper.make_tensor("i", 7, [2], [0, 1]), [4]
+    )
+    graph = onnx.helper.make_graph([node], "g", [cond], [out], sparse_initializer=[sparse])
+    hidden = onnx.helper.make_model(graph)
+    expected = _reference(hidden.graph)
+    assert sorted(expected) == ["deep", "deep", "values"]
+    assert sorted(external_tensors(hidden.SerializeToString())) == sorted(expected)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1000])
+def test_bytes_that_are_no_protobuf_are_refused(exported, cut: int) -> None:
+    data = exported["masked"].onnx_path.read_bytes()
+    for broken in (data[:cut], b"\xff" * 12, b"\x0f\x01"):
+        with pytest.raises(WireError):
+            external_tensors(broken)

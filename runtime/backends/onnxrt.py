@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 from resfuse.artifacts import Manifest
 from resfuse.contract import InputContract
 from resfuse.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from resfuse.onnx_wire import WireError, external_tensors
 from resfuse.runtime.backends.base import (
     Option,
     Phases,
@@ -176,33 +176,17 @@ def tensorrt_major() -> int | None:
 
 def refuse_external_data(model: bytes, name: str) -> None:
     """resfuse artifacts are one self-contained .onnx file; a graph that points at external
-    data files would read files the manifest never hashed, so it is refused."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
+    data files would read files the manifest never hashed, so it is refused. Read from the
+    protobuf wire format (resfuse.onnx_wire): the base install has no `onnx` package."""
     try:
-        proto = onnx.load_model_from_string(model)
-    except (DecodeError, ValueError, RuntimeError) as exc:
+        external = external_tensors(model)
+    except WireError as exc:
         raise ModelLoadError(f"{name} is not an ONNX model ({exc}); re-export it") from exc
-    external = onnx.TensorProto.EXTERNAL
-    if any(t.data_location == external for t in _tensors(proto.graph)):
+    if external:
         raise ModelLoadError(
             f"{name} keeps tensors in external data files, which resfuse does not load (they "
             f"would escape the manifest's sha256); re-export it as one file with resfuse-export"
         )
-
-
-def _tensors(graph: Any) -> Iterator[Any]:
-    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    yield from (sparse.values for sparse in graph.sparse_initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in [attr.g] * attr.HasField("g") + list(attr.graphs):
-                yield from _tensors(sub)
 
 
 def _off_target(manifest: Manifest, device: str) -> str:
