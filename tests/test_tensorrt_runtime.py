@@ -19,6 +19,7 @@ from resfuse import runtime, tensorrt_env
 from resfuse.artifacts import named_files, read_manifest
 from resfuse.engine_manifest import BuildSettings
 from resfuse.errors import (
+    ArtifactWriteError,
     BackendUnavailableError,
     ConfigError,
     EngineError,
@@ -345,6 +346,39 @@ def test_an_engine_loads_with_the_artifact_beside_it(engine_beside_artifact) -> 
     )
     with pytest.raises(expected, match=text):
         runtime.load(plan, "tensorrt", "cuda")
+
+
+def test_a_failed_runtime_cache_save_still_deactivates(engine_beside_artifact, monkeypatch):
+    """deactivate() saves a TensorRT-RTX runtime cache; when that fails (here: its lock path
+    is a folder) the error says so in one line, and the runner is left inactive all the same,
+    not holding its engine (issue 27, item 6). This machine has no GPU: the GPU it would run
+    on is given as the environment resfuse reads."""
+    from resfuse.engine_manifest import read_record
+    from resfuse.runtime.backends.tensorrt import TensorRTRunner
+    from resfuse.runtime.cudart import cuda_driver_version
+
+    sidecar, artifact = engine_beside_artifact
+    record = read_record(sidecar)
+    here = replace(record.environment, flavour="tensorrt-rtx", gpu_name="NVIDIA RTX 4090")
+    monkeypatch.setattr(tensorrt_env, "current_environment", lambda name=None: here)
+    name = runtime_cache_name(record.path.stem, here, cuda_driver_version())
+    blocked = record.path.with_name(f".{name}.lock")
+    blocked.mkdir()
+
+    def active() -> TensorRTRunner:
+        runner = TensorRTRunner(read_manifest(artifact), "cuda")
+        runner.record, runner.engine, runner._runtime = record, object(), object()
+        runner._runtime_cache = SimpleNamespace(serialize=lambda: b"kernels compiled here")
+        return runner
+
+    runner = active()
+    with pytest.raises(ArtifactWriteError, match="runtime cache .* could not be written") as caught:
+        runner.deactivate()
+    assert "\n" not in str(caught.value)
+    assert runner.record is runner.engine is runner._runtime is runner._runtime_cache is None
+    blocked.rmdir()
+    active().deactivate()
+    assert (record.path.parent / name).read_bytes() == b"kernels compiled here"
 
 
 def test_an_engine_without_its_artifact_is_refused(engine_beside_artifact, tmp_path) -> None:
