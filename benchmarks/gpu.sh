@@ -9,8 +9,10 @@
 #    package); TensorRT is used only where it is already importable (the registry's tensorrt
 #    wheels fetch it from NVIDIA at install time), else its tests and rows are skipped;
 # 3. runs the GPU tests, pytest -m "gpu or tensorrt" (log: benchmarks/results/gpu-tests.log);
-# 4. runs benchmarks/gpu_latency.py, which writes benchmarks/results/gpu.json and gpu.md.
-# Exits non-zero when there is no CUDA device, or when the tests or the benchmark failed.
+# 4. runs benchmarks/gpu_latency.py, which writes benchmarks/results/gpu.json and gpu.md;
+# 5. benchmarks/gpu_verdict.py: each GPU path run or not run, and why.
+# Exits non-zero when there is no CUDA device, when the tests or the benchmark failed, or when
+# no GPU test ran at all (every one skipped).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +47,9 @@ fi
 
 mkdir -p "$RESULTS"
 status=0
-"$PY" -m pytest -m "gpu or tensorrt" -rA 2>&1 | tee "$RESULTS/gpu-tests.log" || status=1
+"$PY" -m pytest -m "gpu or tensorrt" -rA --junitxml "$RESULTS/gpu-tests.xml" 2>&1 |
+    tee "$RESULTS/gpu-tests.log" || status=1
 "$PY" benchmarks/gpu_latency.py --output "$RESULTS" "$@" || status=1
+# per path, run or not run and why; fails when every GPU test skipped (docs/gpu.md)
+"$PY" benchmarks/gpu_verdict.py "$RESULTS" | tee "$RESULTS/gpu-verdict.md" || status=1
 exit "$status"
