@@ -136,6 +136,12 @@ def test_wrong_credentials_fail_in_one_line(
     code, text = run(artifact, orthanc.dicomweb, generate_uid())
     assert code == 1 and "refused the credentials (HTTP 401)" in text, text
     assert "wrong" not in text
+    # a token goes first, even beside a good user and password; Orthanc takes basic auth only
+    monkeypatch.setenv("RESFUSE_DICOMWEB_PASSWORD", pacs.PASSWORD)
+    monkeypatch.setenv("RESFUSE_DICOMWEB_TOKEN", "a-bearer-token")
+    code, text = run(artifact, orthanc.dicomweb, generate_uid())
+    assert code == 1 and "refused the credentials (HTTP 401)" in text, text
+    assert "a-bearer-token" not in text
     url = orthanc.dicomweb.replace("http://", f"http://{pacs.USER}:{pacs.PASSWORD}@")
     proc = invoke(predict_main, "x.json", "--dicomweb", url, "--study", "1.2.3")
     assert proc.returncode == 1 and "carries credentials in its URL" in proc.stderr
