@@ -23,16 +23,18 @@ from resfuse.errors import (
     WeightsError,
 )
 from resfuse.models.spec import BACKBONES, ModelConfig
+from resfuse.torch_extra import has_torch
 
 if TYPE_CHECKING:
-    from resfuse.models.fusion import METHODS
-    from resfuse.models.model import FusionModel, build_model
+    from resfuse.models.fusion import METHODS as METHODS
+    from resfuse.models.model import FusionModel as FusionModel
+    from resfuse.models.model import build_model as build_model
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("METHODS", "FusionModel", "build_model"):
+    if name in _TORCH_NAMES:
         from resfuse import models
 
         return getattr(models, name)
@@ -46,14 +48,13 @@ def load_original(manifest_path: str) -> FusionModel:
     return _load(manifest_path)
 
 
+_TORCH_NAMES = ["METHODS", "FusionModel", "build_model"]
 __all__ = [
     "ArtifactWriteError",
     "BackendUnavailableError",
     "BACKBONES",
-    "METHODS",
     "ConfigError",
     "ExportError",
-    "FusionModel",
     "InputContractError",
     "ManifestError",
     "ModelConfig",
@@ -62,7 +63,8 @@ __all__ = [
     "ResfuseError",
     "SessionClosedError",
     "WeightsError",
-    "build_model",
     "load_original",
     "__version__",
+    # `from resfuse import *` works in the base install too
+    *(_TORCH_NAMES if has_torch() else []),
 ]
