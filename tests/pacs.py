@@ -18,7 +18,22 @@ from dicom_series import CT_SLICE, build_series
 from pydicom.uid import generate_uid
 
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _plugin() -> Path:
+    """The DICOMweb plugin's shared library, as its Debian package lists it (else where
+    Debian puts it)."""
+    try:
+        listed = subprocess.run(
+            ["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        listed = []
+    found = [p for p in listed if p.endswith("/libOrthancDicomWeb.so")]
+    return Path(found[0] if found else "/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+PLUGIN = _plugin()
 USER, PASSWORD = "resfuse", "not-a-real-secret"
 # rows along the patient's left, columns posterior: the model sees it transposed, so a frame
 # written without turning it back onto the stored pixels would not match
