@@ -307,3 +307,17 @@ def test_the_server_answers_format_seg_with_the_same_seg(artifact: Path, tmp_pat
             stop(started)
     finally:
         ray.shutdown()
+
+
+def test_a_manifest_with_bad_class_names_is_refused(artifact: Path) -> None:
+    import json
+
+    from resfuse.errors import ManifestError
+    from resfuse.schema import validate_manifest
+
+    data = json.loads(artifact.read_text())
+    assert data["class_names"] == ["background", "bone", "soft tissue"]
+    validate_manifest(data, artifact)
+    for bad in (["background", "bone"], ["a", "a", "b"], ["a", "", "b"], "a,b,c"):
+        with pytest.raises(ManifestError, match="field 'class_names' must be 3 distinct names"):
+            validate_manifest({**data, "class_names": bad}, artifact)
