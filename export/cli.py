@@ -11,13 +11,14 @@ from rich.table import Table
 from resfuse.compare import pooled
 from resfuse.console import err, fail, out
 from resfuse.errors import ConfigError, ResfuseError
+from resfuse.export.model_options import model_options
 from resfuse.export.parity import ParityResult
 from resfuse.export.pipeline import ExportOptions, ExportResult, GateError, export_artifact
 from resfuse.export.quantize import CALIBRATION_METHODS, Calibration
 from resfuse.export.sensitivity import Sensitivity
 from resfuse.export.triton import KINDS, TritonOptions, require_schema, write_triton_repo
 from resfuse.images import UNITS
-from resfuse.models import BACKBONES, METHODS, STAGES, ModelConfig
+from resfuse.models import METHODS, ModelConfig
 from resfuse.precisions import HEAD_GATES, PRECISIONS, from_option, options, variant_targets
 from resfuse.precisions import precision as precision_entry
 from resfuse.runtime.options import mask_gate_options
@@ -42,43 +43,7 @@ def _bounds() -> str:
     type=click.Choice([*METHODS, "all"]),
     help="Fusion method to export, or all three.",
 )
-@click.option(
-    "--backbone", default="resnet18", show_default=True, type=click.Choice(list(BACKBONES))
-)
-@click.option(
-    "--stage",
-    default=4,
-    show_default=True,
-    type=click.Choice([str(s) for s in STAGES]),
-    help="Cut the ResNet after this stage (output stride 8, 16, 32).",
-)
-@click.option(
-    "--num-classes",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Add a segmentation head with this many classes (output `logits`).",
-)
-@click.option(
-    "--class-names",
-    default=None,
-    metavar="NAME,NAME,...",
-    help="The head's class names, background (class 0) first, one per class: the segment "
-    "labels of a DICOM SEG output [default: class 1, class 2, ...].",
-)
-@click.option("--in-channels", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--features",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Channels the fusion adds to the image.",
-)
-@click.option(
-    "--weights",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="A .safetensors file or PyTorch state dict (loaded with weights_only=True).",
-)
+@model_options
 @click.option(
     "--pretrained", is_flag=True, help="Start from torchvision's ImageNet backbone (needs network)."
 )

@@ -12,8 +12,10 @@ they judged), so a Ctrl-C loses only the step in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +28,12 @@ import numpy as np
 from resfuse.artifacts import Manifest, named_files, read_manifest, replace_file, write_json
 from resfuse.compare import MaskGates, pooled
 from resfuse.environment import library_versions
-from resfuse.errors import ConfigError, ParityError
+from resfuse.errors import BackendUnavailableError, ConfigError, ParityError
 from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
 from resfuse.export.quantize import Calibration
 from resfuse.export.report import serving_ms, write_html
 from resfuse.images import image_files
+from resfuse.models import ModelConfig
 from resfuse.runtime.backend_spec import parse_spec
 from resfuse.runtime.bench import benchmark
 from resfuse.runtime.check import check_artifact
@@ -43,16 +46,24 @@ REPORT_FORMAT = "resfuse-optimize"
 @dataclass(frozen=True)
 class Target:
     """A deployment target: the backends that run it here, and the variants it takes
-    (manifest dtype, INT8 activation scheme)."""
+    (manifest dtype, INT8 activation scheme), widest first."""
 
     backends: tuple[str, ...]
     variants: tuple[tuple[str, str | None], ...]
     bf16: bool = False  # OpenVINO may compute float32 graphs in bf16 where the CPU has it
+    # a TensorRT flavour: an engine is built per variant for the target's GPUs, and each
+    # variant is judged here on its ONNX graph (the backends), untimed: no GPU runs it here
+    engine: str | None = None
 
 
+_FP32, _FP16 = ("float32", None), ("float16", None)
 TARGETS = {
-    "cpu": Target(("onnxruntime", "openvino"), (("float32", None), ("int8", "cpu")), True),
-    "openvino": Target(("openvino",), (("float32", None), ("int8", "cpu")), True),
+    "cpu": Target(("onnxruntime", "openvino"), (_FP32, ("int8", "cpu")), True),
+    "openvino": Target(("openvino",), (_FP32, ("int8", "cpu")), True),
+    "tensorrt": Target(("onnxruntime",), (_FP32, _FP16, ("int8", "tensorrt")), engine="tensorrt"),
+    # RTX GPUs run an engine for the compute capabilities named after a colon, e.g.
+    # tensorrt-rtx:8.9,12.0 (default: this GPU, else TensorRT-RTX's usual set)
+    "tensorrt-rtx": Target(("onnxruntime",), (_FP32, _FP16), engine="tensorrt-rtx"),
 }
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # images outside the artifact's range are judged as they would be served: in tiles
@@ -72,9 +83,18 @@ class Candidate:
     reasons: list[str] = field(default_factory=list)
     check: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)  # shape -> p50
+    memory_mib: dict[str, float] = field(default_factory=dict)  # peak RSS: process, model
+    targets: list[str] = field(default_factory=list)  # the targets it is a candidate for
+    # an engine target's: what judged its graph here, and the engine built for the target
+    judged_on: str | None = None
+    engine: str | None = None
 
     def key(self) -> str:
         return f"{self.name} on {self.backend}"
+
+    def runs_as(self) -> str:
+        """The backend that judges (and times) it here."""
+        return self.judged_on or self.backend
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +107,10 @@ class Candidate:
             "reasons": self.reasons,
             "check": self.check,
             "latency_ms": self.latency_ms,
+            "memory_mib": self.memory_mib,
+            "targets": self.targets,
+            "judged_on": self.judged_on,
+            "engine": self.engine,
         }
 
 
@@ -124,12 +148,8 @@ def optimize(
             f"{artifact} is a {source.precision} artifact; resfuse-optimize starts from the "
             f"float32 one and makes the variants itself: pass the float32 manifest"
         )
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ConfigError(
-            f"target {unknown[0]!r} is not one of {', '.join(TARGETS)}; TensorRT targets are "
-            f"built with resfuse-build and timed on their GPU"
-        )
+    for target in targets:
+        _check_target(target)
     files = image_files(images, "--images")  # a bad folder fails before any work
     truths = _truths(files, Path(images), masks) if masks is not None else None
     if truths is not None and source.config.num_classes is None:
@@ -144,10 +164,13 @@ def optimize(
     variants, failed = _variants(source, output / "artifacts", images, targets, progress)
     candidates = _candidates(variants, targets)
     cache = _Cache(output / "cache")
+    engines = _engines(candidates, output / "engines", cache, progress)
     for c in candidates:
+        if "engine_error" in c.check:
+            continue
         progress(f"checking {c.key()}")
         c.check = cache.get_or(
-            ("check", c.artifact, c.backend, str(images)), partial(_checked, c, images)
+            ("check", c.artifact, c.runs_as(), str(images)), partial(_checked, c, images)
         )
     original = None
     if truths is not None:
@@ -155,22 +178,32 @@ def optimize(
         for c in [original, *candidates]:
             progress(f"scoring {c.key()} against the masks")
             c.check["truth_dice"] = cache.get_or(
-                ("truth", c.artifact, c.backend, str(images), str(masks)),
+                ("truth", c.artifact, c.runs_as(), str(images), str(masks)),
                 partial(_truth_dice, c, truths),
             )
-    progress("timing every candidate in one rotated run")
-    timing = cache.get_or(
-        ("bench", str(artifact), *sorted(v for v in variants.values() if v), *_backends(targets),
-         *map(format_shape, [*shapes, *sweep_shapes]), str(rounds), str(iters)),
-        lambda: _timed(source, variants, targets, [*shapes, *sweep_shapes], rounds, iters,
-                       threads),
-    )  # fmt: skip
+    timed = [c for c in candidates if c.judged_on is None]
+    also = sorted({c.artifact for c in timed} - {str(source.path)})
+    backends = list(dict.fromkeys(c.backend for c in timed))
+    timing: dict[str, Any] = {"records": []}
+    if timed:
+        progress("timing every candidate in one rotated run")
+        timing = cache.get_or(
+            ("bench", str(artifact), *also, *backends,
+             *map(format_shape, [*shapes, *sweep_shapes]), str(rounds), str(iters)),
+            lambda: benchmark(source.path, backends=backends, shapes=[*shapes, *sweep_shapes],
+                              also=also, rounds=rounds, iters=iters, threads=threads, warmup=1),
+        )  # fmt: skip
     _attach_latency(candidates, timing)
+    for c in timed:
+        progress(f"peak memory of {c.key()}")
+        c.memory_mib = cache.get_or(
+            ("memory", c.artifact, c.backend, format_shape(shapes[-1])),
+            partial(_peak_memory, c, shapes[-1]),
+        )
     serving = [format_shape(s) for s in shapes]
     for c in candidates:
         _judge(c, constraints, serving, original)
-    chosen = {t: _choose([c for c in candidates if c.backend in _target_backends(t)], serving)
-              for t in targets}  # fmt: skip
+    chosen = {t: _choose([c for c in candidates if t in c.targets], serving) for t in targets}
     report = {
         "format": REPORT_FORMAT,
         "source": str(Path(artifact).resolve()),
@@ -193,9 +226,48 @@ def optimize(
     write_json(output / "report.json", report)
     for target, candidate in chosen.items():
         if candidate is not None:
-            _deploy(candidate, output / "deploy" / target)
+            _deploy(candidate, output / "deploy" / _folder(target), engines.get(candidate.key()))
     write_html(report, output / "report.html")
     return report
+
+
+def from_checkpoint(
+    config: ModelConfig,
+    folder: Path,
+    weights: Path | None,
+    class_names: tuple[str, ...] | None,
+    progress: Callable[[str], None] = lambda step: None,
+) -> Path:
+    """The float32 artifact of `config` with `weights` (None: seeded random init) in `folder`,
+    exported as resfuse-export does with its defaults, or reused when already made from the
+    same weights, model and class names."""
+    what = json.dumps([dataclasses.asdict(config), class_names])
+    made_from = f"{_sha256(weights) if weights else 'random-init'} {_sha(what.encode())}"
+    name = artifact_name(config, "float32", None, None)
+    found = _reusable(folder, name, made_from)
+    if found is not None:
+        progress(f"reusing {found.name}")
+        return found
+    progress(f"exporting {name} from {weights or 'a random init'}")
+    result = export_artifact(
+        config,
+        folder,
+        ExportOptions(class_names=class_names),
+        weights=weights,
+        progress=lambda step: progress(f"{name}: {step}"),
+    )
+    replace_file(_made_from_path(result.manifest_path), made_from.encode())
+    return result.manifest_path
+
+
+def _sha256(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"--weights {path} is not a file; give the checkpoint's path")
+    return _sha(path.read_bytes())
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 # Variants
@@ -211,8 +283,8 @@ def _variants(
     """Each variant the targets take, made once: reused when present and made from the same
     weights and calibration images; None where it failed its gate even after the rescue, with
     the reason in the second dict (by the variant's name)."""
-    wanted = {v for t in targets for v in TARGETS[t].variants if v != ("float32", None)}
-    made: dict[tuple[str, str | None], str | None] = {("float32", None): str(source.path)}
+    wanted = {v for t in targets for v in _spec(t).variants if v != _FP32}
+    made: dict[tuple[str, str | None], str | None] = {_FP32: str(source.path)}
     failed: dict[str, str] = {}
     made_from = f"{source.data['files']['weights']['sha256']} {_identity(str(images))}"
     for dtype, target in sorted(wanted, key=str):
@@ -281,36 +353,88 @@ def _options(source: Manifest, dtype: str, target: str | None, images: str | Pat
         window=(window["center"], window["width"]) if window else None,
         intensity_units=preprocess.get("units"),
         keep_accuracy=True,
+        class_names=tuple(source.data["class_names"]) if "class_names" in source.data else None,
     )
 
 
 def _candidates(
     variants: dict[tuple[str, str | None], str | None], targets: Sequence[str]
 ) -> list[Candidate]:
+    """Each (variant, backend) the targets take, once, knowing every target it serves."""
     found: dict[str, Candidate] = {}
     for target in targets:
-        spec = TARGETS[target]
+        spec = _spec(target)
         for variant in spec.variants:
             path = variants.get(variant)
             if path is None:
                 continue
             for backend in _target_backends(target):
-                if backend.endswith("bf16") and variant != ("float32", None):
+                if backend.endswith("bf16") and variant != _FP32:
                     continue  # bf16 computes float32 graphs; an INT8 graph runs as INT8
                 name = Path(path).stem
-                candidate = Candidate(path, name, backend, variant[0])
-                found.setdefault(candidate.key(), candidate)
+                if spec.engine is None:
+                    candidate = Candidate(path, name, backend, variant[0])
+                else:
+                    candidate = Candidate(path, name, target, variant[0], judged_on=backend)
+                found.setdefault(candidate.key(), candidate).targets.append(target)
     return list(found.values())
 
 
 def _target_backends(target: str) -> list[str]:
-    spec = TARGETS[target]
+    spec = _spec(target)
     extra = ["openvino:precision=bf16"] if spec.bf16 and _has_bf16() else []
     return [*spec.backends, *extra]
 
 
-def _backends(targets: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(b for t in targets for b in _target_backends(t)))
+def split_targets(text: str) -> list[str]:
+    """--targets' comma-separated words, where the compute capabilities after a colon
+    (tensorrt-rtx:8.9,12.0) stay with their target."""
+    found: list[str] = []
+    for word in (w.strip() for w in text.split(",")):
+        if re.fullmatch(r"\d+\.\d+", word) and found and ":" in found[-1]:
+            found[-1] += f",{word}"
+        elif word:
+            found.append(word)
+    return found
+
+
+def _spec(target: str) -> Target:
+    return TARGETS[target.partition(":")[0]]
+
+
+def _check_target(target: str) -> None:
+    """A known target, its GPUs valid for its flavour, and the flavour installed here: one
+    line otherwise, before any work."""
+    from resfuse.tensorrt_env import check_targets, flavour, import_flavour, parse_targets
+
+    name, colon, gpus = target.partition(":")
+    if name not in TARGETS:
+        raise ConfigError(f"target {name!r} is not one of {', '.join(TARGETS)}")
+    spec = TARGETS[name]
+    if spec.engine is None:
+        if colon:
+            raise ConfigError(f"target {name!r} takes no GPUs after a colon: give {name}")
+        return
+    entry = flavour(spec.engine)
+    if colon:
+        if not entry.targets:
+            raise ConfigError(
+                f"{name} builds on the GPU that runs it, which names its compute capability: "
+                f"give {name} without a colon"
+            )
+        check_targets(entry, parse_targets(gpus) or ())
+    try:
+        import_flavour(entry)
+    except BackendUnavailableError:
+        raise ConfigError(
+            f"target {name} needs {entry.label}, which is not installed here: {entry.install}; "
+            f"or leave {name} out of --targets"
+        ) from None
+
+
+def _folder(target: str) -> str:
+    """A target's deploy folder name: tensorrt-rtx:8.9,12.0 -> tensorrt-rtx."""
+    return target.partition(":")[0]
 
 
 @cache  # the machine does not change under a run; machine_info reads /proc and more
@@ -326,7 +450,7 @@ def _checked(candidate: Candidate, images: str | Path) -> dict[str, Any]:
     """resfuse-check's verdict on the user's images (in tiles where one is outside the
     artifact's range): passed, the worst error, and for a head the agreement and per-class
     Dice pooled over the images."""
-    backend, options = parse_spec(candidate.backend)
+    backend, options = parse_spec(candidate.runs_as())
     report = check_artifact(  # the user's images only, so every candidate is judged alike
         candidate.artifact, backend, shapes=[], images=images, tiling=_TILES, **options
     )
@@ -366,7 +490,7 @@ def _truth_dice(candidate: Candidate, truths: dict[str, Path]) -> dict[str, floa
     from resfuse.compare import label_agreement
     from resfuse.runtime.session import load
 
-    backend, options = parse_spec(candidate.backend)
+    backend, options = parse_spec(candidate.runs_as())
     results = []
     with load(candidate.artifact, backend, **options) as session:
         for image, mask_path in truths.items():
@@ -381,32 +505,44 @@ def _truth_dice(candidate: Candidate, truths: dict[str, Path]) -> dict[str, floa
     return {str(c): d for c, d in pooled(results, MaskGates()).dice.items()}
 
 
-def _timed(
-    source: Manifest,
-    variants: dict[tuple[str, str | None], str | None],
-    targets: Sequence[str],
-    shapes: list[Shape],
-    rounds: int,
-    iters: int,
-    threads: int | None,
-) -> dict[str, Any]:
-    also = [p for v, p in variants.items() if p and v != ("float32", None)]
-    return benchmark(
-        source.path,
-        backends=_backends(targets),
-        shapes=shapes,
-        also=also,
-        rounds=rounds,
-        iters=iters,
-        threads=threads,
-        warmup=1,
-    )
+# A fresh interpreter per candidate, so one's peak is not another's: resident memory at its
+# peak after the imports, then after loading the artifact and one call at the largest shape.
+_MEMORY = """
+import json, resource, sys
+import numpy as np
+from resfuse.runtime import load
+from resfuse.runtime.backend_spec import parse_spec
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+backend, options = parse_spec(sys.argv[2])
+shape = tuple(int(d) for d in sys.argv[3].split("x"))
+x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+base = peak()
+with load(sys.argv[1], backend, **options) as session:
+    session.run(x)
+print(json.dumps({"process": peak(), "model": peak() - base}))
+"""
+
+
+def _peak_memory(candidate: Candidate, shape: Shape) -> dict[str, float]:
+    """Peak resident memory (MiB) serving one call at `shape`: the whole process, and what
+    the artifact and its backend added to the imports'."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY, candidate.artifact, candidate.backend, format_shape(shape)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"measuring the memory of {candidate.key()} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _attach_latency(candidates: list[Candidate], timing: dict[str, Any]) -> None:
     for record in timing["records"]:
         for c in candidates:
-            if record["artifact"] == c.name and record["backend"] == c.backend:
+            if record["artifact"] == c.name and record["backend"] == c.backend and not c.judged_on:
                 c.latency_ms[format_shape(record["shape"])] = record["p50_ms"]
 
 
@@ -418,6 +554,9 @@ def _judge(
 ) -> None:
     """`passed` and the reasons it did not: the check, then each constraint (a Dice drop
     against ground truth where `original`, the PyTorch model scored on the masks, is given)."""
+    if "engine_error" in c.check:
+        c.passed, c.reasons = False, [f"the engine build failed: {c.check['engine_error']}"]
+        return
     reasons = (
         []
         if c.check.get("passed")
@@ -442,7 +581,9 @@ def _judge(
         if drop > constraints.max_dice_drop:
             reasons.append(f"Dice drop {drop:.4f} > {constraints.max_dice_drop:g}")
     missing = [s for s in serving if s not in c.latency_ms]
-    if missing:
+    if c.judged_on:
+        pass  # an engine target's candidate: its GPU is not here, so it is not timed
+    elif missing:
         reasons.append(f"not timed at {', '.join(missing)}")
     elif constraints.latency_budget_ms is not None:
         largest = c.latency_ms[serving[-1]]
@@ -454,8 +595,14 @@ def _judge(
 
 
 def _choose(candidates: list[Candidate], serving: list[str]) -> Candidate | None:
+    """The fastest candidate that passes; where none could be timed here (an engine target,
+    whose GPU is elsewhere), the narrowest precision that passes, as its variants are listed
+    widest first."""
     passing = [c for c in candidates if c.passed]
-    return min(passing, key=lambda c: serving_ms(c, serving)) if passing else None
+    timed = [c for c in passing if c.latency_ms]
+    if timed:
+        return min(timed, key=lambda c: serving_ms(c, serving))
+    return passing[-1] if passing else None
 
 
 def _why_not(
@@ -464,23 +611,66 @@ def _why_not(
     """Every other candidate of the target and why it was not chosen."""
     found = {}
     for c in candidates:
-        if c.backend not in _target_backends(target) or c is chosen:
+        if target not in c.targets or c is chosen:
             continue
         if c.reasons:
             found[c.key()] = "; ".join(c.reasons)
+        elif chosen is not None and not chosen.latency_ms:
+            found[c.key()] = (
+                f"passes; not timed here (no {c.backend} GPU), and {chosen.precision} is the "
+                f"narrower precision that passes"
+            )
         elif chosen is not None:
             ratio = serving_ms(c, serving) / serving_ms(chosen, serving)
             found[c.key()] = f"passes, {ratio:.2f}x the chosen one's latency"
     return found
 
 
+def _engines(
+    candidates: list[Candidate], folder: Path, cache: _Cache, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """An engine per engine-target candidate, for the target's GPUs, in `folder` (TensorRT's
+    cache: a rerun finds them); a build that fails fails its candidate, with TensorRT's words."""
+    from resfuse.errors import ResfuseError
+    from resfuse.export.engines import find_or_build
+    from resfuse.tensorrt_env import parse_targets
+
+    engines = {}
+    for c in candidates:
+        if not c.judged_on:
+            continue
+        gpus = parse_targets(c.backend.partition(":")[2] or None)
+        built: list[str] = []
+
+        def heard(step: str, c: Candidate = c, built: list[str] = built) -> None:
+            built.append(step)
+            progress(f"{c.key()}: {step}")
+
+        try:
+            engine = find_or_build(
+                c.artifact, cache_dir=folder, engine=_spec(c.backend).engine, targets=gpus,
+                progress=heard,
+            )  # fmt: skip
+        except ResfuseError as exc:
+            c.check = {"passed": False, "engine_error": str(exc)}
+            progress(f"{c.key()}: the engine build failed: {exc}")
+            continue
+        if not built:
+            cache.reused.append(f"engine: {engine.record.path.name}")
+        c.engine, engines[c.key()] = str(engine.record.path), engine
+    return engines
+
+
 # Outputs
 
 
-def _deploy(candidate: Candidate, folder: Path) -> None:
-    """The chosen artifact's manifest and files, a Triton model repository, and the lines
-    that run it."""
+def _deploy(candidate: Candidate, folder: Path, engine: Any = None) -> None:
+    """The chosen artifact's manifest and files (and its engine, under engines/), a Triton
+    model repository (not for TensorRT-RTX, which Triton does not run), and the lines that
+    run it."""
+    from resfuse.export.engines import export_engine
     from resfuse.export.triton import TritonOptions, write_triton_repo
+    from resfuse.runtime.backend_spec import format_spec
 
     manifest = Path(candidate.artifact)
     if folder.exists():
@@ -488,7 +678,13 @@ def _deploy(candidate: Candidate, folder: Path) -> None:
     folder.mkdir(parents=True)
     for name in [manifest.name, *named_files(manifest)]:
         shutil.copy2(manifest.parent / name, folder / name)
-    backend, options = parse_spec(candidate.backend)
+    triton, plan = TritonOptions(), None
+    if engine is None:
+        backend, options = parse_spec(candidate.backend)
+    else:  # found by the runner in engines/, never rebuilt on the device
+        plan = export_engine(engine, folder / "engines")
+        options = {"flavour": _folder(candidate.backend), "cache_dir": "engines", "rebuild": False}
+        backend, triton = "tensorrt", TritonOptions(kind="gpu")
     args = "".join(f", {k}={v!r}" for k, v in options.items())
     (folder / "run.py").write_text(
         "from resfuse import runtime\n\n"
@@ -496,9 +692,12 @@ def _deploy(candidate: Candidate, folder: Path) -> None:
         '    output = session.run("image.png")  # or an NCHW float32 array\n'
     )
     (folder / "COMMAND").write_text(
-        f"resfuse-predict {manifest.name} INPUT_DIR --output OUT --backend {candidate.backend}\n"
+        f"resfuse-predict {manifest.name} INPUT_DIR --output OUT "
+        f"--backend {format_spec(backend, options)}\n"
     )
-    write_triton_repo(folder / manifest.name, folder / "triton", TritonOptions())
+    if engine is None or engine.record.environment.flavour == "tensorrt":
+        # Triton's tensorrt_plan backend runs TensorRT's plans, not TensorRT-RTX's
+        write_triton_repo(folder / manifest.name, folder / "triton", triton, engine=plan)
 
 
 def _commands(

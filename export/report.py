@@ -30,6 +30,9 @@ def render(report: dict[str, Any]) -> str:
             figure_html("Latency against input size", _latency_plot(report, timed)),
             figure_html("Accuracy against latency", _pareto_plot(report, timed)),
             figure_html("Per-class Dice against the PyTorch original", _dice_plot(report)),
+            figure_html(
+                f"Peak memory serving {report['shapes'][-1]} (MiB)", _memory_plot(report, timed)
+            ),
             _candidates_table(report),
             _machine(report),
         ],
@@ -42,10 +45,10 @@ def _chosen(report: dict[str, Any]) -> str:
         if chosen is None:
             rows.append(f"<tr><td>{html.escape(target)}</td><td colspan=3>none passed</td></tr>")
             continue
-        ms = serving_ms(chosen, report["shapes"])
+        ms = f"{serving_ms(chosen, report['shapes']):.2f}" if chosen["latency_ms"] else "not timed"
         rows.append(
             f"<tr><td>{html.escape(target)}</td><td>{html.escape(chosen['candidate'])}</td>"
-            f"<td>{ms:.2f}</td><td>deploy/{html.escape(target)}/</td></tr>"
+            f"<td>{ms}</td><td>deploy/{html.escape(target.partition(':')[0])}/</td></tr>"
         )
     why = "".join(
         f"<li><b>{html.escape(target)}</b>: {html.escape(k)}: {html.escape(v)}</li>"
@@ -129,6 +132,26 @@ def _dice_plot(report: dict[str, Any]) -> str:
     return svg(figure)
 
 
+def _memory_plot(report: dict[str, Any], timed: list[dict[str, Any]]) -> str:
+    """Per candidate, a bar of the process' peak resident memory and one of what loading the
+    artifact and one call added to the imports'."""
+    plt = pyplot()
+
+    measured = [c for c in timed if c.get("memory_mib")]
+    if not measured:
+        return "<p>Nothing was timed here, so no memory was measured.</p>"
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for i, c in enumerate(measured):
+        memory = c["memory_mib"]
+        axes.bar([i - 0.2, i + 0.2], [memory["process"], memory["model"]], 0.4,
+                 color=["#888", "#1f77b4"], gid=_gid(c))  # fmt: skip
+    axes.set_xticks(range(len(measured)), [c["candidate"] for c in measured], rotation=15,
+                    fontsize=7, ha="right")  # fmt: skip
+    axes.set_ylabel("peak RSS (MiB): process (grey), artifact + call (blue)")
+    plain_ticks(axes, x=False)
+    return svg(figure)
+
+
 def _candidates_table(report: dict[str, Any]) -> str:
     shapes = report["shapes"] + [s for s in report["sweep"] if s not in report["shapes"]]
     head = "".join(f"<th>{html.escape(s)} ms</th>" for s in shapes)
@@ -142,15 +165,18 @@ def _candidates_table(report: dict[str, Any]) -> str:
         agreement = c["check"].get("agreement")
         truth = c["check"].get("truth_dice")
         low = f"{min(truth.values()):.4f}" if truth else "-"
+        memory = c.get("memory_mib")
+        peak = f"{memory['process']:.0f} ({memory['model']:.0f})" if memory else "-"
         rows.append(
             f"<tr><td>{html.escape(c['candidate'])}</td><td class={verdict}>{verdict}</td>"
             f"<td>{'-' if agreement is None else f'{agreement:.4%}'}</td><td>{low}</td>"
-            f"<td>{c['check'].get('rel_l2', 0.0):.3g}</td>{cells}"
+            f"<td>{c['check'].get('rel_l2', 0.0):.3g}</td><td>{peak}</td>{cells}"
             f"<td>{html.escape('; '.join(c['reasons']))}</td></tr>"
         )
     return (
         "<h2>Every candidate</h2><table><tr><th>candidate</th><th>verdict</th>"
-        f"<th>agreement</th><th>min Dice vs masks</th><th>worst rel L2</th>{head}"
+        f"<th>agreement</th><th>min Dice vs masks</th><th>worst rel L2</th>"
+        f"<th>peak MiB (artifact + call)</th>{head}"
         "<th>why not</th></tr>"
         f"{''.join(rows)}</table>"
     )

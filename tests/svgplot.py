@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from functools import cached_property
 
 import numpy as np
 
@@ -26,11 +27,19 @@ def figures(page: str) -> dict[str, ET.Element]:
 
 
 class Axes:
-    """Pixel to data along x and y, fitted on the tick marks (a linear axis)."""
+    """Pixel to data along x and y, fitted on the tick marks (a linear axis); an axis is read
+    when first used (a bar chart's x ticks are names)."""
 
     def __init__(self, figure: ET.Element) -> None:
-        self.x = self._fit(figure, "xtick", 0)
-        self.y = self._fit(figure, "ytick", 1)
+        self.figure = figure
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        return self._fit(self.figure, "xtick", 0)
+
+    @cached_property
+    def y(self) -> np.ndarray:
+        return self._fit(self.figure, "ytick", 1)
 
     @staticmethod
     def _fit(figure: ET.Element, kind: str, along: int) -> np.ndarray:

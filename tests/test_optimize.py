@@ -49,6 +49,23 @@ def test_the_choice_is_the_fastest_candidate_that_passes_every_gate_and_constrai
     assert not fast.passed and _choose([fast_failing, fast], SERVING) is None
 
 
+def test_untimed_engine_candidates_choose_the_narrowest_precision_that_passes() -> None:
+    from resfuse.export.optimize import split_targets
+
+    assert split_targets("cpu,tensorrt-rtx:8.9,12.0,openvino") == [
+        "cpu", "tensorrt-rtx:8.9,12.0", "openvino"
+    ]  # fmt: skip
+    wide, narrow = (Candidate(f"/a/{n}.json", n, "tensorrt-rtx", p, judged_on="onnxruntime")
+                    for n, p in (("fp32", "float32"), ("fp16", "float16")))  # fmt: skip
+    for c, passed in ((wide, True), (narrow, True)):
+        c.check = {"passed": passed, "rel_l2": 0.0}
+        _judge(c, Constraints(latency_budget_ms=1.0), SERVING)  # untimed: no budget to judge
+    assert wide.passed and _choose([wide, narrow], SERVING) is narrow
+    narrow.check["passed"] = False
+    _judge(narrow, Constraints(), SERVING)
+    assert _choose([wide, narrow], SERVING) is wide
+
+
 def test_a_dice_drop_against_ground_truth_is_judged_from_the_originals() -> None:
     original = _candidate("torch", (9.0, 9.0), True, truth_dice={"0": 0.9, "1": 0.6})
     fine = _candidate("int8", (1.0, 1.0), True, truth_dice={"0": 0.89, "1": 0.595})
@@ -95,7 +112,7 @@ def optimized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, obj
     config = ModelConfig("masked", stage=3, in_channels=1, num_classes=3, features=16)
     source = export_artifact(config, root / "art", ExportOptions(max_size=256, max_batch=2))
     args = [str(source.manifest_path), "--images", str(images), "--masks", str(masks)]
-    args += ["--shapes", "1x1x128x128"]
+    args += ["--shapes", "1x1x128x128", "--targets", "cpu,tensorrt-rtx:8.9,12.0"]
     args += ["--sweep", "64,128", "--rounds", "2", "--iters", "2", "-o", str(root / "out")]
     first = invoke(optimize_main, *args)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -107,7 +124,7 @@ def optimized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, obj
 @pytest.mark.slow
 def test_the_command_chooses_the_fastest_passing_candidate_by_its_own_numbers(optimized) -> None:
     out, report, _ = optimized
-    candidates = report["candidates"]
+    candidates = [c for c in report["candidates"] if "cpu" in c["targets"]]
     assert {c["precision"] for c in candidates} == {"float32", "int8"}
     passing = [c for c in candidates if c["passed"]]
     expected = min(passing, key=lambda c: serving_ms(c, report["shapes"]))
@@ -123,25 +140,52 @@ def test_the_command_chooses_the_fastest_passing_candidate_by_its_own_numbers(op
     assert report["machine"]["cpu_flags"]
     # Dice against the ground-truth masks, for the original and every candidate
     assert set(report["original_truth_dice"]) <= {"0", "1", "2"} and report["original_truth_dice"]
-    assert all(0 <= d <= 1 for c in candidates for d in c["check"]["truth_dice"].values())
+    assert all(0 <= d <= 1 for c in report["candidates"] for d in c["check"]["truth_dice"].values())
     page = (out / "report.html").read_text()
     assert "min Dice vs masks" in page
 
 
 @pytest.mark.slow
-def test_a_rerun_reuses_every_variant_check_and_timing(optimized) -> None:
+def test_an_rtx_target_gets_engines_for_its_gpus_judged_on_their_graphs(optimized) -> None:
+    """TensorRT-RTX engines are built here for the named GPUs; no RTX GPU runs them here, so
+    each variant is judged on its ONNX graph, untimed, and the narrowest that passes is chosen
+    and deployed with its engine."""
+    out, report, _ = optimized
+    target = "tensorrt-rtx:8.9,12.0"
+    rtx = [c for c in report["candidates"] if target in c["targets"]]
+    assert {c["precision"] for c in rtx} == {"float32", "float16"}
+    for c in rtx:
+        assert c["judged_on"] == "onnxruntime" and not c["latency_ms"]
+        engine = json.loads(Path(c["engine"]).read_text())
+        assert engine["environment"]["compute_capability"] == "8.9,12.0"
+    passing = [c for c in rtx if c["passed"]]
+    narrowest = next((c for c in passing if c["precision"] == "float16"), passing[0])
+    assert report["chosen"][target]["candidate"] == narrowest["candidate"]
+    deployed = out / "deploy" / "tensorrt-rtx"
+    assert list((deployed / "engines").glob("*.plan"))
+    assert "flavour='tensorrt-rtx'" in (deployed / "run.py").read_text()
+    assert not (deployed / "triton").exists()  # Triton runs TensorRT plans, not RTX's
+    assert "not timed" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_every_variant_check_engine_and_timing(optimized) -> None:
     out, report, again = optimized
     assert "reused" in again.stdout
-    # every check, every score against the masks and the one timing
-    assert len(report["reused"]) == len(list((out / "cache").glob("*.json")))
-    assert len(report["reused"]) == 2 * len(report["candidates"]) + 2
+    engines = [r for r in report["reused"] if r.startswith("engine:")]
+    assert len(engines) == 2
+    # every check, every score against the masks, the one timing and each timed one's memory
+    checks = len(report["reused"]) - len(engines)
+    timed = [c for c in report["candidates"] if c["latency_ms"]]
+    assert checks == 2 * len(report["candidates"]) + 2 + len(timed)
+    assert len(list((out / "cache").glob("*.json"))) < checks  # the RTX fp32 check is cpu's
 
 
 @pytest.mark.slow
 def test_the_report_is_self_contained_and_shows_the_reports_numbers(optimized) -> None:
     out, report, _ = optimized
     page = (out / "report.html").read_text()
-    assert page.count("<svg") == 3 and "<script" not in page
+    assert page.count("<svg") == 4 and "<script" not in page
     assert not re.findall(r"(?:src|href)=['\"]https?://", page)  # nothing fetched
     for c in report["candidates"]:  # the table is the report's numbers
         for ms in c["latency_ms"].values():
@@ -156,23 +200,30 @@ def _gid(candidate: dict) -> str:
 @pytest.mark.slow
 def test_the_plots_read_back_the_reports_numbers(optimized) -> None:
     """Every marker and bar, read back through its axis' tick labels, is report.json's value:
-    latency against size, accuracy against latency, Dice per class."""
+    latency against size, accuracy against latency (for what was timed), Dice per class."""
     from svgplot import Axes, figures
 
     out, report, _ = optimized
     plots = figures((out / "report.html").read_text())
     latency, accuracy = plots["Latency against input size"], plots["Accuracy against latency"]
     dice = plots["Per-class Dice against the PyTorch original"]
+    memory = next(plot for title, plot in plots.items() if title.startswith("Peak memory"))
     for c in report["candidates"]:
         series = f"c-{_gid(c)}"
+        classes = sorted(c["check"]["dice"], key=int)
+        heights = Axes(dice).bars(dice, series)
+        assert heights == pytest.approx([c["check"]["dice"][k] for k in classes], abs=2e-3)
+        if not c["latency_ms"]:
+            continue  # an RTX engine's candidate: untimed here, plotted only by its Dice
         want = [(_pixels(s), c["latency_ms"][s]) for s in report["sweep"]]
         _close(Axes(latency).points(latency, series), want)
         agreement = c["check"]["agreement"]
         _close(Axes(accuracy).points(accuracy, series),
                [(serving_ms(c, report["shapes"]), 1 - agreement)])  # fmt: skip
-        classes = sorted(c["check"]["dice"], key=int)
-        heights = Axes(dice).bars(dice, series)
-        assert heights == pytest.approx([c["check"]["dice"][k] for k in classes], abs=2e-3)
+        bars = Axes(memory).bars(memory, series)
+        assert bars == pytest.approx([c["memory_mib"]["process"], c["memory_mib"]["model"]],
+                                     rel=1e-3)  # fmt: skip
+        assert 0 <= c["memory_mib"]["model"] < c["memory_mib"]["process"]
 
 
 def _pixels(shape: str) -> int:
@@ -231,10 +282,55 @@ def test_bad_inputs_are_refused_in_one_line(exported, fp16, tmp_path: Path) -> N
     (images / "a.png").write_bytes(b"")
     cases = [
         ([path, "--images", str(tmp_path / "none")], "--images"),
-        ([path, "--images", str(images), "--targets", "tensorrt"], "resfuse-build"),
+        ([path, "--images", str(images), "--targets", "tensorrt"], "target tensorrt needs"),
+        ([path, "--images", str(images), "--targets", "tensorrt-rtx:9.0"], "capability 9.0"),
+        ([path, "--images", str(images), "--targets", "cpu:8.9"], "takes no GPUs"),
         ([path, "--images", str(images), "--sweep", "a,b"], "--sweep takes square sides"),
         ([str(fp16["masked"]), "--images", str(images)], "pass the float32 manifest"),
     ]
+    for args, text in cases:
+        proc = invoke(optimize_main, *args, "-o", str(tmp_path / "out"))
+        assert proc.returncode != 0 and text in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow  # one small export, then found again
+def test_it_starts_from_a_checkpoint_and_reuses_that_export(tmp_path: Path) -> None:
+    import torch
+
+    from resfuse.export.optimize import from_checkpoint
+    from resfuse.models import build_model
+    from resfuse.weights import save_weights
+
+    config = ModelConfig("masked", stage=2, in_channels=1, num_classes=2, features=8)
+    torch.manual_seed(1)
+    save_weights(build_model(**config.to_dict(), pretrained=False), tmp_path / "w.safetensors")
+    heard: list[str] = []
+    made = from_checkpoint(config, tmp_path / "art", tmp_path / "w.safetensors",
+                           ("background", "lesion"), heard.append)  # fmt: skip
+    manifest = json.loads(made.read_text())
+    assert (
+        manifest["class_names"] == ["background", "lesion"] and manifest["precision"] == "float32"
+    )
+    again = from_checkpoint(config, tmp_path / "art", tmp_path / "w.safetensors",
+                            ("background", "lesion"), heard.append)  # fmt: skip
+    assert again == made and heard[-1] == f"reusing {made.name}"
+    other = from_checkpoint(config, tmp_path / "art", tmp_path / "w.safetensors",
+                            ("background", "tumour"), heard.append)  # fmt: skip
+    assert heard[-1] != f"reusing {made.name}"  # other names: exported again
+    assert json.loads(other.read_text())["class_names"] == ["background", "tumour"]
+
+
+def test_a_checkpoint_or_an_artifact_not_both_nor_neither(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    cases = [
+        (["--images", str(images)], "give a float32 ARTIFACT, or --method"),
+        (["a.json", "--backbone", "resnet34", "--images", str(images)], "--backbone defines"),
+        (["a.json", "--method", "masked", "--images", str(images)], "--method defines"),
+        (["--method", "masked", "--weights", str(tmp_path / "no.pt"), "--images", str(images)],
+         "is not a file"),
+    ]  # fmt: skip
     for args, text in cases:
         proc = invoke(optimize_main, *args, "-o", str(tmp_path / "out"))
         assert proc.returncode != 0 and text in proc.stderr, proc.stderr
