@@ -26,13 +26,15 @@ demo: $(STAMP)
 		--shapes 1x3x512x512 --output artifacts/optimized
 
 # The artifacts on an emulated aarch64 CPU against x86 (benchmarks/edge_check.py, docs/edge.md):
-# the demo's float32, its fp16 variant and resfuse-optimize's INT8 by default
+# the demo's float32, its fp16 variant and resfuse-optimize's INT8 by default, on a Cortex-A76
+# (EDGE_CPU=cortex-a72: a core without FP16 arithmetic)
 EDGE_DEMO := artifacts/masked-resnet18.json artifacts/masked-resnet18-fp16.json \
 	artifacts/optimized/artifacts/masked-resnet18-int8.json
 ARTIFACTS ?= $(EDGE_DEMO)
+EDGE_CPU  ?= cortex-a76
 
 edge-check: $(STAMP) $(filter $(EDGE_DEMO),$(ARTIFACTS))
-	$(BIN)/python benchmarks/edge_check.py $(ARTIFACTS)
+	$(BIN)/python benchmarks/edge_check.py --cpu $(EDGE_CPU) $(ARTIFACTS)
 
 artifacts/masked-resnet18.json artifacts/optimized/artifacts/masked-resnet18-int8.json:
 	$(MAKE) demo

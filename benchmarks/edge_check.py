@@ -233,6 +233,12 @@ def runtime_requirements() -> list[str]:
                 f"{requirement.name} is not installed here, so its version cannot be matched on "
                 f"aarch64; run make (the venv's set-up) first"
             ) from exc
+    heavy = [pin for pin in pins if pin.split("==")[0] in ("torch", "torchvision")]
+    if heavy:  # an edge box runs the ONNX artifact and nothing of PyTorch (issue 29)
+        raise ConfigError(
+            f"pyproject.toml's base install requires {', '.join(heavy)}; the edge check runs the "
+            f"runtime install, which must not: move them to the `export` extra"
+        )
     return sorted(pins)
 
 

@@ -4,14 +4,17 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from clirun import invoke
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
+from PIL import Image
 
 from resfuse.export.cli import main as export_main
 from resfuse.export.pipeline import ExportOptions, ExportResult, export_artifact
+from resfuse.export.quantize import Calibration
 from resfuse.models import METHODS, ModelConfig
 
 # Property tests draw new examples on every run (Hypothesis' built-in "ci" profile would fix
@@ -86,3 +89,31 @@ def int8_trt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stderr
     assert "masked-resnet18-int8-trt (int8)" in proc.stdout and "rel L2 <= 0.1" in proc.stdout
     return out / "masked-resnet18-int8-trt.json"
+
+
+def _photos(folder: Path, count: int = 3) -> Path:
+    """Smooth images with texture, as photographs are (not white noise)."""
+    folder.mkdir()
+    y, x = np.mgrid[0:96, 0:96] / 96.0
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), x * y], axis=-1)
+        pixels = (base - base.min()) / np.ptp(base) * 200 + rng.integers(0, 40, base.shape)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"photo{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def int8_on_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A head model's INT8 artifact calibrated (and so swept) on a folder of images, and that
+    folder; exported once for the run (check verdicts, the edge check)."""
+    root = tmp_path_factory.mktemp("verdicts")
+    photos = _photos(root / "photos")
+    options = ExportOptions(
+        max_size=128,
+        precision="int8",
+        calibration=Calibration(images=photos, count=3, size=96),
+        max_rel_l2=0.5,
+    )
+    config = ModelConfig("masked", num_classes=3)
+    return export_artifact(config, root / "a", options).manifest_path, photos

@@ -3,46 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from resfuse.errors import ConfigError
-from resfuse.export.pipeline import ExportOptions, export_artifact
-from resfuse.export.quantize import Calibration
-from resfuse.models import ModelConfig
 from resfuse.runtime.check import MaskGates, check_artifact, mask_agreement
 
 pytestmark = pytest.mark.slow  # INT8 and fp16 exports
-
-
-def _photos(folder: Path, count: int = 3) -> Path:
-    """Smooth images with texture, as photographs are (not white noise)."""
-    folder.mkdir()
-    y, x = np.mgrid[0:96, 0:96] / 96.0
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        base = np.stack([np.sin(3 * x + i), np.cos(2 * y - i), x * y], axis=-1)
-        pixels = (base - base.min()) / np.ptp(base) * 200 + rng.integers(0, 40, base.shape)
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"photo{i}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def int8_on_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A head model's INT8 artifact calibrated (and so swept) on a folder of images."""
-    root = tmp_path_factory.mktemp("verdicts")
-    photos = _photos(root / "photos")
-    options = ExportOptions(
-        max_size=128,
-        precision="int8",
-        calibration=Calibration(images=photos, count=3, size=96),
-        max_rel_l2=0.5,
-    )
-    config = ModelConfig("masked", num_classes=3)
-    return export_artifact(config, root / "a", options).manifest_path, photos
 
 
 def test_the_manifest_records_what_the_sweep_ran_on(int8_on_images, exported) -> None:

@@ -1,0 +1,142 @@
+"""The artifacts the suite made, on an emulated aarch64 CPU against x86 (benchmarks/edge_check.py):
+float32, fp16 and INT8 pass by their own gates, and an altered aarch64 output fails them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resfuse.errors import ConfigError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks/edge_check.py"
+SHAPES = "1x3x64x96"  # one small shape every artifact here takes (INT8's smallest is 64)
+
+# a Debian root to fetch (on a fresh clone) and minutes of emulated aarch64: marked slow too
+emulated = pytest.mark.skipif(
+    shutil.which("qemu-aarch64-static") is None or shutil.which("apt-get") is None,
+    reason="needs qemu-user-static and apt-get (.ci/run installs qemu as root with apt-get)",
+)
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, **env},
+    )
+
+
+def edge_check(tmp_path: Path, *artifacts: Path, cpu: str, alter: float = 0.0) -> tuple[Any, dict]:
+    report = tmp_path / f"edge-{cpu}-{alter}.json"
+    proc = run(
+        *map(str, artifacts),
+        "--shapes",
+        SHAPES,
+        "--cpu",
+        cpu,
+        "--json",
+        str(report),
+        "--alter-arm",
+        str(alter),
+    )
+    assert report.exists(), proc.stderr  # written whatever the verdict
+    return proc, json.loads(report.read_text())
+
+
+def verdicts(result: dict) -> dict[tuple[str, str], bool]:
+    return {(row["artifact"].split()[0], row["metric"]): row["passed"] for row in result["rows"]}
+
+
+@pytest.mark.slow
+@emulated
+def test_float32_and_int8_match_x86_on_a_cortex_a76_and_fp16_does_not(
+    exported, fp16, int8_on_images, tmp_path: Path
+) -> None:
+    """A Cortex-A76 (Raspberry Pi 5) has FP16 arithmetic, and ONNX Runtime runs a float16
+    graph's kernels in it there, where x86 computes them in float32: 0.6-0.8% relative L2 off
+    PyTorch, over the 0.5% the fp16 artifact was verified to (docs/edge.md)."""
+    float32, half, (int8, _) = exported["masked"].manifest_path, fp16["masked"], int8_on_images
+    proc, result = edge_check(tmp_path, float32, half, int8, cpu="cortex-a76")
+    assert result["aarch64"]["machine"] == "aarch64" and result["x86"]["machine"] == "x86_64"
+    assert result["aarch64"]["onnxruntime"] == result["x86"]["onnxruntime"]
+    assert verdicts(result) == {
+        ("masked-resnet18", "min atol"): True,  # float32: elementwise, the export's atol
+        ("masked-resnet18-fp16", "rel L2"): False,
+        ("masked-resnet18-int8", "rel L2"): True,
+        ("masked-resnet18-int8", "argmax agreement"): True,  # a head: its mask is gated
+        ("masked-resnet18-int8", "min class Dice"): True,
+    }
+    assert proc.returncode == 1 and "| verdict |" in proc.stdout
+
+
+@pytest.mark.slow
+@emulated
+def test_fp16_matches_x86_on_a_core_without_fp16_arithmetic(fp16, tmp_path: Path) -> None:
+    """A Cortex-A72 (Raspberry Pi 4) has none: ONNX Runtime computes in float32, as on x86."""
+    proc, result = edge_check(tmp_path, fp16["masked"], cpu="cortex-a72")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert verdicts(result) == {("masked-resnet18-fp16", "rel L2"): True}
+    assert max(row["value"] for row in result["rows"]) < 1e-5  # the same float32 arithmetic
+
+
+@pytest.mark.slow
+@emulated
+def test_an_altered_aarch64_output_fails(exported, int8_on_images, tmp_path: Path) -> None:
+    """Noise of 10% relative L2 on the aarch64 outputs: the float32 artifact fails its atol, and
+    the INT8 one, whose logits' rel L2 bound (0.5) lets it through, fails by its mask (argmax
+    agreement and Dice)."""
+    float32, (int8, _) = exported["masked"].manifest_path, int8_on_images
+    proc, result = edge_check(tmp_path, float32, int8, cpu="cortex-a76", alter=0.1)
+    assert proc.returncode == 1 and "misses its artifact's tolerance" in proc.stderr
+    assert verdicts(result) == {
+        ("masked-resnet18", "min atol"): False,
+        ("masked-resnet18-int8", "rel L2"): True,
+        ("masked-resnet18-int8", "argmax agreement"): False,
+        ("masked-resnet18-int8", "min class Dice"): False,
+    }
+
+
+def test_a_missing_artifact_or_qemu_is_one_line(tmp_path: Path) -> None:
+    proc = run(str(tmp_path / "nothing.json"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "no artifact manifest at" in proc.stderr and "make demo" in proc.stderr
+    (tmp_path / "a.json").write_text("{}")
+    proc = run(str(tmp_path / "a.json"), "--qemu", str(tmp_path / "qemu-aarch64"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "is not installed: apt-get install qemu-user-static" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt-get")
+def test_no_network_is_one_line(exported, tmp_path: Path) -> None:
+    """An unreachable archive (a proxy that refuses) is named, not a traceback."""
+    float32 = str(exported["masked"].manifest_path)
+    proc = run(float32, "--cache", str(tmp_path / "cache"), http_proxy="http://127.0.0.1:9")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot fetch Debian's arm64 package lists" in proc.stderr
+    assert "check that deb.debian.org can be reached" in proc.stderr
+
+
+def test_the_aarch64_install_is_the_one_without_torch(tmp_path: Path, monkeypatch) -> None:
+    """The wheels are the base install's dependencies, pinned to this venv's versions; a base
+    install that needs torch is refused, not fetched for aarch64."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import edge_check
+
+    pins = edge_check.runtime_requirements()
+    assert any(p.startswith("onnxruntime==") for p in pins) and "torch" not in str(pins)
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\ndependencies = ["numpy>=1.26", "torch>=2.9"]\n'
+    )
+    monkeypatch.setattr(edge_check, "REPO", tmp_path)
+    with pytest.raises(ConfigError, match="base install requires torch==.*move them to the"):
+        edge_check.runtime_requirements()
