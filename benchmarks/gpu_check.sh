@@ -13,8 +13,10 @@
 #     pytest hypothesis pillow pydicom polygraphy \
 #     tensorrt-rtx-cu12-libs==1.7.1.116 tensorrt-rtx-cu12-bindings==1.7.1.116
 #   pip wheel --no-deps --wheel-dir wheels tensorrt-rtx-cu12==1.7.1.116  # an sdist: pure Python
-# Optional: an onnxruntime-gpu wheel (ONNX Runtime's CUDA rows; PyPI's build wants CUDA 12
-# libraries), and torchvision where the machine lacks it (the build of its torch and CUDA).
+# Optional: an onnxruntime-gpu wheel (ONNX Runtime's CUDA EP path; PyPI's build wants CUDA 12
+# libraries, torch's CUDA 13 wheels bring 13: without them its tests skip, saying so), whole or
+# split where it is too big to carry whole (split -b 60M W.whl W.whl.part- gives W.whl.part-aa,
+# -ab, ...: joined here), and torchvision where the machine lacks it (the build of its torch).
 #
 # Steps, each under `timeout`, all within BUDGET seconds of the start (the whole check ends in
 # under 8 minutes); a step that fails or times out is recorded and the next one runs:
@@ -76,7 +78,7 @@ LOGS="$(cd "$LOGS" && pwd)"
 WORK="$(cd "$WORK" && pwd)"
 VENV="$WORK/venv"
 PY="$VENV/bin/python"
-export PYTHON WHEELS VENV PY PIP_CONFIG_FILE=/dev/null
+export PYTHON WHEELS WORK VENV PY PIP_CONFIG_FILE=/dev/null
 cd "$ROOT" || exit 1
 ROWS=()
 
@@ -102,15 +104,22 @@ EOF
 }
 
 install_wheels() {
+    local joined="$WORK/wheels" first
+    mkdir -p "$joined"
+    for first in "$WHEELS"/*.whl.part-aa; do  # a wheel carried in parts, joined in order
+        [ -e "$first" ] || continue
+        cat "${first%aa}"?? >"$joined/$(basename "${first%.part-aa}")" || return 1
+    done
     # Only what the machine lacks (a package it has, at any version, is never replaced: pip
     # would otherwise weigh reinstalling torch), one pip call each, so that a wheel missing from
     # WHEELS_DIR costs only its own package. No index, no pip configuration, no PIP_* variables:
     # pip sees WHEELS_DIR and nothing else.
     local pip=("$PY" -m pip --isolated --disable-pip-version-check --no-input install --no-index
-        --find-links "$WHEELS") missing=() req
+        --find-links "$WHEELS" --find-links "$joined") missing=() req
     "${pip[@]}" --no-deps -e . || missing+=(resfuse)
     local wanted=(pytest hypothesis pillow pydicom polygraphy tensorrt-rtx-cu12)
-    compgen -G "$WHEELS/onnxruntime_gpu-*.whl" >/dev/null && wanted+=(onnxruntime-gpu)
+    compgen -G "$WHEELS/onnxruntime_gpu-*.whl" >/dev/null ||
+        compgen -G "$joined/onnxruntime_gpu-*.whl" >/dev/null && wanted+=(onnxruntime-gpu)
     while read -r req; do
         "${pip[@]}" "$req" || missing+=("$req")
     done < <("$PY" - "${wanted[@]}" <<'EOF'

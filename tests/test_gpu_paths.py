@@ -58,6 +58,16 @@ NO_RTX_REFUSAL = _rtx_refusal_skip()
 cuda_ep = pytest.mark.skipif(NO_CUDA_EP is not None, reason=f"ORT CUDA EP: {NO_CUDA_EP}")
 
 
+def _ort_or_skip(path: Path, device: str, **options: object) -> runtime.Session:
+    """An ONNX Runtime session on `device`'s provider; a provider that cannot load here (its
+    CUDA or TensorRT libraries missing: onnxruntime-gpu for CUDA 12 beside torch's CUDA 13)
+    makes resfuse refuse the fallback, and the path is then not run, with that reason."""
+    try:
+        return runtime.load(path, "onnxruntime", device, **options)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"ORT {device} EP: {exc}")
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
     """PyTorch's reference in float32 (its default uses TF32 convolutions on Ampere and later)."""
@@ -78,7 +88,7 @@ def test_ort_cuda_matches_pytorch_on_the_gpu(exported, method: str) -> None:
     path = exported[method].manifest_path
     x = torch.randn(2, 3, 97, 131, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with (
-        runtime.load(path, "onnxruntime", "cuda") as ort_gpu,
+        _ort_or_skip(path, "cuda") as ort_gpu,
         runtime.load(path, "torch", "cuda") as ref,
     ):
         assert ort_gpu.runner.session.get_providers()[0] == "CUDAExecutionProvider"
@@ -95,7 +105,7 @@ def test_ort_cuda_runs_tiled(head_artifact: Path) -> None:
     through PyTorch on the GPU, and the two agree."""
     x = np.random.default_rng(0).standard_normal((1, 3, 512, 512), dtype=np.float32)
     with (
-        runtime.load(head_artifact, "onnxruntime", "cuda") as ort_gpu,
+        _ort_or_skip(head_artifact, "cuda") as ort_gpu,
         runtime.load(head_artifact, "torch", "cuda") as ref,
     ):
         out = np.asarray(ort_gpu.run(x, tile="auto"))
@@ -113,11 +123,10 @@ def test_ort_tensorrt_ep_matches_pytorch_on_the_gpu(exported, tmp_path: Path) ->
     they cannot be loaded the session would fall back, which resfuse refuses; that is a skip."""
     path = exported["masked"].manifest_path
     x = torch.randn(1, 3, 128, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    try:
-        session = runtime.load(path, "onnxruntime", "tensorrt", cache_dir=tmp_path)
-    except BackendUnavailableError as exc:
-        pytest.skip(f"ORT TensorRT EP: {exc}")
-    with session, runtime.load(path, "torch", "cuda") as ref:
+    with (
+        _ort_or_skip(path, "tensorrt", cache_dir=tmp_path) as session,
+        runtime.load(path, "torch", "cuda") as ref,
+    ):
         assert session.runner.session.get_providers()[0] == "TensorrtExecutionProvider"
         out, expected = session.run(x), ref.run(x)
     stats = compare(expected.cpu().numpy(), out.cpu().numpy(), CLOSE)
