@@ -33,10 +33,15 @@ _STYLE = (
 )
 
 
+CSP = "default-src 'none'; style-src 'unsafe-inline'"
+
+
 def html_page(title: str, sections: Sequence[str]) -> str:
     title = html.escape(title)
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
+        # the page may fetch nothing at all, wherever it is opened: no script, font or image
+        f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
         f"<title>{title}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{title}</h1>{''.join(sections)}</body></html>"
     )

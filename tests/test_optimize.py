@@ -186,7 +186,10 @@ def test_the_report_is_self_contained_and_shows_the_reports_numbers(optimized) -
     out, report, _ = optimized
     page = (out / "report.html").read_text()
     assert page.count("<svg") == 4 and "<script" not in page
-    assert not re.findall(r"(?:src|href)=['\"]https?://", page)  # nothing fetched
+    # nothing fetched: no remote src/href, no CSS url() but the SVG's own #clip-paths
+    assert not re.findall(r"(?:src|href)=['\"]https?://|url\((?!#)|@import", page)
+    # and nothing can be, wherever it is opened: the page forbids every fetch
+    assert "http-equiv='Content-Security-Policy' content=\"default-src 'none';" in page
     for c in report["candidates"]:  # the table is the report's numbers
         for ms in c["latency_ms"].values():
             assert f"<td>{ms:.2f}</td>" in page
