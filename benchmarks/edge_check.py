@@ -59,8 +59,8 @@ PACKAGES = (
 # glibc 2.36 runs every manylinux wheel up to 2_36; pip takes only the tags named
 PLATFORMS = [f"manylinux_2_{minor}_aarch64" for minor in range(36, 16, -1)]
 # The cores -cpu may name, with the /proc/cpuinfo Linux writes on them (see the docstring for why
-# the root carries one): a Raspberry Pi 5's Cortex-A76 has FP16 arithmetic and dot products
-# (ONNX Runtime then runs float16 and int8 kernels of their own), a Pi 4's Cortex-A72 has neither.
+# the root carries one): a Raspberry Pi 5's Cortex-A76 has FP16 arithmetic (ONNX Runtime then
+# runs float16 graphs in it) and int8 dot products, a Pi 4's Cortex-A72 has neither.
 CPUS = {
     "cortex-a76": (
         "0x4",
@@ -70,7 +70,7 @@ CPUS = {
     ),
     "cortex-a72": ("0x0", "0xd08", "3", "crc32 cpuid"),
 }
-ARM_TIMEOUT = 3600  # seconds for every aarch64 run together: emulation is ~30x slower
+ARM_TIMEOUT = 3600  # seconds for every aarch64 run together: a call took ~40x x86's here
 
 
 # The worker: runs in this venv and in the aarch64 root alike (stdlib, numpy and resfuse.runtime)
@@ -281,7 +281,8 @@ def install_project(folder: Path) -> Path:
 
 def run_x86(request: Path) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", str(request)]
-    return _versions(_run(command, "the x86 run", "see the error above the table"))
+    fix = "run resfuse-check on these artifacts here first"
+    return _versions(_run(command, "the x86 run", fix))
 
 
 def run_arm(request: Path, qemu: str, cpu: str, root: Path, path: list[Path]) -> dict[str, Any]:
@@ -295,10 +296,9 @@ def run_arm(request: Path, qemu: str, cpu: str, root: Path, path: list[Path]) ->
     }
     python = str(root / "usr/bin/python3.11")
     command = [qemu, "-cpu", cpu, "-L", str(root), python, __file__, "--worker", str(request)]
-    fix = "rerun with the command above to see the aarch64 traceback"
-    return _versions(
-        _run(command, f"the aarch64 run ({' '.join(command)})", fix, env=env, timeout=ARM_TIMEOUT)
-    )
+    what = f"the aarch64 run under {Path(qemu).name} -cpu {cpu}"
+    fix = "a SIGILL or SIGSEGV is the emulator's or the core's (docs/edge.md), else the runtime's"
+    return _versions(_run(command, what, fix, env=env, timeout=ARM_TIMEOUT))
 
 
 def _versions(stdout: str) -> dict[str, Any]:
