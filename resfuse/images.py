@@ -35,6 +35,7 @@ import numpy as np
 
 from resfuse.contract import InputContract
 from resfuse.errors import ConfigError, InputContractError
+from resfuse.optional import optional_module
 from resfuse.orientation import ORIENTATIONS, RADIOLOGICAL, InPlane, dicom_in_plane
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -128,12 +129,7 @@ def pil() -> Any:
 
 
 def pydicom() -> Any:
-    """The pydicom module, or an error naming the extra that installs it."""
-    try:
-        import pydicom as module
-    except ImportError as exc:
-        raise ConfigError("DICOM inputs need pydicom: pip install 'resfuse[dicom]'") from exc
-    return module
+    return optional_module("pydicom", "DICOM input", "dicom")
 
 
 def is_image(x: object) -> bool:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from resfuse.artifacts import Manifest, read_manifest
 from resfuse.errors import ConfigError, InputContractError, ResfuseError
+from resfuse.optional import optional_module
 from resfuse.runtime import seg
 from resfuse.runtime.session import Session, load
 
@@ -78,11 +79,7 @@ class Outcome:
 
 
 def dicomweb_client() -> Any:
-    try:
-        import dicomweb_client as module
-    except ImportError as exc:
-        raise ConfigError("--dicomweb needs dicomweb-client: pip install 'resfuse[dicom]'") from exc
-    return module
+    return optional_module("dicomweb_client", "--dicomweb", "dicom")
 
 
 def connect(connection: Connection) -> Any:

@@ -30,6 +30,7 @@ import numpy as np
 from resfuse.artifacts import Manifest
 from resfuse.errors import ConfigError, InputContractError
 from resfuse.images import _is_dicom, pydicom
+from resfuse.optional import optional_module
 from resfuse.runtime.session import Session
 from resfuse.runtime.volumes import (
     _batches,
@@ -49,12 +50,7 @@ _SHA_DIGITS = 16  # of the ONNX sha256 in the SEG's description: enough to tell 
 
 
 def highdicom() -> Any:
-    """The highdicom module, or an error naming the extra that installs it."""
-    try:
-        import highdicom as module
-    except ImportError as exc:
-        raise ConfigError("DICOM SEG output needs highdicom: pip install 'resfuse[dicom]'") from exc
-    return module
+    return optional_module("highdicom", "DICOM SEG output", "dicom")
 
 
 def check_seg_type(seg_type: str) -> str:
