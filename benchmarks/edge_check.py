@@ -33,6 +33,7 @@ how a test proves the comparison can fail.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -42,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +190,14 @@ def ensure_root(cache: Path) -> Path:
             _run(["dpkg", "-x", str(deb), str(unpacked)], f"dpkg -x {deb.name}", "remove .edge/")
         unpacked.rename(root)
     return root
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    """One run at a time builds in `cache`: two apt-gets on one private state break each other."""
+    with open(cache / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def cpu_root(root: Path, cpu: str) -> Path:
@@ -466,8 +477,9 @@ def edge_check(args: argparse.Namespace) -> dict[str, Any]:
     shapes = parse_shapes(args.shapes) if args.shapes else None
     qemu = find_qemu(args.qemu)
     args.cache.mkdir(parents=True, exist_ok=True)
-    root = cpu_root(ensure_root(args.cache), args.cpu)
-    wheels = ensure_wheels(args.cache, runtime_requirements())
+    with _locked(args.cache):
+        root = cpu_root(ensure_root(args.cache), args.cpu)
+        wheels = ensure_wheels(args.cache, runtime_requirements())
     with tempfile.TemporaryDirectory(prefix="resfuse-edge-") as tmp:
         folder = Path(tmp)
         project = install_project(folder)
