@@ -23,6 +23,7 @@ from typing import Any
 
 from resfuse.artifacts import Manifest
 from resfuse.errors import BackendUnavailableError, ConfigError
+from resfuse.torch_extra import require_torch
 
 _TEGRA_RELEASE = "/etc/nv_tegra_release"  # Jetson and DRIVE boards (L4T) carry this file
 
@@ -246,7 +247,9 @@ def _local_target() -> tuple[str, ...]:
 
 
 def _cuda_device() -> tuple[str, str]:
-    """(GPU name, compute capability) of torch's current CUDA device."""
+    """(GPU name, compute capability) of torch's current CUDA device; without torch (the base
+    install), a TorchMissingError, a BackendUnavailableError: no GPU torch could see."""
+    require_torch("resfuse's TensorRT path (torch finds the GPU and holds its memory)")
     import torch
 
     if not torch.cuda.is_available():
