@@ -1,13 +1,15 @@
 """DICOM SEG output (resfuse-predict --format seg) from a CT series of real slices and from one
-DICOM file: valid by David Clunie's dciodvfy, read back by highdicom and by plain pydicom +
-numpy (pydicom-seg pins jsonschema < 4 and cannot share this environment; dcmqi has no wheel),
-its label map equal to resfuse's own mask (the NIfTI and PNG outputs) frame by frame at the
+DICOM file: valid by David Clunie's dciodvfy, read back by highdicom, by pydicom-seg (in a venv
+of its own: it pins jsonschema < 4, which the dev set-up cannot take) and by plain pydicom +
+numpy, its label map equal to resfuse's own mask (the NIfTI and PNG outputs) frame by frame at the
 same ImagePositionPatient, its references resolving to the source instances."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,62 @@ def test_highdicom_reads_the_same_label_map(outputs: dict[str, Path]) -> None:
     )
     for k, uid in enumerate(uids):
         np.testing.assert_array_equal(labels[k], expected[uid])
+
+
+# pydicom-seg's reader, run in its own venv: the label volume, and where SimpleITK puts it
+_PYDICOM_SEG = """
+import json, sys
+import numpy as np, pydicom, pydicom_seg
+result = pydicom_seg.MultiClassReader().read(pydicom.dcmread(sys.argv[1]))
+np.save(sys.argv[2], result.data)
+image = result.image
+print(json.dumps({"origin": image.GetOrigin(), "spacing": image.GetSpacing(),
+                  "direction": image.GetDirection()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def pydicom_seg_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    venv = tmp_path_factory.mktemp("pydicom-seg") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    # 0.4.1, its last release, imports a module pydicom 3 no longer has
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "pydicom-seg==0.4.1",
+                           "pydicom<3"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"pydicom-seg could not be installed here: {last}")
+    return python
+
+
+def test_pydicom_seg_reads_the_same_label_map_at_the_same_positions(
+    outputs: dict[str, Path], pydicom_seg_python: Path, tmp_path: Path
+) -> None:
+    """An independent reader (pydicom-seg, SimpleITK geometry): each plane of its label volume,
+    placed by its origin, direction and spacing, is resfuse's mask of the source slice there;
+    slices it leaves out (empty frames are omitted) are all background."""
+    by_uid = sources(outputs["series"])
+    expected = nifti_slices(outputs["nifti"], by_uid)
+    labels_path = tmp_path / "labels.npy"
+    proc = subprocess.run(
+        [str(pydicom_seg_python), "-c", _PYDICOM_SEG, str(outputs["binary"]), str(labels_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    geometry = json.loads(proc.stdout.strip().splitlines()[-1])
+    origin = np.asarray(geometry["origin"])
+    normal = np.asarray(geometry["direction"]).reshape(3, 3)[:, 2]
+    seen = set()
+    for z, plane in enumerate(np.load(labels_path)):
+        position = origin + normal * geometry["spacing"][2] * z
+        (uid,) = [u for u, ds in by_uid.items() if _distance(ds, position) < 1e-2]
+        np.testing.assert_array_equal(plane, expected[uid])
+        seen.add(uid)
+    assert seen and all(not expected[u].any() for u in set(by_uid) - seen)
+
+
+def _distance(source: object, position: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(source.ImagePositionPatient, float) - position))  # type: ignore[attr-defined]
 
 
 def test_fractional_seg_holds_each_class_probability(outputs: dict[str, Path]) -> None:
