@@ -13,7 +13,6 @@ they judged), so a Ctrl-C loses only the step in flight.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -25,8 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from resfuse.artifacts import Manifest, named_files, read_manifest, replace_file, write_json
+from resfuse.artifacts import (
+    Manifest,
+    named_files,
+    read_manifest,
+    replace_file,
+    sha256_of,
+    write_json,
+)
 from resfuse.compare import MaskGates, pooled
+from resfuse.engine_manifest import digest
 from resfuse.environment import library_versions
 from resfuse.errors import BackendUnavailableError, ConfigError, ParityError
 from resfuse.export.pipeline import ExportOptions, artifact_name, export_artifact
@@ -216,6 +223,7 @@ def optimize(
         "original_truth_dice": original.check["truth_dice"] if original else None,
         "candidates": [c.to_dict() for c in candidates],
         "chosen": {t: (c.to_dict() if c else None) for t, c in chosen.items()},
+        "deploy": {t: f"deploy/{_folder(t)}" for t, c in chosen.items() if c is not None},
         "why_not": {t: _why_not(candidates, c, t, serving) for t, c in chosen.items()},
         "failed_variants": failed,
         "reused": cache.reused,
@@ -226,7 +234,7 @@ def optimize(
     write_json(output / "report.json", report)
     for target, candidate in chosen.items():
         if candidate is not None:
-            _deploy(candidate, output / "deploy" / _folder(target), engines.get(candidate.key()))
+            _deploy(candidate, output / report["deploy"][target], engines.get(candidate.key()))
     write_html(report, output / "report.html")
     return report
 
@@ -241,8 +249,8 @@ def from_checkpoint(
     """The float32 artifact of `config` with `weights` (None: seeded random init) in `folder`,
     exported as resfuse-export does with its defaults, or reused when already made from the
     same weights, model and class names."""
-    what = json.dumps([dataclasses.asdict(config), class_names])
-    made_from = f"{_sha256(weights) if weights else 'random-init'} {_sha(what.encode())}"
+    model = digest([dataclasses.asdict(config), class_names])
+    made_from = f"{_weights_sha256(weights) if weights else 'random-init'} {model}"
     name = artifact_name(config, "float32", None, None)
     found = _reusable(folder, name, made_from)
     if found is not None:
@@ -260,14 +268,10 @@ def from_checkpoint(
     return result.manifest_path
 
 
-def _sha256(path: Path) -> str:
+def _weights_sha256(path: Path) -> str:
     if not path.is_file():
         raise ConfigError(f"--weights {path} is not a file; give the checkpoint's path")
-    return _sha(path.read_bytes())
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return sha256_of(path)
 
 
 # Variants
@@ -723,8 +727,7 @@ class _Cache:
         self.reused: list[str] = []
 
     def get_or(self, key: tuple[str, ...], make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        digest = hashlib.sha256(json.dumps([_identity(k) for k in key]).encode()).hexdigest()
-        path = self.folder / f"{key[0]}-{digest[:16]}.json"
+        path = self.folder / f"{key[0]}-{digest([_identity(k) for k in key])[:16]}.json"
         if path.is_file():
             self.reused.append(f"{key[0]}: {' '.join(Path(k).name for k in key[1:3])}")
             return json.loads(path.read_text())  # type: ignore[no-any-return]
@@ -738,8 +741,8 @@ def _identity(part: str) -> str:
     """A manifest path stands for its bytes; an image folder for its files' names and sizes."""
     path = Path(part)
     if path.is_file() and path.suffix == ".json":
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_of(path)
     if path.is_dir():
         files = sorted((str(p.relative_to(path)), p.stat().st_size) for p in image_files(path))
-        return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+        return digest(files)
     return part

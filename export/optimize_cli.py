@@ -140,7 +140,7 @@ def main(
             if chosen["latency_ms"]
             else "not timed here (no GPU)"
         )
-        folder = output / "deploy" / target.partition(":")[0]
+        folder = output / report["deploy"][target]
         out.print(
             f"{target}: {chosen['candidate']}, {speed} -> {folder}",
             highlight=False,

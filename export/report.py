@@ -48,7 +48,7 @@ def _chosen(report: dict[str, Any]) -> str:
         ms = f"{serving_ms(chosen, report['shapes']):.2f}" if chosen["latency_ms"] else "not timed"
         rows.append(
             f"<tr><td>{html.escape(target)}</td><td>{html.escape(chosen['candidate'])}</td>"
-            f"<td>{ms}</td><td>deploy/{html.escape(target.partition(':')[0])}/</td></tr>"
+            f"<td>{ms}</td><td>{html.escape(report['deploy'][target])}/</td></tr>"
         )
     why = "".join(
         f"<li><b>{html.escape(target)}</b>: {html.escape(k)}: {html.escape(v)}</li>"
