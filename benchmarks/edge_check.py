@@ -16,8 +16,9 @@ what a user sees). Prints a table, writes --json, exits 1 on any miss.
 
 Versions, and why: ONNX Runtime is the one this venv runs (1.32.0 when written), so the two sides
 differ in the CPU, not the version; qemu is the system's (Debian 12: qemu-user-static 7.2), with
---cpu cortex-a76 (a Raspberry Pi 5's core: FP16 arithmetic, in which ONNX Runtime then runs
-float16 graphs, and int8 dot products) or cortex-a72 (a Pi 4's: neither). ONNX Runtime 1.28
+--cpu cortex-a76 (a Raspberry Pi 5's core: FP16 arithmetic, on which the runtime widens
+float16 graphs to float32 unless --fp16-arithmetic native, and int8 dot products) or
+cortex-a72 (a Pi 4's: neither). ONNX Runtime 1.28
 and later segfault while their module loads under qemu 7.2, at every -cpu model (1.19.2 to 1.27.0
 load): qemu 7.2's user mode hands the guest the host's x86 /proc/cpuinfo, in which the cpuinfo
 library that ONNX Runtime uses to detect ARM cores finds no ARM processor, and a NULL it then
@@ -62,8 +63,8 @@ PACKAGES = (
 # glibc 2.36 runs every manylinux wheel up to 2_36; pip takes only the tags named
 PLATFORMS = [f"manylinux_2_{minor}_aarch64" for minor in range(36, 16, -1)]
 # The cores -cpu may name, with the /proc/cpuinfo Linux writes on them (see the docstring for why
-# the root carries one): a Raspberry Pi 5's Cortex-A76 has FP16 arithmetic (ONNX Runtime then
-# runs float16 graphs in it) and int8 dot products, a Pi 4's Cortex-A72 has neither.
+# the root carries one): a Raspberry Pi 5's Cortex-A76 has FP16 arithmetic (ONNX Runtime's
+# float16 kernels run in it) and int8 dot products, a Pi 4's Cortex-A72 has neither.
 CPUS = {
     "cortex-a76": (
         "0x4",
@@ -86,9 +87,12 @@ def worker(request_path: str) -> None:
     from resfuse import runtime
 
     request = json.loads(Path(request_path).read_text())
-    timings = []
+    timings, arithmetic = [], {}
     for job in request["jobs"]:
-        with runtime.load(job["artifact"]) as session:
+        with runtime.load(job["artifact"], fp16_arithmetic=request["fp16_arithmetic"]) as session:
+            said = session.runner.describe().get("fp16_arithmetic")
+            if said:  # a float16 graph: what this CPU computed it in
+                arithmetic[session.manifest.path.stem] = said
             for case in job["cases"]:
                 start = time.perf_counter()
                 out = np.asarray(session.run(np.load(case["input"])))
@@ -100,6 +104,7 @@ def worker(request_path: str) -> None:
         "numpy": np.__version__,
         "onnxruntime": onnxruntime.__version__,
         "seconds_per_call": round(float(np.median(timings)), 3) if timings else None,
+        "fp16_arithmetic": arithmetic,
     }
     print(json.dumps(versions))
 
@@ -343,13 +348,16 @@ def plan(artifacts: list[Path], shapes: list[Any] | None, folder: Path) -> list[
     return jobs
 
 
-def _request(folder: Path, side: str, jobs: list[dict[str, Any]], alter: float) -> Path:
+def _request(
+    folder: Path, side: str, jobs: list[dict[str, Any]], alter: float, fp16_arithmetic: str
+) -> Path:
     sided = [
         {**job, "cases": [{**c, "output": f"{c['stem']}-{side}.npy"} for c in job["cases"]]}
         for job in jobs
     ]
     path = folder / f"{side}.json"
-    path.write_text(json.dumps({"jobs": sided, "alter": alter}))
+    request = {"jobs": sided, "alter": alter, "fp16_arithmetic": fp16_arithmetic}
+    path.write_text(json.dumps(request))
     return path
 
 
@@ -484,8 +492,8 @@ def edge_check(args: argparse.Namespace) -> dict[str, Any]:
         folder = Path(tmp)
         project = install_project(folder)
         jobs = plan(artifacts, shapes, folder)
-        x86 = run_x86(_request(folder, "x86", jobs, 0.0))
-        request = _request(folder, "arm", jobs, args.alter_arm)
+        x86 = run_x86(_request(folder, "x86", jobs, 0.0, args.fp16_arithmetic))
+        request = _request(folder, "arm", jobs, args.alter_arm, args.fp16_arithmetic)
         arm = run_arm(request, qemu, args.cpu, root, [project, wheels])
         rows = judge(jobs)
     qemu_version = _run([qemu, "--version"], "qemu --version", "reinstall qemu").splitlines()[0]
@@ -517,6 +525,13 @@ def main() -> None:
         default=REPO / ".edge",
         help="where the aarch64 root and wheels are kept [default: .edge/]",
     )
+    parser.add_argument(
+        "--fp16-arithmetic",
+        choices=("auto", "float32", "native"),
+        default="auto",
+        help="the onnxruntime backend's fp16_arithmetic on both sides [default: auto: float16 "
+        "graphs widened to float32 on a core with FP16 arithmetic; native: its float16 kernels]",
+    )
     parser.add_argument("--json", type=Path, help="write the table and versions here")
     parser.add_argument(
         "--alter-arm",
@@ -544,6 +559,11 @@ def main() -> None:
         f"ONNX Runtime {x86['onnxruntime']}, numpy {x86['numpy']})",
         highlight=False,
     )
+    for name, said in arm["fp16_arithmetic"].items():
+        out.print(
+            f"{name} computed in {said} on aarch64, in {x86['fp16_arithmetic'][name]} on x86",
+            highlight=False,
+        )
     out.print(table(result["rows"]), highlight=False, soft_wrap=True)
     if args.json:
         from resfuse.artifacts import write_json

@@ -8,9 +8,11 @@ so that tests can point the same code at a fake tree of real files.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -162,6 +164,28 @@ def cpu_flags(root: Path = ROOT) -> list[str]:
             amx = sorted(f for f in have if f.startswith("amx_"))
             return [f for f in _INFERENCE_FLAGS if f in have] + amx
     return []
+
+
+_AT_HWCAP, _HWCAP_ASIMDHP = 16, 1 << 10  # Linux arm64: getauxval's key, FP16 vector arithmetic
+
+
+@cache
+def fp16_arithmetic() -> bool:
+    """Whether this CPU has float16 vector arithmetic that ONNX Runtime's CPU provider computes
+    float16 nodes in: an ARM64 core with FEAT_FP16 (Armv8.2: Cortex-A55, A76, A78, Neoverse,
+    Apple silicon). MLAS has float16 kernels for ARM64 only; elsewhere a float16 graph runs in
+    float32 after casts. Read as ONNX Runtime reads it on Linux (the kernel's hwcaps, which an
+    emulator sets from its -cpu model); off Linux an ARM64 core is taken to have it."""
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):  # a libc without getauxval: the kernel's cpuinfo
+        return "asimdhp" in cpu_flags()
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return bool(getauxval(_AT_HWCAP) & _HWCAP_ASIMDHP)
 
 
 def cpu_model(root: Path = ROOT) -> str:
