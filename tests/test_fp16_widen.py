@@ -41,11 +41,14 @@ def _run(model: bytes, x: np.ndarray, **feeds: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x, **feeds})[0]
 
 
-def test_an_artifact_widened_holds_its_float16_weights_in_float32(fp16, exported) -> None:
-    """The suite's fp16 artifact: no float16 left, a valid model, every weight the float16 value
+@pytest.mark.parametrize("method", ["masked", "spp"])  # spp: its integral image kept float32
+def test_an_artifact_widened_holds_its_float16_weights_in_float32(
+    fp16, exported, method: str
+) -> None:
+    """The suite's fp16 artifacts: no float16 left, a valid model, every weight the float16 value
     exactly, and the output that of x86's ONNX Runtime on the float16 graph (which computes it in
     float32 after casts), still inside the artifact's gate against the float32 artifact."""
-    manifest = read_manifest(fp16["masked"])
+    manifest = read_manifest(fp16[method])
     half_bytes = manifest.read("onnx")
     half, wide = onnx.load_from_string(half_bytes), onnx.load_from_string(widen_float16(half_bytes))
     onnx.checker.check_model(wide, full_check=True)
@@ -62,11 +65,15 @@ def test_an_artifact_widened_holds_its_float16_weights_in_float32(fp16, exported
 
     x = np.random.default_rng(0).standard_normal((2, 3, 97, 131), dtype=np.float32)
     widened, as_shipped = _run(wide.SerializeToString(), x), _run(half_bytes, x)
-    original = _run(exported["masked"].onnx_path.read_bytes(), x)
-    rel = np.linalg.norm(widened - as_shipped) / np.linalg.norm(as_shipped)
-    assert rel < 1e-5, rel  # 4e-7 here: the same float32 arithmetic
-    off = np.linalg.norm(widened - original) / np.linalg.norm(original)
-    assert off <= manifest.tolerance.max_rel_l2, off
+    original = _run(exported[method].onnx_path.read_bytes(), x)
+    def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    # masked 4e-7: x86 computes all of it in float32; spp 1.4e-4: x86's ONNX Runtime still runs
+    # a few of its float16 nodes in float16, which the widened graph does not
+    assert rel_l2(widened, as_shipped) < 1e-3
+    off, shipped_off = rel_l2(widened, original), rel_l2(as_shipped, original)
+    assert off <= min(1.01 * shipped_off, manifest.tolerance.max_rel_l2), (off, shipped_off)
 
 
 def _tiny_graph() -> onnx.ModelProto:
