@@ -68,3 +68,32 @@ def cuda_driver_version() -> int:
         return 0
     version = ctypes.c_int(0)
     return version.value if libcuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else 0
+
+
+_CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, _MINOR
+
+
+def cuda_device(index: int = 0) -> tuple[str, str] | None:
+    """The name and compute capability ("9.0") of CUDA device `index`, numbered as
+    CUDA_VISIBLE_DEVICES makes them, read from the driver's libcuda: no torch (the base install
+    has none, and importing it costs seconds). None without a driver or that device. It
+    initialises the driver (cuInit), after which a fork cannot use CUDA: call it only in a
+    process about to run on the GPU."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    name = ctypes.create_string_buffer(256)
+    calls = (
+        lambda: libcuda.cuInit(0),
+        lambda: libcuda.cuDeviceGet(ctypes.byref(device), index),
+        lambda: libcuda.cuDeviceGetName(name, len(name), device),
+        lambda: libcuda.cuDeviceGetAttribute(ctypes.byref(major), _CC_MAJOR, device),
+        lambda: libcuda.cuDeviceGetAttribute(ctypes.byref(minor), _CC_MINOR, device),
+    )
+    if any(call() != 0 for call in calls):  # CUDA_SUCCESS is 0
+        return None
+    return name.value.decode(errors="replace"), f"{major.value}.{minor.value}"

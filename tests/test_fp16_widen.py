@@ -66,6 +66,7 @@ def test_an_artifact_widened_holds_its_float16_weights_in_float32(
     x = np.random.default_rng(0).standard_normal((2, 3, 97, 131), dtype=np.float32)
     widened, as_shipped = _run(wide.SerializeToString(), x), _run(half_bytes, x)
     original = _run(exported[method].onnx_path.read_bytes(), x)
+
     def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 

@@ -81,6 +81,16 @@ def _no_tf32():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_the_cuda_driver_names_the_gpu_torch_sees() -> None:
+    """The TensorRT EP's cache key reads the GPU from libcuda, not torch: the same GPU."""
+    from resfuse.runtime.cudart import cuda_device
+
+    capability = "{}.{}".format(*torch.cuda.get_device_capability(0))
+    assert cuda_device(0) == (torch.cuda.get_device_name(0), capability)
+
+
+@pytest.mark.gpu
 @cuda_ep
 @pytest.mark.parametrize("method", ["upsample", "spp", "masked"])
 def test_ort_cuda_matches_pytorch_on_the_gpu(exported, method: str) -> None:

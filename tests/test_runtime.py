@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from resfuse.errors import (
     ManifestError,
 )
 from resfuse.runtime.backends.onnxrt import tensorrt_provider_options
+from resfuse.runtime.cudart import cuda_device
 from resfuse.runtime.machine import physical_cores
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -235,6 +238,21 @@ def test_the_tensorrt_ep_cache_is_keyed_by_versions_and_gpu(exported, tmp_path: 
     assert len({path(), *others, path(cc="8.9")}) == 5
     here = ep_environment()  # this machine: ONNX Runtime's version, the rest unknown or found
     assert set(here) == set(base) and here["onnxruntime"]
+    gpu = cuda_device(0)  # from the CUDA driver (test_gpu_paths.py checks it against torch's)
+    assert (here["gpu"], here["cc"]) == (gpu or ("unknown", "unknown"))
+
+
+def test_the_tensorrt_ep_environment_imports_no_torch() -> None:
+    """The GPU's name and capability come from the CUDA driver: the base install has no torch,
+    and in the full install importing it would cost seconds at every session's start."""
+    script = (
+        "import sys\n"
+        "from resfuse.runtime.backends.onnxrt import ep_environment\n"
+        "ep_environment()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ from resfuse.runtime.backends.base import (
     one_of,
     validate_options,
 )
+from resfuse.runtime.cudart import cuda_device
 from resfuse.runtime.machine import fp16_arithmetic, physical_cores
 
 _PROVIDERS = {
@@ -74,29 +75,18 @@ OPTIONS = MappingProxyType(
 
 def ep_environment() -> dict[str, str]:
     """What a TensorRT EP engine depends on besides the model: ONNX Runtime's and TensorRT's
-    versions, the GPU's name and compute capability ("unknown" where this process cannot
-    tell: TensorRT's Python module absent, or no CUDA device torch can see)."""
+    versions, and the name and compute capability of the GPU the EP runs on (device 0, as
+    resfuse opens it), from the CUDA driver, not torch ("unknown" where this process cannot
+    tell: TensorRT's Python module absent, or no CUDA driver or device)."""
     import onnxruntime as ort
 
-    found = {
-        "onnxruntime": ort.__version__,
-        "tensorrt": "unknown",
-        "gpu": "unknown",
-        "cc": "unknown",
-    }
+    gpu, cc = cuda_device(0) or ("unknown", "unknown")
+    found = {"onnxruntime": ort.__version__, "tensorrt": "unknown", "gpu": gpu, "cc": cc}
     try:  # its Python module may be absent, a stub, or unable to load its libraries
         import tensorrt
 
         found["tensorrt"] = str(getattr(tensorrt, "__version__", "unknown"))
     except Exception:  # noqa: BLE001 - ImportError, OSError from libnvinfer: unknown
-        pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            found["gpu"] = torch.cuda.get_device_name()
-            found["cc"] = "{}.{}".format(*torch.cuda.get_device_capability())
-    except ImportError:
         pass
     return found
 
