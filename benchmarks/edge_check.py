@@ -12,7 +12,9 @@ qemu-user and the same in this venv, and judges the aarch64 output against the x
 artifact's own gates, as resfuse-check judges it against PyTorch: the manifest's tolerance
 (elementwise, or relative L2 for fp16 and INT8) and, for a model with a head, argmax agreement and
 every class's Dice (ARM's int8 kernels round differently from x86's, so an INT8 mask is judged by
-what a user sees). Prints a table, writes --json, exits 1 on any miss.
+what a user sees). Then resfuse-predict, the command an edge box runs, reads a PNG and a NIfTI
+volume on both sides (pillow's and nibabel's aarch64 code too) and its files are judged the same
+way. Prints a table, writes --json, exits 1 on any miss.
 
 Versions, and why: ONNX Runtime is the one this venv runs (1.32.0 when written), so the two sides
 differ in the CPU, not the version; qemu is the system's (Debian 12: qemu-user-static 7.2), with
@@ -27,8 +29,9 @@ imports there unchanged; under qemu 7.2 the root carries one, the --cpu core's a
 it, which qemu's -L prefix serves in place of the host's (a file claiming features the core
 lacks gets kernels it cannot run: SIGILL).
 
---alter-arm REL adds noise of relative L2 REL to every aarch64 output before the comparison:
-how a test proves the comparison can fail.
+--alter-arm REL adds noise of relative L2 REL to every aarch64 output of the runtime runs before
+the comparison: how a test proves the comparison can fail (resfuse-predict's files are judged by
+the same code, tested on files made to differ).
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ def worker(request_path: str) -> None:
                 out = np.asarray(session.run(np.load(case["input"])))
                 timings.append(time.perf_counter() - start)
                 np.save(case["output"], _altered(out, request.get("alter", 0.0)))
+        if "predict" in job:
+            _predict(job["artifact"], job["predict"], request["fp16_arithmetic"])
     versions = {
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -107,6 +112,19 @@ def worker(request_path: str) -> None:
         "fp16_arithmetic": arithmetic,
     }
     print(json.dumps(versions))
+
+
+def _predict(artifact: str, folders: dict[str, str], fp16_arithmetic: str) -> None:
+    """resfuse-predict, the command an edge box runs, on the job's image and volume."""
+    from resfuse.runtime.serve_cli import predict_main
+
+    backend = f"onnxruntime:fp16_arithmetic={fp16_arithmetic}"
+    args = [artifact, folders["input"], "--output", folders["output"], "--backend", backend]
+    try:
+        predict_main.main(args, standalone_mode=False)
+    except SystemExit as exc:  # resfuse-predict's failures exit 1, each input named above
+        if exc.code:
+            raise
 
 
 def _altered(out: np.ndarray, rel: float) -> np.ndarray:
@@ -344,17 +362,42 @@ def plan(artifacts: list[Path], shapes: list[Any] | None, folder: Path) -> list[
             stem = folder / f"{i}-{j}"
             np.save(f"{stem}-in.npy", x)
             cases.append({"shape": list(shape), "input": f"{stem}-in.npy", "stem": str(stem)})
-        jobs.append({"artifact": str(path.resolve()), "cases": cases})
+        job: dict[str, Any] = {"artifact": str(path.resolve()), "cases": cases}
+        if manifest.contract.channels in (1, 3):  # what a PNG and a NIfTI volume can hold
+            stem = folder / f"{i}-predict"
+            job["predict"] = {"stem": str(stem)}
+            _predict_inputs(stem.with_name(f"{stem.name}-in"), grid[-1], manifest)
+        jobs.append(job)
     return jobs
+
+
+def _predict_inputs(folder: Path, shape: tuple[int, ...], manifest: Any) -> None:
+    """A PNG of the artifact's channels and a 3-slice uint8 NIfTI volume at the largest shape's
+    H x W: the files resfuse-predict reads on an edge box, with pillow's and nibabel's code."""
+    import nibabel as nib
+    from PIL import Image
+
+    folder.mkdir()
+    height, width = shape[-2:]
+    rng = np.random.default_rng([height, width])
+    pixels = rng.integers(0, 256, (height, width, manifest.contract.channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(
+        folder / "image.png"
+    )
+    voxels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    nib.save(nib.Nifti1Image(voxels, np.eye(4)), folder / "volume.nii.gz")
 
 
 def _request(
     folder: Path, side: str, jobs: list[dict[str, Any]], alter: float, fp16_arithmetic: str
 ) -> Path:
-    sided = [
-        {**job, "cases": [{**c, "output": f"{c['stem']}-{side}.npy"} for c in job["cases"]]}
-        for job in jobs
-    ]
+    sided = []
+    for job in jobs:
+        cases = [{**c, "output": f"{c['stem']}-{side}.npy"} for c in job["cases"]]
+        sided.append({**job, "cases": cases})
+        if "predict" in job:
+            stem = job["predict"]["stem"]
+            sided[-1]["predict"] = {"input": f"{stem}-in", "output": f"{stem}-{side}"}
     path = folder / f"{side}.json"
     request = {"jobs": sided, "alter": alter, "fp16_arithmetic": fp16_arithmetic}
     path.write_text(json.dumps(request))
@@ -365,38 +408,89 @@ def _request(
 
 
 def judge(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows (artifact, shape, metric, value, tolerance, passed): aarch64 against x86, by each
-    artifact's own tolerance and, with a head, its mask gates."""
+    """Rows (artifact, input, metric, value, tolerance, passed): aarch64 against x86, by each
+    artifact's own tolerance and, with a head, its mask gates; then resfuse-predict's files."""
     from resfuse.artifacts import read_manifest
-    from resfuse.compare import compare_output, mask_agreement
+    from resfuse.compare import mask_agreement
     from resfuse.shapes import format_shape
 
     rows = []
     for job in jobs:
         manifest = read_manifest(job["artifact"])
-        tol, gates = manifest.tolerance, manifest.mask_gates
-        name = f"{manifest.path.stem} ({manifest.precision_label})"
         for case in job["cases"]:
             x86, arm = np.load(f"{case['stem']}-x86.npy"), np.load(f"{case['stem']}-arm.npy")
-            stats = compare_output(x86, arm, tol, manifest.config.image_channels)
-            base = {"artifact": name, "shape": format_shape(case["shape"])}
-            elementwise = tol.max_rel_l2 is None
-            metric, value = (
-                ("min atol", stats.required_atol) if elementwise else ("rel L2", stats.rel_l2)
-            )
-            rows.append(
-                {
-                    **base,
-                    "metric": metric,
-                    "value": value,
-                    "tolerance": tol.describe(),
-                    "passed": stats.passed,
-                    "nonfinite": stats.nonfinite,
-                }
-            )
+            base = _base(manifest, format_shape(case["shape"]))
+            rows.append(_output_row(base, manifest, x86, arm))
             if manifest.config.num_classes is not None:
+                gates = manifest.mask_gates
                 rows += _mask_rows(base, mask_agreement(x86, arm, gates), gates)
+        if "predict" in job:
+            rows += predict_rows(manifest, Path(job["predict"]["stem"]))
     return rows
+
+
+def _base(manifest: Any, what: str) -> dict[str, Any]:
+    return {"artifact": f"{manifest.path.stem} ({manifest.precision_label})", "input": what}
+
+
+def _output_row(base: dict[str, Any], manifest: Any, x86: Any, arm: Any) -> dict[str, Any]:
+    """Logits by the artifact's tolerance: elementwise (float32) or relative L2."""
+    from resfuse.compare import compare_output
+
+    tol = manifest.tolerance
+    stats = compare_output(x86, arm, tol, manifest.config.image_channels)
+    elementwise = tol.max_rel_l2 is None
+    return {
+        **base,
+        "metric": "min atol" if elementwise else "rel L2",
+        "value": stats.required_atol if elementwise else stats.rel_l2,
+        "tolerance": tol.describe(),
+        "passed": stats.passed,
+        "nonfinite": stats.nonfinite,
+    }
+
+
+def predict_rows(manifest: Any, stem: Path) -> list[dict[str, Any]]:
+    """resfuse-predict's files under STEM-arm against those under STEM-x86: logits (.npy, a
+    volume's .nii.gz) by the artifact's tolerance, masks (.mask.png, .mask.nii.gz) by its mask
+    gates, and a file x86 wrote that aarch64 did not, a failure."""
+    from resfuse.compare import label_agreement
+    from resfuse.errors import ConfigError
+
+    x86_dir, arm_dir = stem.with_name(f"{stem.name}-x86"), stem.with_name(f"{stem.name}-arm")
+    written = sorted(p for p in x86_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not written:  # resfuse-predict exits 1 when an input fails: nothing written is a bug
+        raise ConfigError(f"resfuse-predict wrote nothing in {x86_dir}; run it there by hand")
+    rows = []
+    for x86_file in written:
+        relative = x86_file.relative_to(x86_dir)
+        base = _base(manifest, f"resfuse-predict: {relative}")
+        arm_file = arm_dir / relative
+        if not arm_file.is_file():
+            rows.append({**base, "metric": "written", "value": 0.0, "tolerance": "written"})
+            rows[-1].update(passed=False, nonfinite=0)
+            continue
+        x86, arm = _read_output(x86_file), _read_output(arm_file)
+        if ".mask." in relative.name:
+            gates = manifest.mask_gates
+            rows += _mask_rows(base, label_agreement(x86, arm, gates), gates)
+        else:
+            rows.append(_output_row(base, manifest, x86, arm))
+    return rows
+
+
+def _read_output(path: Path) -> np.ndarray:
+    """A resfuse-predict output as an array: logits as NCHW (a volume's slices as N)."""
+    if path.name.endswith(".npy"):
+        return np.load(path)
+    if path.name.endswith(".png"):
+        from PIL import Image
+
+        return np.asarray(Image.open(path))
+    import nibabel as nib
+
+    data = np.asarray(nib.load(path).dataobj)
+    return data if ".mask." in path.name else data.transpose(2, 3, 0, 1)  # H W S C -> S C H W
 
 
 def _mask_rows(base: dict[str, Any], mask: Any, gates: Any) -> list[dict[str, Any]]:
@@ -428,11 +522,11 @@ def _mask_rows(base: dict[str, Any], mask: Any, gates: Any) -> list[dict[str, An
 def table(rows: list[dict[str, Any]]) -> str:
     from resfuse.runtime.report import markdown_table
 
-    headers = ["artifact", "shape", "metric", "value", "tolerance", "verdict"]
+    headers = ["artifact", "input", "metric", "value", "tolerance", "verdict"]
     cells = [
         [
             r["artifact"],
-            r["shape"],
+            r["input"],
             r["metric"],
             _value(r),
             r["tolerance"],
@@ -444,6 +538,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def _value(row: dict[str, Any]) -> str:
+    if row["metric"] == "written":
+        return "missing"
     if row["metric"] == "argmax agreement":
         return f"{row['value']:.4%}"
     if row["metric"] == "min class Dice":

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from resfuse.errors import ConfigError
 
@@ -57,8 +59,15 @@ def edge_check(
     return proc, json.loads(report.read_text())
 
 
-def verdicts(result: dict) -> dict[tuple[str, str], bool]:
-    return {(row["artifact"].split()[0], row["metric"]): row["passed"] for row in result["rows"]}
+def verdicts(result: dict, predicted: bool = False) -> dict[tuple[str, str], bool]:
+    """(artifact, metric): passed at every input, of the runtime's rows or (`predicted`)
+    resfuse-predict's."""
+    found: dict[tuple[str, str], bool] = {}
+    for row in result["rows"]:
+        if row["input"].startswith("resfuse-predict") == predicted:
+            key = (row["artifact"].split()[0], row["metric"])
+            found[key] = found.get(key, True) and row["passed"]
+    return found
 
 
 @pytest.mark.slow
@@ -84,6 +93,15 @@ def test_float32_fp16_and_int8_match_x86_on_a_cortex_a76(
     }
     fp16_rows = [row for row in result["rows"] if row["artifact"].startswith(half.stem + " ")]
     assert max(row["value"] for row in fp16_rows) < 1e-5  # the same float32 arithmetic
+    # resfuse-predict on aarch64: a PNG and a NIfTI volume each, logits or (INT8's head) masks
+    predicted = [row["input"] for row in result["rows"] if row["artifact"].startswith("masked-")]
+    assert sum("image.png" in i for i in predicted) == 1 + 1 + 2  # INT8's mask: two rows
+    assert verdicts(result, predicted=True) == {
+        ("masked-resnet18", "min atol"): True,
+        ("masked-resnet18-fp16", "rel L2"): True,
+        ("masked-resnet18-int8", "argmax agreement"): True,
+        ("masked-resnet18-int8", "min class Dice"): True,
+    }
 
 
 @pytest.mark.slow
@@ -166,3 +184,38 @@ def test_the_aarch64_install_is_the_one_without_torch(tmp_path: Path, monkeypatc
     monkeypatch.setattr(edge_check, "REPO", tmp_path)
     with pytest.raises(ConfigError, match="base install requires torch==.*move them to the"):
         edge_check.runtime_requirements()
+
+
+def test_predicted_files_are_judged_and_a_missing_one_fails(int8_on_images, tmp_path: Path):
+    """resfuse-predict's outputs, as the check finds them: logits by the tolerance, masks by
+    the gates, a file aarch64 did not write a failure (no qemu needed)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import edge_check
+
+    from resfuse.artifacts import read_manifest
+
+    manifest = read_manifest(int8_on_images[0])  # a 3-class head: masks and logits
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    mask = rng.integers(0, 3, (8, 8), dtype=np.uint8)
+    for side, scale, shift in (("x86", 1, 0), ("arm", 3, 1)):
+        folder = tmp_path / f"p-{side}"
+        (folder / "sub").mkdir(parents=True)
+        np.save(folder / "same.png.npy", logits)
+        np.save(folder / "moved.png.npy", logits * scale)  # rel L2 2 on aarch64
+        Image.fromarray(mask).save(folder / "sub/same.png.mask.png")
+        Image.fromarray((mask + shift) % 3).save(folder / "sub/moved.png.mask.png")
+    np.save(tmp_path / "p-x86/only-x86.png.npy", logits)
+
+    rows = edge_check.predict_rows(manifest, tmp_path / "p")
+    verdict = {(r["input"].split(": ")[1], r["metric"]): r["passed"] for r in rows}
+    assert verdict == {
+        ("moved.png.npy", "rel L2"): False,
+        ("only-x86.png.npy", "written"): False,
+        ("same.png.npy", "rel L2"): True,
+        ("sub/moved.png.mask.png", "argmax agreement"): False,  # every label moved
+        ("sub/moved.png.mask.png", "min class Dice"): False,
+        ("sub/same.png.mask.png", "argmax agreement"): True,
+        ("sub/same.png.mask.png", "min class Dice"): True,
+    }
+    assert " missing " in edge_check.table(rows)  # not a made-up 0
