@@ -1,4 +1,6 @@
 """Latency and accuracy of every backend on every shape in one run, against the PyTorch original.
+Where PyTorch is not installed (the base install, an edge box), the deployed backends are timed
+alone and their accuracy is not measured: the records hold None there, never a guess.
 
 The stopwatch times each backend in blocks of consecutive calls, never call by call: threads a
 backend leaves running after its call (ONNX Runtime's spinning) would slow the next backend's.
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from resfuse import torch_extra
 from resfuse.artifacts import read_manifest
 from resfuse.compare import ErrorStats, MaskGates, compare_output, mask_agreement
 from resfuse.errors import ConfigError, ResfuseError
@@ -36,6 +39,16 @@ from resfuse.shapes import Shape, format_shape
 BENCH_FORMAT = "resfuse-bench"
 _TAILS = (90, 95, 99)  # percentiles reported when enough samples lie above them
 _ABOVE = 5  # samples that must lie above a reported percentile
+# Why a run without torch has no accuracy figures: the result's "accuracy" and the report's line.
+NO_REFERENCE = (
+    f"no PyTorch here to run the original ({torch_extra.EXTRA}), or check it with resfuse-check "
+    f"where torch is installed"
+)
+# What each option needs the original for, in require_torch's words.
+_JUDGING = {
+    "--images": "which judges each engine's error on images against the PyTorch original,",
+    "--report": "which plots each engine's error against the PyTorch original,",
+}
 
 
 @dataclass
@@ -62,11 +75,12 @@ class BenchRecord:
     compute_ms: float
     d2h_ms: float
     round_p50_ms: list[float]  # each round's block median
-    rel_l2: float  # against torch (eager): the timed input's first call, or the worst image
-    max_abs: float
-    within_tolerance: bool  # by the artifact's manifest tolerance, as resfuse-check judges
+    # The error fields are None where no reference ran (no torch installed): not measured.
+    rel_l2: float | None  # against torch (eager): the timed input's first call, or worst image
+    max_abs: float | None
+    within_tolerance: bool | None  # by the artifact's manifest tolerance, as resfuse-check judges
     agreement: float | None = None  # a model with a head: share of pixels with torch's argmax
-    judged_on: str = "random"  # the error's inputs: "random" (the timed one) or "images"
+    judged_on: str | None = "random"  # the error's inputs: "random" (the timed one) or "images"
     speedup_vs_torch: float | None = None  # median over rounds of torch p50 / this p50
     speedup_rounds: list[float] | None = None  # those ratios, round by round
     settings: dict[str, Any] = field(default_factory=dict)
@@ -212,12 +226,13 @@ def _record(
     *,
     warmup: int,
     first_call_ms: float,
-    error: ErrorStats,
+    error: ErrorStats | None,
     label: str,
     agreement: float | None = None,
-    judged_on: str = "random",
+    judged_on: str | None = "random",
 ) -> BenchRecord:
-    """times: (rounds, iters) ms; phases: (rounds, iters, 3) ms of copy in, compute, copy out."""
+    """times: (rounds, iters) ms; phases: (rounds, iters, 3) ms of copy in, compute, copy out;
+    error: None where no reference ran."""
     h2d, compute, d2h = phases.reshape(-1, 3).mean(axis=0)
     return BenchRecord(
         artifact=session.manifest.path.stem,
@@ -231,9 +246,9 @@ def _record(
         h2d_ms=float(h2d),
         compute_ms=float(compute),
         d2h_ms=float(d2h),
-        rel_l2=error.rel_l2,
-        max_abs=error.max_abs,
-        within_tolerance=error.passed,
+        rel_l2=None if error is None else error.rel_l2,
+        max_abs=None if error is None else error.max_abs,
+        within_tolerance=None if error is None else error.passed,
         agreement=agreement,
         judged_on=judged_on,
         settings=session.runner.describe(),
@@ -255,7 +270,7 @@ def time_shape(
     warmup: int,
     iters: int,
     rounds: int,
-    reference: Session,
+    reference: Session | None,
     labels: list[str] | None = None,
     seed: int = 0,
     progress: Callable[[], None] = lambda: None,
@@ -263,8 +278,9 @@ def time_shape(
 ) -> list[BenchRecord]:
     """Warm every session up (`warmup` >= 1 calls; the first is timed apart and its output
     judged against `reference`, torch eager, on the same input, unless `judged` holds the
-    session's error from elsewhere: images), then time the sessions in rotated blocks (see the
-    module docstring). `labels` name the records (default: the backends' names)."""
+    session's error from elsewhere: images; not judged without a reference), then time the
+    sessions in rotated blocks (see the module docstring). `labels` name the records (default:
+    the backends' names)."""
     judged = judged or {}
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
@@ -272,13 +288,16 @@ def time_shape(
         progress()
         return _timed_call(sessions[k], x)
 
-    expected = None if reference in sessions else reference.runner.infer(x)
-    first: dict[int, tuple[float, Judgement]] = {}  # first call's ms and error, by session
+    expected = None if reference is None or reference in sessions else reference.runner.infer(x)
+    first: dict[int, tuple[float, Judgement | None]] = {}  # first call's ms and error, by session
     # A timed reference warms up first: its first output is then the expected one.
     for k in sorted(range(len(sessions)), key=lambda k: sessions[k] is not reference):
         out, ms, _ = call(k)
-        expected = out if expected is None else expected
-        first[k] = ms, judged.get(k) or judge(expected, out, sessions[k])
+        if reference is None:  # nothing to judge against: not measured, never guessed
+            first[k] = ms, None
+        else:
+            expected = out if expected is None else expected
+            first[k] = ms, judged.get(k) or judge(expected, out, sessions[k])
         for _ in range(warmup - 1):
             call(k)
 
@@ -287,21 +306,24 @@ def time_shape(
         return ms, split.h2d_ms, split.compute_ms, split.d2h_ms
 
     found = run_blocks(len(sessions), rounds, iters, figures)
-    return [
-        _record(
-            s,
-            shape,
-            found[k, ..., 0],
-            found[k, ..., 1:],
-            warmup=warmup,
-            first_call_ms=first[k][0],
-            error=first[k][1].stats,
-            label=labels[k] if labels else s.backend,
-            agreement=first[k][1].agreement,
-            judged_on=first[k][1].inputs,
+    records = []
+    for k, s in enumerate(sessions):
+        ms, judgement = first[k]
+        records.append(
+            _record(
+                s,
+                shape,
+                found[k, ..., 0],
+                found[k, ..., 1:],
+                warmup=warmup,
+                first_call_ms=ms,
+                error=None if judgement is None else judgement.stats,
+                label=labels[k] if labels else s.backend,
+                agreement=None if judgement is None else judgement.agreement,
+                judged_on=None if judgement is None else judgement.inputs,
+            )
         )
-        for k, s in enumerate(sessions)
-    ]
+    return records
 
 
 def benchmark(
@@ -319,7 +341,8 @@ def benchmark(
     images: str | Path | None = None,
 ) -> dict[str, Any]:
     """{"format", "artifact", "inputs", "machine", "records", "fastest"}: one record per
-    artifact x backend x shape.
+    artifact x backend x shape. Where torch is not installed, the deployed backends are timed
+    with no reference: "reference" is None, "accuracy" says why, the records' errors are None.
 
     `warmup` calls per session and shape (at least 1: the first call is reported apart, and
     judged against torch), then `rounds` rounds of one block per session: one call not counted,
@@ -332,11 +355,15 @@ def benchmark(
             f"need --warmup, --iters and --rounds of at least 1, got {warmup}, {iters} and {rounds}"
         )
     backends, shapes = list(backends), list(shapes)
+    if images is not None:
+        require_reference("--images")
     _require_same_original(path, [Path(p) for p in also])
     count = len(image_files(images)) if images is not None else 0  # a bad folder fails first
     for spec in backends:
         runner = BACKENDS.get(parse_backend(spec)[0])  # an unknown name is refused when loaded
-        if runner is not None:
+        # An original without torch is refused when loaded, naming the extra; its shape limit
+        # is torch's to read.
+        if runner is not None and (torch_extra.has_torch() or not runner.runs_original):
             runner.require_shapes(len(shapes))
     runs = timed_sessions(path, backends, also)
     quiet = len(runs) > 1
@@ -357,10 +384,13 @@ def benchmark(
 
         sessions = [open_session(p, b) for p, b in runs]
         torch_eager = [s for s in sessions if s.backend == "torch"]
-        reference = torch_eager[0] if torch_eager else open_session(Path(path), "torch")
+        reference = torch_eager[0] if torch_eager else None
+        if reference is None and torch_extra.has_torch():
+            reference = open_session(Path(path), "torch")
+        # Still None: no torch here; the deployed backends are timed, their accuracy not measured
         judged = (
             judge_on_images(sessions, reference, Path(images), progress)
-            if images is not None
+            if images is not None and reference is not None  # --images was refused without
             else {}
         )
         for shape in shapes:
@@ -377,16 +407,25 @@ def benchmark(
             )
     add_speedups(records)
     rows = [asdict(r) for r in records]
+    unmeasured = {"reference": None, "accuracy": {"measured": False, "reason": NO_REFERENCE}}
     return {
         "format": BENCH_FORMAT,
         "artifact": str(path),
-        "inputs": error_inputs(images, count),
+        # with a reference, the result is as it always was
+        **({} if reference is not None else unmeasured),
+        "inputs": None if reference is None else error_inputs(images, count),
         # Other work on the machine slows every engine, not alike: the load says how quiet it was.
         "machine": machine_info()
         | {"load_average": {"before": load_before, "after": os.getloadavg()}},
         "records": rows,
         "fastest": fastest_per_class(rows),
     }
+
+
+def require_reference(option: str) -> None:
+    """Refuse `option` (--images, --report) in one line naming the extra where torch is not
+    installed: what it gives is each engine's error against the original."""
+    torch_extra.require_torch(f"{option}, {_JUDGING[option]}")
 
 
 def error_inputs(images: str | Path | None, count: int) -> dict[str, Any]:
@@ -495,6 +534,15 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _sci(value: float | None) -> str:
+    """An error figure, '-' where it was not measured (no reference)."""
+    return "-" if value is None else f"{value:.1e}"
+
+
+def _verdict(within: bool | None) -> str:
+    return "-" if within is None else "pass" if within else "FAIL"
+
+
 def _vs_torch(record: dict[str, Any]) -> str:
     """'1.85x (1.80..1.92)': the median ratio over rounds and its range."""
     rounds = record["speedup_rounds"]
@@ -519,11 +567,11 @@ def markdown(result: dict[str, Any]) -> str:
             _ms(r["first_call_ms"]),
             f"{r['throughput_ips']:.1f}",
             _vs_torch(r),
-            f"{r['rel_l2']:.1e}",
-            f"{r['max_abs']:.1e}",
+            _sci(r["rel_l2"]),
+            _sci(r["max_abs"]),
             "-" if r.get("agreement") is None else f"{r['agreement']:.2%}",
-            "pass" if r["within_tolerance"] else "FAIL",
-            r.get("judged_on", "random"),
+            _verdict(r["within_tolerance"]),
+            r.get("judged_on", "random") or "-",  # files before judged_on were judged on random
         ]
         for r in result["records"]
     ]
@@ -560,7 +608,7 @@ def report(result: dict[str, Any]) -> str:
     flags = [f for f in machine["cpu_flags"] if f.startswith(("avx", "amx", "fma", "sve", "asimd"))]
     load = machine["load_average"]
     return (
-        f"{markdown(result)}\n\nfastest per accuracy class:\n\n{fastest_markdown(result)}\n\n"
+        f"{markdown(result)}\n\nfastest per accuracy class:{_fastest(result)}\n\n"
         f"{_error_note(result)}\n"
         f"Latency figures: {r['rounds']} rounds x {r['iters']} timed calls per backend and shape "
         f"(n), blocks rotated each round; 'vs torch': median ratio of the rounds' block medians "
@@ -570,8 +618,24 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
+def measured(result: dict[str, Any]) -> bool:
+    """Whether the run judged accuracy against the original: a run without one says why not in
+    its "accuracy"; a run with one (and files from before) has no such field."""
+    return "accuracy" not in result
+
+
+def _fastest(result: dict[str, Any]) -> str:
+    """The table of fastest engines; without a reference, why there is none: no engine is known
+    to be within its tolerance, so none is recommended."""
+    if not measured(result):
+        return " none recommended: no engine's accuracy was measured"
+    return f"\n\n{fastest_markdown(result)}"
+
+
 def _error_note(result: dict[str, Any]) -> str:
     """What the error columns (rel L2, max abs, agreement, tolerance) were judged on."""
+    if not measured(result):
+        return f"accuracy not measured: {result['accuracy']['reason']}."
     inputs = result.get("inputs", {})
     if inputs.get("kind") != "images":
         return (

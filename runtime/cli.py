@@ -11,6 +11,7 @@ import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from resfuse import torch_extra
 from resfuse.artifacts import read_manifest, replace_file, write_json
 from resfuse.console import err, fail, out
 from resfuse.errors import ResfuseError
@@ -165,6 +166,8 @@ def check_main(
     out.print(f"\nall {len(report.records)} inputs pass", highlight=False)
 
 
+# resfuse-bench's default --backends: torch is the reference; without it, the deployed backend.
+_WITH_TORCH, _WITHOUT_TORCH = "torch,onnxruntime", "onnxruntime"
 _BASELINE_HEADERS = [
     "artifact",
     "backend",
@@ -181,11 +184,11 @@ _BASELINE_HEADERS = [
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
     "--backends",
-    default="torch,onnxruntime",
-    show_default=True,
+    default=None,
     help=f"Comma-separated, from: {', '.join(BACKENDS)}; options as NAME:KEY=VALUE[,KEY=VALUE] "
     f"(openvino:precision=bf16), so one engine can run twice. torch-compile compiles on each "
-    f"shape's first call (tens of seconds on a CPU), reported as its first call.",
+    f"shape's first call (tens of seconds on a CPU), reported as its first call. [default: "
+    f"{_WITH_TORCH}; {_WITHOUT_TORCH} where PyTorch is not installed]",
 )
 @device_option("cuda or tensorrt apply to onnxruntime; torch and torch-compile then run on cuda.")
 @shapes_option("1x3x224x224,1x3x512x512,1x3x1024x1024")
@@ -255,7 +258,7 @@ _BASELINE_HEADERS = [
 )
 def bench_main(
     artifact: Path,
-    backends: str,
+    backends: str | None,
     device: str,
     shapes: list[Shape],
     also: tuple[Path, ...],
@@ -277,17 +280,24 @@ def bench_main(
     order rotated over --rounds rounds; the ratio to PyTorch is taken round by round (median and
     range). With --also, other exports of the same model (its INT8 artifact, say) join the same
     rounds, so every ratio comes from one run. The error against PyTorch is judged on the
-    timed random input, or with --images on real images."""
+    timed random input, or with --images on real images. Where PyTorch is not installed (an
+    edge box), the deployed backends are timed alone and their accuracy is not measured."""
     try:
-        names = split_specs(backends)
+        asked, note = (backends, None) if backends is not None else _default_backends()
+        names = split_specs(asked)
         outputs = ((json_path, "--json"), (md_path, "--markdown"), (plot_path, "--plot"))
         for path, option in (*outputs, (report_path, "--report")):
             check_writable(path, option)
         unknown = [b for b in names if bench_lib.parse_backend(b)[0] not in BACKENDS]
         if unknown or not names:
             raise ResfuseError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+        for option, given in (("--images", images), ("--report", report_path)):
+            if given is not None:
+                bench_lib.require_reference(option)
         old = bench_lib.read_result(baseline) if baseline else None
         count = _bench_images(artifact, images)
+        if note is not None:
+            err.print(f"note: {note}", highlight=False, soft_wrap=True)
         with _progress() as bar:
             runs = bench_lib.timed_sessions(artifact, names, also)
             calls = warmup + rounds * (iters + 1)  # each block runs one call not counted
@@ -329,6 +339,18 @@ def bench_main(
                 fail(f"p50 latency regressed by more than {max_regression:.0%}")
     except (ResfuseError, OSError) as exc:
         fail(str(exc))
+
+
+def _default_backends() -> tuple[str, str | None]:
+    """resfuse-bench's backends without --backends: torch (the reference) and onnxruntime, or
+    where torch is not installed onnxruntime alone, with a note saying so (timing a deployed
+    backend needs no original), printed once the options have passed their checks."""
+    if torch_extra.has_torch():
+        return _WITH_TORCH, None
+    return _WITHOUT_TORCH, (
+        f"torch left out of the default --backends (PyTorch is not installed here): timing "
+        f"{_WITHOUT_TORCH} alone"
+    )
 
 
 def _bench_images(artifact: Path, images: Path | None) -> int:

@@ -1,10 +1,13 @@
 """The base install runs artifacts without PyTorch (issue 29): in a venv that has resfuse's base
 install alone (tests/runtime_venv.py), resfuse.runtime imports without torch, and
 resfuse-predict and Session.run (tiled) on an artifact the full install made write what the full
-install writes; a command that needs torch says, in one line, which extra brings it."""
+install writes; resfuse-bench times the deployed backend with its accuracy not measured; a
+command that needs torch says, in one line, which extra brings it."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -129,18 +132,48 @@ def test_a_tiled_session_run_gives_the_full_installs_output(
         (["resfuse-optimize", "ARTIFACT", "--output", "OUT"], "resfuse-optimize needs"),
         (["resfuse-check", "ARTIFACT"], "backend 'torch', which runs the PyTorch original,"),
         (["resfuse-bench", "ARTIFACT", "--backends", "torch,onnxruntime"], "backend 'torch'"),
+        (["resfuse-bench", "ARTIFACT", "--backends", "torch-compile"], "backend 'torch-compile'"),
+        (["resfuse-bench", "ARTIFACT", "--images", "INPUTS"], "--images, which judges"),
     ],
 )
 def test_a_command_that_needs_torch_names_the_extra_in_one_line(
-    runtime_bin: Path, exported, tmp_path: Path, command: list[str], needs: str
+    runtime_bin: Path, exported, inputs: Path, tmp_path: Path, command: list[str], needs: str
 ) -> None:
     artifact = str(exported["masked"].manifest_path)
-    given = {"ARTIFACT": artifact, "OUT": str(tmp_path / "out")}
+    given = {"ARTIFACT": artifact, "OUT": str(tmp_path / "out"), "INPUTS": str(inputs)}
     proc = _run(runtime_bin, *(given.get(a, a) for a in command))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needs in lines[0] and EXTRA in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_times_the_deployed_backend_and_says_accuracy_is_not_measured(
+    runtime_bin: Path, exported, tmp_path: Path
+) -> None:
+    """An edge box's latency: onnxruntime in rotated blocks as with torch, no reference to
+    judge it against, so its accuracy is null with the reason, never a number made up."""
+    out = tmp_path / "bench.json"
+    artifact = str(exported["masked"].manifest_path)
+    args = ("--shapes", "1x3x64x64", "--rounds", "2", "--iters", "3", "--json", str(out))
+    proc = _run(runtime_bin, "resfuse-bench", artifact, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch left out of the default --backends" in proc.stderr
+    assert "accuracy not measured: no PyTorch here" in proc.stdout and EXTRA in proc.stdout
+    assert re.search(r"\| masked-resnet18 \| +onnxruntime \|", proc.stdout), proc.stdout
+    result = json.loads(out.read_text())
+    assert result["reference"] is None and EXTRA in result["accuracy"]["reason"]
+    [record] = result["records"]
+    assert (record["backend"], record["n"], record["rounds"], record["iters"]) == (
+        "onnxruntime",
+        6,
+        2,
+        3,
+    )
+    assert all(record[f"{key}_ms"] > 0 for key in ("p50", "mean", "min", "first_call"))
+    unmeasured = ("rel_l2", "max_abs", "agreement", "within_tolerance", "speedup_vs_torch")
+    assert all(record[key] is None for key in unmeasured), record
 
 
 @pytest.mark.slow
