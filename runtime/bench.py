@@ -611,11 +611,18 @@ def report(result: dict[str, Any]) -> str:
         f"{markdown(result)}\n\nfastest per accuracy class:{_fastest(result)}\n\n"
         f"{_error_note(result)}\n"
         f"Latency figures: {r['rounds']} rounds x {r['iters']} timed calls per backend and shape "
-        f"(n), blocks rotated each round; 'vs torch': median ratio of the rounds' block medians "
-        f"(range). CPU: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, "
+        f"(n), blocks rotated each round{_ratio_note(result)}. CPU: {machine['cpu']}, "
+        f"{machine['usable_cpus']} usable CPUs, "
         f"{' '.join(flags) or 'no vector flags reported'}; 1-minute load average "
         f"{load['before'][0]:.2f} before, {load['after'][0]:.2f} after.{_busy(machine)}"
     )
+
+
+def _ratio_note(result: dict[str, Any]) -> str:
+    """How 'vs torch' is taken, where torch was timed (never without PyTorch)."""
+    if not any(rec["backend"].split(":")[0] == "torch" for rec in result["records"]):
+        return ""
+    return "; 'vs torch': median ratio of the rounds' block medians (range)"
 
 
 def measured(result: dict[str, Any]) -> bool:

@@ -69,6 +69,7 @@ def test_benchmark_times_the_deployed_backends_and_measures_no_accuracy(exported
     assert all(row[ACCURACY_CELLS] == ["-"] * 6 for row in rows), table
     assert "accuracy not measured: no PyTorch here" in table
     assert "fastest per accuracy class: none recommended" in table
+    assert "'vs torch'" not in table  # nor explains a column left empty
 
 
 def test_the_command_leaves_torch_out_and_says_why(exported, no_torch, tmp_path: Path):

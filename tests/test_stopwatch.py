@@ -17,6 +17,7 @@ from resfuse.runtime.bench import (
     fastest_per_class,
     latency_stats,
     parse_backend,
+    report,
     round_ratios,
     run_blocks,
     tail_percentile,
@@ -189,6 +190,7 @@ def test_blocks_on_real_sessions_give_ratios_per_round(exported) -> None:
     assert ort["rel_l2"] < 1e-5 and ort["max_abs"] < 1e-4
     # Two backends timed: ONNX Runtime's threads sleep between calls.
     assert ort["settings"]["spinning"] is False
+    assert "'vs torch': median ratio of the rounds' block medians" in report(result)
 
 
 def test_one_backend_keeps_spinning_and_is_judged_against_a_loaded_torch(exported) -> None:
