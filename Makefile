@@ -27,14 +27,15 @@ demo: $(STAMP)
 
 # The artifacts on an emulated aarch64 CPU against x86 (benchmarks/edge_check.py, docs/edge.md):
 # the demo's float32, its fp16 variant and resfuse-optimize's INT8 by default, on a Cortex-A76
-# (EDGE_CPU=cortex-a72: a core without FP16 arithmetic)
+# (EDGE_CPU=cortex-a72: a core without FP16 arithmetic; EDGE_BACKENDS=onnxruntime,openvino)
 EDGE_DEMO := artifacts/masked-resnet18.json artifacts/masked-resnet18-fp16.json \
 	artifacts/optimized/artifacts/masked-resnet18-int8.json
 ARTIFACTS ?= $(EDGE_DEMO)
 EDGE_CPU  ?= cortex-a76
+EDGE_BACKENDS ?= onnxruntime
 
 edge-check: $(STAMP) $(filter $(EDGE_DEMO),$(ARTIFACTS))
-	$(BIN)/python benchmarks/edge_check.py --cpu $(EDGE_CPU) $(ARTIFACTS)
+	$(BIN)/python benchmarks/edge_check.py --cpu $(EDGE_CPU) --backends $(EDGE_BACKENDS) $(ARTIFACTS)
 
 artifacts/masked-resnet18.json artifacts/optimized/artifacts/masked-resnet18-int8.json:
 	$(MAKE) demo

@@ -2,13 +2,15 @@
 
     python benchmarks/edge_check.py artifacts/masked-resnet18.json more.json ...
     make edge-check ARTIFACTS="a.json b.json"      # the demo's float32, fp16 and INT8 by default
+    python benchmarks/edge_check.py a.json --backends onnxruntime,openvino
 
 Builds (once, cached in .edge/, git-ignored) an aarch64 Debian 12 root from Debian's arm64
-packages (glibc, Python 3.11) and a folder of aarch64 wheels of the base install's dependencies,
-each pinned to the version this venv runs, so the two sides differ in the CPU only. Installs this
-checkout into it (`pip install --no-deps --target`, the runtime install: no torch), runs every
-artifact at a few shapes on deterministic inputs with `resfuse.runtime.load(...).run(...)` under
-qemu-user and the same in this venv, and judges the aarch64 output against the x86 one by the
+packages (glibc, Python 3.11) and a folder of aarch64 wheels of the base install's dependencies
+(and the [openvino] extra's with --backends openvino), each pinned to the version this venv
+runs, so the two sides differ in the CPU only. Installs this checkout into it (`pip install
+--no-deps --target`, the runtime install: no torch), runs every artifact on every backend at a
+few shapes on deterministic inputs with `resfuse.runtime.load(...).run(...)` under qemu-user
+and the same in this venv, and judges the aarch64 output against the x86 one by the
 artifact's own gates, as resfuse-check judges it against PyTorch: the manifest's tolerance
 (elementwise, or relative L2 for fp16 and INT8) and, for a model with a head, argmax agreement and
 every class's Dice (ARM's int8 kernels round differently from x86's, so an INT8 mask is judged by
@@ -77,6 +79,8 @@ CPUS = {
     ),
     "cortex-a72": ("0x0", "0xd08", "3", "crc32 cpuid"),
 }
+# The CPU backends an edge box runs, with the pyproject extra each needs beyond the base install
+BACKENDS = {"onnxruntime": None, "openvino": "openvino"}
 ARM_TIMEOUT = 3600  # seconds for every aarch64 run together: a call took ~40x x86's here
 
 
@@ -92,7 +96,8 @@ def worker(request_path: str) -> None:
     request = json.loads(Path(request_path).read_text())
     timings, arithmetic = [], {}
     for job in request["jobs"]:
-        with runtime.load(job["artifact"], fp16_arithmetic=request["fp16_arithmetic"]) as session:
+        backend = _backend(job["backend"], request["fp16_arithmetic"])
+        with runtime.load(job["artifact"], backend) as session:
             said = session.runner.describe().get("fp16_arithmetic")
             if said:  # a float16 graph: what this CPU computed it in
                 arithmetic[session.manifest.path.stem] = said
@@ -102,23 +107,34 @@ def worker(request_path: str) -> None:
                 timings.append(time.perf_counter() - start)
                 np.save(case["output"], _altered(out, request.get("alter", 0.0)))
         if "predict" in job:
-            _predict(job["artifact"], job["predict"], request["fp16_arithmetic"])
+            _predict(job["artifact"], job["predict"], backend)
     versions = {
         "machine": platform.machine(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "openvino": _openvino_version(),
         "seconds_per_call": round(float(np.median(timings)), 3) if timings else None,
         "fp16_arithmetic": arithmetic,
     }
     print(json.dumps(versions))
 
 
-def _predict(artifact: str, folders: dict[str, str], fp16_arithmetic: str) -> None:
+def _openvino_version() -> str | None:
+    """OpenVINO's version where a job loaded it, else None."""
+    openvino = sys.modules.get("openvino")
+    return None if openvino is None else str(openvino.__version__).split("-")[0]
+
+
+def _backend(name: str, fp16_arithmetic: str) -> str:
+    """The backend spec the runtime takes: ONNX Runtime with the fp16 arithmetic asked for."""
+    return f"{name}:fp16_arithmetic={fp16_arithmetic}" if name == "onnxruntime" else name
+
+
+def _predict(artifact: str, folders: dict[str, str], backend: str) -> None:
     """resfuse-predict, the command an edge box runs, on the job's image and volume."""
     from resfuse.runtime.serve_cli import predict_main
 
-    backend = f"onnxruntime:fp16_arithmetic={fp16_arithmetic}"
     args = [artifact, folders["input"], "--output", folders["output"], "--backend", backend]
     try:
         predict_main.main(args, standalone_mode=False)
@@ -245,8 +261,9 @@ def _cpuinfo(cpu: str, n: int) -> str:
     )
 
 
-def runtime_requirements() -> list[str]:
-    """The base install's dependencies (pyproject.toml), each pinned to this venv's version."""
+def runtime_requirements(extras: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The base install's dependencies (pyproject.toml) and those of `extras`, each pinned to
+    this venv's version."""
     from importlib.metadata import PackageNotFoundError, version
 
     import tomllib
@@ -255,8 +272,11 @@ def runtime_requirements() -> list[str]:
     from resfuse.errors import ConfigError
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"]]
+    for extra in extras:
+        wanted += project["optional-dependencies"][extra]
     pins = []
-    for text in project["dependencies"]:
+    for text in wanted:
         requirement = Requirement(text)
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
@@ -273,7 +293,7 @@ def runtime_requirements() -> list[str]:
             f"pyproject.toml's base install requires {', '.join(heavy)}; the edge check runs the "
             f"runtime install, which must not: move them to the `export` extra"
         )
-    return sorted(pins)
+    return sorted(set(pins))
 
 
 def ensure_wheels(cache: Path, pins: list[str]) -> Path:
@@ -347,27 +367,41 @@ def default_shapes(manifest: Any) -> list[tuple[int, int, int, int]]:
     return parity_shapes(manifest.contract)[:2]
 
 
-def plan(artifacts: list[Path], shapes: list[Any] | None, folder: Path) -> list[dict[str, Any]]:
-    """One job per artifact: its inputs (seeded by the shape, so reruns match) saved as .npy."""
+def plan(
+    artifacts: list[Path], shapes: list[Any] | None, folder: Path, backends: list[str]
+) -> list[dict[str, Any]]:
+    """One job per artifact and backend: its inputs (seeded by the shape, so reruns match) saved
+    as .npy, and resfuse-predict's files."""
     from resfuse.artifacts import read_manifest
 
     jobs = []
     for i, path in enumerate(artifacts):
         manifest = read_manifest(path)
         grid = shapes or default_shapes(manifest)
-        cases = []
+        inputs = []
         for j, shape in enumerate(grid):
             manifest.contract.check(shape, "float32")
             x = np.random.default_rng(list(shape)).standard_normal(shape, dtype=np.float32)
-            stem = folder / f"{i}-{j}"
-            np.save(f"{stem}-in.npy", x)
-            cases.append({"shape": list(shape), "input": f"{stem}-in.npy", "stem": str(stem)})
-        job: dict[str, Any] = {"artifact": str(path.resolve()), "cases": cases}
-        if manifest.contract.channels in (1, 3):  # what a PNG and a NIfTI volume can hold
-            stem = folder / f"{i}-predict"
-            job["predict"] = {"stem": str(stem)}
-            _predict_inputs(stem.with_name(f"{stem.name}-in"), grid[-1], manifest)
-        jobs.append(job)
+            np.save(folder / f"{i}-{j}-in.npy", x)
+            inputs.append((j, shape))
+        readable = manifest.contract.channels in (1, 3)  # what a PNG and a NIfTI volume hold
+        if readable:
+            _predict_inputs(folder / f"{i}-predict-in", grid[-1], manifest)
+        for backend in backends:
+            cases = [
+                {
+                    "shape": list(shape),
+                    "input": str(folder / f"{i}-{j}-in.npy"),
+                    "stem": str(folder / f"{i}-{j}-{backend}"),
+                }
+                for j, shape in inputs
+            ]
+            job: dict[str, Any] = {"artifact": str(path.resolve()), "backend": backend}
+            job["cases"] = cases
+            if readable:
+                stem = folder / f"{i}-predict-{backend}"
+                job["predict"] = {"stem": str(stem), "input": str(folder / f"{i}-predict-in")}
+            jobs.append(job)
     return jobs
 
 
@@ -396,8 +430,11 @@ def _request(
         cases = [{**c, "output": f"{c['stem']}-{side}.npy"} for c in job["cases"]]
         sided.append({**job, "cases": cases})
         if "predict" in job:
-            stem = job["predict"]["stem"]
-            sided[-1]["predict"] = {"input": f"{stem}-in", "output": f"{stem}-{side}"}
+            predict = job["predict"]
+            sided[-1]["predict"] = {
+                "input": predict["input"],
+                "output": f"{predict['stem']}-{side}",
+            }
     path = folder / f"{side}.json"
     request = {"jobs": sided, "alter": alter, "fp16_arithmetic": fp16_arithmetic}
     path.write_text(json.dumps(request))
@@ -419,18 +456,19 @@ def judge(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         manifest = read_manifest(job["artifact"])
         for case in job["cases"]:
             x86, arm = np.load(f"{case['stem']}-x86.npy"), np.load(f"{case['stem']}-arm.npy")
-            base = _base(manifest, format_shape(case["shape"]))
+            base = _base(manifest, job["backend"], format_shape(case["shape"]))
             rows.append(_output_row(base, manifest, x86, arm))
             if manifest.config.num_classes is not None:
                 gates = manifest.mask_gates
                 rows += _mask_rows(base, mask_agreement(x86, arm, gates), gates)
         if "predict" in job:
-            rows += predict_rows(manifest, Path(job["predict"]["stem"]))
+            rows += predict_rows(manifest, Path(job["predict"]["stem"]), job["backend"])
     return rows
 
 
-def _base(manifest: Any, what: str) -> dict[str, Any]:
-    return {"artifact": f"{manifest.path.stem} ({manifest.precision_label})", "input": what}
+def _base(manifest: Any, backend: str, what: str) -> dict[str, Any]:
+    artifact = f"{manifest.path.stem} ({manifest.precision_label})"
+    return {"artifact": artifact, "backend": backend, "input": what}
 
 
 def _output_row(base: dict[str, Any], manifest: Any, x86: Any, arm: Any) -> dict[str, Any]:
@@ -450,7 +488,7 @@ def _output_row(base: dict[str, Any], manifest: Any, x86: Any, arm: Any) -> dict
     }
 
 
-def predict_rows(manifest: Any, stem: Path) -> list[dict[str, Any]]:
+def predict_rows(manifest: Any, stem: Path, backend: str) -> list[dict[str, Any]]:
     """resfuse-predict's files under STEM-arm against those under STEM-x86: logits (.npy, a
     volume's .nii.gz) by the artifact's tolerance, masks (.mask.png, .mask.nii.gz) by its mask
     gates, and a file x86 wrote that aarch64 did not, a failure."""
@@ -464,7 +502,7 @@ def predict_rows(manifest: Any, stem: Path) -> list[dict[str, Any]]:
     rows = []
     for x86_file in written:
         relative = x86_file.relative_to(x86_dir)
-        base = _base(manifest, f"resfuse-predict: {relative}")
+        base = _base(manifest, backend, f"resfuse-predict: {relative}")
         arm_file = arm_dir / relative
         if not arm_file.is_file():
             rows.append({**base, "metric": "written", "value": 0.0, "tolerance": "written"})
@@ -522,10 +560,11 @@ def _mask_rows(base: dict[str, Any], mask: Any, gates: Any) -> list[dict[str, An
 def table(rows: list[dict[str, Any]]) -> str:
     from resfuse.runtime.report import markdown_table
 
-    headers = ["artifact", "input", "metric", "value", "tolerance", "verdict"]
+    headers = ["artifact", "backend", "input", "metric", "value", "tolerance", "verdict"]
     cells = [
         [
             r["artifact"],
+            r["backend"],
             r["input"],
             r["metric"],
             _value(r),
@@ -583,11 +622,12 @@ def edge_check(args: argparse.Namespace) -> dict[str, Any]:
     args.cache.mkdir(parents=True, exist_ok=True)
     with _locked(args.cache):
         root = cpu_root(ensure_root(args.cache), args.cpu)
-        wheels = ensure_wheels(args.cache, runtime_requirements())
+        extras = [BACKENDS[b] for b in args.backends if BACKENDS[b]]
+        wheels = ensure_wheels(args.cache, runtime_requirements(extras))
     with tempfile.TemporaryDirectory(prefix="resfuse-edge-") as tmp:
         folder = Path(tmp)
         project = install_project(folder)
-        jobs = plan(artifacts, shapes, folder)
+        jobs = plan(artifacts, shapes, folder, args.backends)
         x86 = run_x86(_request(folder, "x86", jobs, 0.0, args.fp16_arithmetic))
         request = _request(folder, "arm", jobs, args.alter_arm, args.fp16_arithmetic)
         arm = run_arm(request, qemu, args.cpu, root, [project, wheels])
@@ -602,6 +642,21 @@ def edge_check(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _libraries(side: dict[str, Any]) -> str:
+    openvino = f", OpenVINO {side['openvino']}" if side.get("openvino") else ""
+    return f"ONNX Runtime {side['onnxruntime']}{openvino}, numpy {side['numpy']}"
+
+
+def _backends(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or 'none'}: the edge check runs {', '.join(BACKENDS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":  # inside either interpreter
         worker(sys.argv[2])
@@ -612,6 +667,12 @@ def main() -> None:
         "--shapes",
         help="BxCxHxW,... for every artifact [default: the first "
         "two of each artifact's parity grid]",
+    )
+    parser.add_argument(
+        "--backends",
+        type=_backends,
+        default=["onnxruntime"],
+        help=f"comma-separated, of {', '.join(BACKENDS)} [default: onnxruntime]",
     )
     parser.add_argument("--qemu", default="qemu-aarch64-static", help="qemu-user for aarch64")
     parser.add_argument("--cpu", choices=sorted(CPUS), default="cortex-a76", help="the ARM core")
@@ -650,9 +711,8 @@ def main() -> None:
     arm, x86 = result["aarch64"], result["x86"]
     out.print(
         f"aarch64 ({arm['cpu']}, {arm['qemu']}, Debian {DEBIAN}, Python {arm['python']}, "
-        f"ONNX Runtime {arm['onnxruntime']}, numpy {arm['numpy']}, "
-        f"{arm['seconds_per_call']} s a call) against x86 (Python {x86['python']}, "
-        f"ONNX Runtime {x86['onnxruntime']}, numpy {x86['numpy']})",
+        f"{_libraries(arm)}, {arm['seconds_per_call']} s a call) against x86 (Python "
+        f"{x86['python']}, {_libraries(x86)})",
         highlight=False,
     )
     for name, said in arm["fp16_arithmetic"].items():

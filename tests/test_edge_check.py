@@ -39,10 +39,17 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def edge_check(
-    tmp_path: Path, *artifacts: Path, cpu: str, alter: float = 0.0, arithmetic: str = "auto"
+    tmp_path: Path,
+    *artifacts: Path,
+    cpu: str,
+    alter: float = 0.0,
+    arithmetic: str = "auto",
+    backends: str = "onnxruntime",
 ) -> tuple[Any, dict]:
-    report = tmp_path / f"edge-{cpu}-{alter}-{arithmetic}.json"
+    report = tmp_path / f"edge-{cpu}-{alter}-{arithmetic}-{backends}.json"
     proc = run(
+        "--backends",
+        backends,
         *map(str, artifacts),
         "--shapes",
         SHAPES,
@@ -134,6 +141,29 @@ def test_fp16_matches_x86_on_a_core_without_fp16_arithmetic(fp16, tmp_path: Path
 
 @pytest.mark.slow
 @emulated
+def test_openvino_on_a_cortex_a76_matches_x86(exported, fp16, tmp_path: Path) -> None:
+    """OpenVINO's ARM CPU plugin (the [openvino] extra's aarch64 wheel), through load/run and
+    resfuse-predict: float32 and fp16 by their own gates, as on ONNX Runtime. (Its INT8 kernels
+    round differently from x86's: docs/edge.md has what they gave.)"""
+    float32, half = exported["masked"].manifest_path, fp16["masked"]
+    proc, result = edge_check(tmp_path, float32, half, cpu="cortex-a76", backends="openvino")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert result["aarch64"]["openvino"] == result["x86"]["openvino"] is not None
+    assert {row["backend"] for row in result["rows"]} == {"openvino"}
+    expected = {("masked-resnet18", "min atol"): True, ("masked-resnet18-fp16", "rel L2"): True}
+    assert verdicts(result) == expected == verdicts(result, predicted=True)
+
+
+def test_an_unknown_backend_is_refused(tmp_path: Path) -> None:
+    proc = run(str(tmp_path / "a.json"), "--backends", "onnxruntime,tensorrt")
+    assert (
+        proc.returncode == 2
+        and "tensorrt: the edge check runs onnxruntime, openvino" in proc.stderr
+    )
+
+
+@pytest.mark.slow
+@emulated
 def test_an_altered_aarch64_output_fails(exported, int8_on_images, tmp_path: Path) -> None:
     """Noise of 10% relative L2 on the aarch64 outputs: the float32 artifact fails its atol, and
     the INT8 one, whose logits' rel L2 bound (0.5) lets it through, fails by its mask (argmax
@@ -207,7 +237,7 @@ def test_predicted_files_are_judged_and_a_missing_one_fails(int8_on_images, tmp_
         Image.fromarray((mask + shift) % 3).save(folder / "sub/moved.png.mask.png")
     np.save(tmp_path / "p-x86/only-x86.png.npy", logits)
 
-    rows = edge_check.predict_rows(manifest, tmp_path / "p")
+    rows = edge_check.predict_rows(manifest, tmp_path / "p", "onnxruntime")
     verdict = {(r["input"].split(": ")[1], r["metric"]): r["passed"] for r in rows}
     assert verdict == {
         ("moved.png.npy", "rel L2"): False,
