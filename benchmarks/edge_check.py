@@ -89,9 +89,9 @@ ARM_TIMEOUT = 3600  # seconds for every aarch64 run together: a call took ~40x x
 
 def worker(request_path: str) -> None:
     """Run each job of the request through resfuse.runtime, save the outputs, print versions."""
-    import onnxruntime
+    from importlib.metadata import version
 
-    from resfuse import runtime
+    from resfuse import runtime  # before onnxruntime: it turns ONNX Runtime's telemetry off
 
     request = json.loads(Path(request_path).read_text())
     timings, arithmetic = [], {}
@@ -112,7 +112,7 @@ def worker(request_path: str) -> None:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": version("onnxruntime"),  # installed, whether a job loaded it or not
         "openvino": _openvino_version(),
         "seconds_per_call": round(float(np.median(timings)), 3) if timings else None,
         "fp16_arithmetic": arithmetic,
@@ -445,8 +445,10 @@ def _request(
 
 
 def judge(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows (artifact, input, metric, value, tolerance, passed): aarch64 against x86, by each
-    artifact's own tolerance and, with a head, its mask gates; then resfuse-predict's files."""
+    """Rows (artifact, backend, input, metric, value, tolerance, passed): aarch64 against x86,
+    by each artifact's own tolerance and, with a head, its mask gates over every shape pooled
+    (as the export's sweep pools them: a class of a few pixels at one small shape has a Dice of
+    0 or 1); then resfuse-predict's files."""
     from resfuse.artifacts import read_manifest
     from resfuse.compare import mask_agreement
     from resfuse.shapes import format_shape
@@ -454,13 +456,14 @@ def judge(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
         manifest = read_manifest(job["artifact"])
+        masks = []
         for case in job["cases"]:
             x86, arm = np.load(f"{case['stem']}-x86.npy"), np.load(f"{case['stem']}-arm.npy")
             base = _base(manifest, job["backend"], format_shape(case["shape"]))
             rows.append(_output_row(base, manifest, x86, arm))
             if manifest.config.num_classes is not None:
-                gates = manifest.mask_gates
-                rows += _mask_rows(base, mask_agreement(x86, arm, gates), gates)
+                masks.append(mask_agreement(x86, arm, manifest.mask_gates))
+        rows += _pooled_rows(manifest, job["backend"], "shapes", masks)
         if "predict" in job:
             rows += predict_rows(manifest, Path(job["predict"]["stem"]), job["backend"])
     return rows
@@ -491,7 +494,7 @@ def _output_row(base: dict[str, Any], manifest: Any, x86: Any, arm: Any) -> dict
 def predict_rows(manifest: Any, stem: Path, backend: str) -> list[dict[str, Any]]:
     """resfuse-predict's files under STEM-arm against those under STEM-x86: logits (.npy, a
     volume's .nii.gz) by the artifact's tolerance, masks (.mask.png, .mask.nii.gz) by its mask
-    gates, and a file x86 wrote that aarch64 did not, a failure."""
+    gates (pooled over the files), and a file x86 wrote that aarch64 did not, a failure."""
     from resfuse.compare import label_agreement
     from resfuse.errors import ConfigError
 
@@ -499,7 +502,7 @@ def predict_rows(manifest: Any, stem: Path, backend: str) -> list[dict[str, Any]
     written = sorted(p for p in x86_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not written:  # resfuse-predict exits 1 when an input fails: nothing written is a bug
         raise ConfigError(f"resfuse-predict wrote nothing in {x86_dir}; run it there by hand")
-    rows = []
+    rows, masks = [], []
     for x86_file in written:
         relative = x86_file.relative_to(x86_dir)
         base = _base(manifest, backend, f"resfuse-predict: {relative}")
@@ -510,11 +513,21 @@ def predict_rows(manifest: Any, stem: Path, backend: str) -> list[dict[str, Any]
             continue
         x86, arm = _read_output(x86_file), _read_output(arm_file)
         if ".mask." in relative.name:
-            gates = manifest.mask_gates
-            rows += _mask_rows(base, label_agreement(x86, arm, gates), gates)
+            masks.append(label_agreement(x86, arm, manifest.mask_gates))
         else:
             rows.append(_output_row(base, manifest, x86, arm))
-    return rows
+    return rows + _pooled_rows(manifest, backend, "resfuse-predict masks", masks)
+
+
+def _pooled_rows(manifest: Any, backend: str, what: str, masks: list[Any]) -> list[dict[str, Any]]:
+    """The mask gates' rows over `masks` pooled (none without masks)."""
+    from resfuse.compare import pooled
+
+    if not masks:
+        return []
+    label = what[:-1] if len(masks) == 1 else what  # "1 shape", "2 shapes"
+    base = _base(manifest, backend, f"{len(masks)} {label}, pooled")
+    return _mask_rows(base, pooled(masks, manifest.mask_gates), manifest.mask_gates)
 
 
 def _read_output(path: Path) -> np.ndarray:

@@ -7,9 +7,16 @@ install without torch they raise a one-line error naming the extra to install.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
-from resfuse.errors import (
+# ONNX Runtime 1.29 and later upload usage events to Microsoft from Linux and macOS too, and
+# keep a device id and an event cache under ~/.cache/Microsoft: not what a hospital's or an edge
+# box's runtime may do unasked. Read once, when ONNX Runtime starts, so set before any session;
+# ORT_DISABLE_TELEMETRY=0 in the environment turns it back on (docs/install.md).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from resfuse.errors import (  # noqa: E402 - after the telemetry opt-out, which must come first
     ArtifactWriteError,
     BackendUnavailableError,
     ConfigError,
