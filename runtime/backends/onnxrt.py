@@ -307,6 +307,11 @@ class OnnxRuntimeRunner(Runner):
         return session
 
     @property
+    def _float16_on_cpu(self) -> bool:
+        """A float16 graph on the CPU provider: what fp16_arithmetic is about."""
+        return self.device == "cpu" and self.manifest.precision == "float16"
+
+    @property
     def widens_float16(self) -> bool:
         """Whether a float16 graph runs widened to float32. The fp16 variant is verified on ONNX
         Runtime's CPU provider where it computes in float32 (x86: casts around the float16 nodes,
@@ -315,7 +320,7 @@ class OnnxRuntimeRunner(Runner):
         PyTorch, over the 5e-3 gate (docs/edge.md), and no session option turns them off. Widened,
         the graph computes in float32, as x86 computes most of it (masked: 4e-7 apart on x86
         itself, spp 1.4e-4), at the float32 graph's speed."""
-        if self.device != "cpu" or self.manifest.precision != "float16":
+        if not self._float16_on_cpu:
             return False
         mode = self.options.get("fp16_arithmetic", "auto")
         return mode == "float32" or (mode == "auto" and fp16_arithmetic())
@@ -373,7 +378,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _fp16_arithmetic(self) -> dict[str, str]:
         """What a float16 graph computes in on the CPU (nothing for other graphs and devices)."""
-        if self.device != "cpu" or self.manifest.precision != "float16":
+        if not self._float16_on_cpu:
             return {}
         if self.widens_float16:
             return {"fp16_arithmetic": "float32 (widened at load)"}
